@@ -1,0 +1,383 @@
+"""Dataset layouts people download -> posttrain's two canonical forms.
+
+Canonical forms (plain, JSON-serialisable dicts; TRL's conversational formats):
+
+* instruction: ``{"messages": [{"role": ..., "content": ...}, ...]}`` -- an optional
+  leading system message, then user/assistant turns alternating, starting with a
+  user turn and ending with an assistant turn.
+* preference: ``{"prompt": [... ending with a user turn],
+  "chosen": [{"role": "assistant", ...}], "rejected": [{"role": "assistant", ...}]}``.
+
+Every converter either returns a canonical example or raises :class:`RowError` with a
+short reason a user can act on; the loader (``posttrain.data.io``) adds file and line.
+This module is pure Python on purpose: the recipe validator imports it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any, Callable
+
+Message = dict[str, str]
+Example = dict[str, Any]
+
+
+class RowError(ValueError):
+    """One row cannot be converted; the message is the reason, without the place."""
+
+
+INSTRUCTION = "instruction"
+PREFERENCE = "preference"
+
+# format name -> kind. The order is the detection priority (see detect_format).
+FORMATS: dict[str, str] = {
+    "sharegpt_preference": PREFERENCE,
+    "hh": PREFERENCE,
+    "preference": PREFERENCE,
+    "messages": INSTRUCTION,
+    "sharegpt": INSTRUCTION,
+    "alpaca": INSTRUCTION,
+    "prompt_completion": INSTRUCTION,
+}
+
+# Role names seen in the wild -> canonical role (OpenAI names, ShareGPT names).
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+}
+
+
+def kind_of(format_name: str) -> str:
+    """``"instruction"`` or ``"preference"``: which stages a format can feed."""
+    try:
+        return FORMATS[format_name]
+    except KeyError:
+        raise ValueError(
+            f'unknown data format "{format_name}" (known: {", ".join(sorted(FORMATS))})'
+        ) from None
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def _required_str(row: dict, key: str) -> str:
+    """A non-empty string field; missing, wrong type and blank are distinct reasons."""
+    value = row.get(key)
+    if value is None:
+        raise RowError(f'"{key}" is missing')
+    if not isinstance(value, str):
+        raise RowError(f'"{key}" must be a string, not {_type_name(value)}')
+    if not value.strip():
+        raise RowError(f'"{key}" is empty')
+    return value
+
+
+def _optional_str(row: dict, key: str) -> str:
+    """An optional string field; absent, null and blank all mean "not given"."""
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f'"{key}" must be a string, not {_type_name(value)}')
+    return value if value.strip() else ""
+
+
+def _type_name(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------- turns
+
+
+def _message(turn: Any, field: str, index: int) -> Message:
+    """One turn, written either ``{role, content}`` (OpenAI) or ``{from, value}`` (ShareGPT)."""
+    where = f'"{field}" turn {index}'
+    if not isinstance(turn, dict):
+        raise RowError(f"{where} must be an object, not {_type_name(turn)}")
+    role_key, content_key = ("role", "content") if "role" in turn else ("from", "value")
+    raw_role = turn.get(role_key)
+    if raw_role is None:
+        raise RowError(f'{where} has no "role" (or "from")')
+    role = ROLE_ALIASES.get(str(raw_role).strip().lower())
+    if role is None:
+        raise RowError(f'{where}: unknown role "{raw_role}"')
+    content = turn.get(content_key)
+    if not isinstance(content, str):
+        got = "missing" if content is None else _type_name(content)
+        raise RowError(f'{where} ({role}): "{content_key}" must be a string, got {got}')
+    if not content.strip() and role != "system":
+        raise RowError(f"{where} ({role}) is empty")
+    return {"role": role, "content": content}
+
+
+def _messages(value: Any, field: str) -> list[Message]:
+    """A list of turns -> canonical messages; blank system messages are dropped."""
+    if value is None:
+        raise RowError(f'"{field}" is missing')
+    if not isinstance(value, list):
+        raise RowError(f'"{field}" must be a list, not {_type_name(value)}')
+    messages = [_message(turn, field, i) for i, turn in enumerate(value, 1)]
+    return [m for m in messages if m["role"] != "system" or m["content"].strip()]
+
+
+def _with_system(system: str, messages: list[Message]) -> list[Message]:
+    """Prepend a top-level ``system`` field (LLaMA-Factory layouts) when one is given."""
+    if not system:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        raise RowError('both a "system" field and a system message are given')
+    return [{"role": "system", "content": system}] + messages
+
+
+def _check_order(messages: list[Message], ends_with: str, field: str) -> None:
+    """Optional system first, then user/assistant alternating from a user turn."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body:
+        raise RowError(f'"{field}" has no user turn')
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            position = i + 1 + (len(messages) - len(body))
+            if message["role"] == "system":
+                raise RowError(f'"{field}": a system message must come first (turn {position})')
+            raise RowError(
+                f'"{field}" turn {position}: expected {expected}, got {message["role"]} '
+                "(turns must alternate user/assistant)"
+            )
+    if body[-1]["role"] != ends_with:
+        if ends_with == "assistant":
+            raise RowError(f'"{field}": conversation ends on a user turn (no reply to learn)')
+        raise RowError(f'"{field}" must end with a user turn (it is the prompt)')
+
+
+def _conversation(messages: list[Message], field: str) -> Example:
+    _check_order(messages, "assistant", field)
+    return {"messages": messages}
+
+
+# --------------------------------------------------------------------------- instruction
+
+
+def _from_alpaca(row: dict) -> Example:
+    """LLaMA-Factory alpaca: instruction (+ input joined by a newline), output, system, history."""
+    instruction = _required_str(row, "instruction")
+    extra_input = _optional_str(row, "input")
+    output = _required_str(row, "output")
+    messages = _with_system(_optional_str(row, "system"), _alpaca_history(row.get("history")))
+    user = f"{instruction}\n{extra_input}" if extra_input else instruction
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return _conversation(messages, "instruction")
+
+
+def _alpaca_history(history: Any) -> list[Message]:
+    """``history`` is a list of ``[instruction, response]`` pairs that come before the row."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise RowError(f'"history" must be a list, not {_type_name(history)}')
+    messages: list[Message] = []
+    for i, pair in enumerate(history, 1):
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(text, str) and text.strip() for text in pair)):
+            raise RowError(f'"history" item {i} must be a pair of non-empty strings')
+        messages += [{"role": "user", "content": pair[0]},
+                     {"role": "assistant", "content": pair[1]}]
+    return messages
+
+
+def _from_messages(row: dict) -> Example:
+    return _conversation(_messages(row.get("messages"), "messages"), "messages")
+
+
+def _from_sharegpt(row: dict) -> Example:
+    turns = _messages(row.get("conversations"), "conversations")
+    return _conversation(_with_system(_optional_str(row, "system"), turns), "conversations")
+
+
+def _text_or_messages(value: Any, field: str, role: str) -> list[Message]:
+    """A plain string means one turn of ``role``; a list is a list of turns."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(f'"{field}" is empty')
+        return [{"role": role, "content": value}]
+    if value is None:
+        raise RowError(f'"{field}" is missing')
+    if not isinstance(value, list):
+        raise RowError(f'"{field}" must be a string or a list of messages, not {_type_name(value)}')
+    return _messages(value, field)
+
+
+def _from_prompt_completion(row: dict) -> Example:
+    prompt = _text_or_messages(row.get("prompt"), "prompt", "user")
+    completion = _text_or_messages(row.get("completion"), "completion", "assistant")
+    return _conversation(prompt + completion, "prompt + completion")
+
+
+# --------------------------------------------------------------------------- preference
+
+
+def _split_preference(chosen: list[Message], rejected: list[Message]) -> Example:
+    """Two full conversations -> shared prompt + the two final assistant replies.
+
+    Both must be valid conversations ending on an assistant turn, and everything
+    before their final replies must be identical (that is the prompt both answer).
+    """
+    _check_order(chosen, "assistant", "chosen")
+    _check_order(rejected, "assistant", "rejected")
+    if chosen[:-1] != rejected[:-1]:
+        raise RowError("chosen and rejected have different prompts")
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
+def _strip_prompt(reply: list[Message], prompt: list[Message]) -> list[Message]:
+    """Chosen/rejected may repeat the whole conversation; keep only what follows the prompt."""
+    if prompt and reply[: len(prompt)] == prompt:
+        return reply[len(prompt):]
+    return reply
+
+
+def _from_preference(row: dict) -> Example:
+    """TRL preference: prompt (optional: implicit in full conversations), chosen, rejected."""
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise RowError(f'"{key}" is missing')
+    prompt: list[Message] = []
+    if row.get("prompt") is not None:
+        prompt = _text_or_messages(row["prompt"], "prompt", "user")
+    elif isinstance(row["chosen"], str):
+        raise RowError('"prompt" is missing (chosen/rejected are plain replies)')
+    chosen = _strip_prompt(_text_or_messages(row["chosen"], "chosen", "assistant"), prompt)
+    rejected = _strip_prompt(_text_or_messages(row["rejected"], "rejected", "assistant"), prompt)
+    return _split_preference(prompt + chosen, prompt + rejected)
+
+
+def _from_sharegpt_preference(row: dict) -> Example:
+    """LLaMA-Factory dpo layout: ``conversations`` is the prompt, chosen/rejected one turn each."""
+    prompt = _with_system(_optional_str(row, "system"),
+                          _messages(row.get("conversations"), "conversations"))
+    _check_order(prompt, "user", "conversations")
+    replies = {}
+    for key in ("chosen", "rejected"):
+        value = row.get(key)
+        turns = _text_or_messages([value] if isinstance(value, dict) else value, key, "assistant")
+        if len(turns) != 1 or turns[0]["role"] != "assistant":
+            raise RowError(f'"{key}" must be a single assistant turn')
+        replies[key] = turns
+    return {"prompt": prompt, "chosen": replies["chosen"], "rejected": replies["rejected"]}
+
+
+_HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _hh_turns(transcript: Any, field: str) -> list[Message]:
+    """Split an Anthropic HH transcript on its ``\\n\\nHuman:`` / ``\\n\\nAssistant:`` markers."""
+    if transcript is None:
+        raise RowError(f'"{field}" is missing')
+    if not isinstance(transcript, str):
+        raise RowError(f'"{field}" must be a string transcript, not {_type_name(transcript)}')
+    # Some releases drop the leading blank line; restore it so the first marker splits.
+    if transcript.startswith(("Human:", "Assistant:")):
+        transcript = "\n\n" + transcript
+    parts = _HH_MARKER.split(transcript)
+    if parts[0].strip() or len(parts) == 1:
+        raise RowError(f'"{field}" does not start with "Human:"')
+    messages = []
+    for i, (speaker, text) in enumerate(zip(parts[1::2], parts[2::2]), 1):
+        if not text.strip():
+            raise RowError(f'"{field}" turn {i} ({speaker}) is empty')
+        messages.append({"role": _HH_ROLES[speaker], "content": text.strip()})
+    return messages
+
+
+def _from_hh(row: dict) -> Example:
+    return _split_preference(_hh_turns(row.get("chosen"), "chosen"),
+                             _hh_turns(row.get("rejected"), "rejected"))
+
+
+# --------------------------------------------------------------------------- public
+
+
+_CONVERTERS: dict[str, Callable[[dict], Example]] = {
+    "alpaca": _from_alpaca,
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "prompt_completion": _from_prompt_completion,
+    "preference": _from_preference,
+    "sharegpt_preference": _from_sharegpt_preference,
+    "hh": _from_hh,
+}
+
+
+def convert_row(row: dict, fmt: str) -> Example:
+    """One raw row in layout ``fmt`` -> its canonical example, or :class:`RowError`."""
+    kind_of(fmt)  # unknown format: ValueError naming the known ones
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, not {_type_name(row)}")
+    return _CONVERTERS[fmt](row)
+
+
+def preference_to_instruction(example: Example) -> Example:
+    """Project a preference example onto SFT: the prompt followed by the chosen reply."""
+    return {"messages": [dict(m) for m in example["prompt"] + example["chosen"]]}
+
+
+def _looks_like_hh(row: dict) -> bool:
+    chosen = row.get("chosen")
+    return isinstance(chosen, str) and (
+        "\n\nHuman:" in chosen or "\n\nAssistant:" in chosen or chosen.startswith("Human:")
+    )
+
+
+def _candidates(row: dict) -> list[str]:
+    """Formats whose telltale keys this row has, most specific first.
+
+    One key is enough (``instruction`` -> alpaca), so that a row missing ``output``
+    is reported as such rather than as "unknown format".  Preference layouts come
+    first because preference datasets often carry extra columns (UltraFeedback has
+    ``messages`` next to ``prompt``/``chosen``/``rejected``).
+    """
+    keys = row.keys()
+    found = []
+    has_pair = "chosen" in keys or "rejected" in keys
+    if "conversations" in keys and has_pair:
+        found.append("sharegpt_preference")
+    elif has_pair:
+        found.append("hh" if "prompt" not in keys and _looks_like_hh(row) else "preference")
+    if "messages" in keys:
+        found.append("messages")
+    if "conversations" in keys:
+        found.append("sharegpt")
+    if "instruction" in keys:
+        found.append("alpaca")
+    if "prompt" in keys and "completion" in keys:
+        found.append("prompt_completion")
+    return found
+
+
+def detect_format(rows: list[dict], want: str | None = None) -> str:
+    """Guess the layout from the keys of the first rows (a majority vote over up to 20).
+
+    ``want`` ("instruction"/"preference") breaks ties in favour of that kind when a
+    row fits both; it never turns one kind into the other.
+    """
+    votes: Counter[str] = Counter()
+    sample = [row for row in rows if isinstance(row, dict)][:20]
+    for row in sample:
+        found = _candidates(row)
+        preferred = [name for name in found if FORMATS[name] == want]
+        if preferred or found:
+            votes[(preferred or found)[0]] += 1
+    if not votes:
+        keys = sorted({key for row in sample for key in row})
+        raise ValueError(
+            f"cannot tell the data format from its columns {keys or '(no rows)'}; "
+            f'set format: to one of {", ".join(sorted(FORMATS))}'
+        )
+    return votes.most_common(1)[0][0]

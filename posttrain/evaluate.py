@@ -1,0 +1,439 @@
+"""Evaluation with lm-evaluation-harness: the only module that imports ``lm_eval``.
+
+A recipe's ``eval.tasks`` entries are either local task YAMLs (``evals/skills_mc.yaml``)
+or lm-eval registry names (``hellaswag``). ``resolve_tasks`` finds them,
+``prepare_task_dir`` copies the local ones into the run directory in a form that
+works from any cwd, and ``evaluate_model`` runs lm-eval on an in-memory model and
+writes lm-eval's own output files (results json + per-sample jsonl) beside them.
+
+``lm_eval`` (and torch) are imported inside the functions: importing this module is
+cheap, so ``posttrain validate`` can call ``resolve_tasks`` without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from posttrain.errors import ModelError, RecipeError
+
+TASK_FILE_SUFFIXES = (".yaml", ".yml")
+# lm-eval's own logger names all start with "lm_eval" (lm_eval.evaluator, lm_eval.models...).
+LM_EVAL_LOGGER = "lm_eval"
+# Warnings HFLM emits every time it is given an in-memory model; expected here, so noise.
+_EXPECTED_HFLM_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """One eval task: its lm-eval name, and its YAML file when it is a local task."""
+
+    name: str
+    path: Path | None = None   # None: an lm-eval registry task (data from the hub)
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None
+
+
+def lm_eval_version() -> str:
+    """Installed lm-eval version, without importing lm_eval (for env.json / stage keys)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# --------------------------------------------------------------------------- tasks
+
+def resolve_tasks(tasks: list[str], search_dirs: list[Path]) -> list[TaskRef]:
+    """Recipe ``eval.tasks`` entries -> TaskRefs.
+
+    An entry ending in ``.yaml``/``.yml`` is a local task file, looked up as given if
+    absolute, else under each of ``search_dirs`` in order (recipe dir, cwd, repo root).
+    Its lm-eval name is the file's ``task:`` key. Any other entry is a registry name.
+    All problems are reported at once as a RecipeError.
+    """
+    refs: list[TaskRef] = []
+    problems: list[str] = []
+    for i, entry in enumerate(tasks):
+        where = f"eval.tasks[{i}]"
+        if not entry.lower().endswith(TASK_FILE_SUFFIXES):
+            refs.append(TaskRef(name=entry))
+            continue
+        path = _find_task_file(entry, search_dirs)
+        if path is None:
+            looked = ", ".join(str(d) for d in search_dirs) if not Path(entry).is_absolute() else "-"
+            problems.append(f"{where}: task file not found: {entry} (looked in: {looked})")
+            continue
+        try:
+            name = _read_task_name(path)
+        except ValueError as exc:
+            problems.append(f"{where}: {path}: {exc}")
+            continue
+        refs.append(TaskRef(name=name, path=path))
+    seen: dict[str, int] = {}
+    for i, ref in enumerate(refs):
+        if ref.name in seen:
+            problems.append(f"eval.tasks: task {ref.name!r} is listed twice")
+        seen[ref.name] = i
+    if problems:
+        if len(problems) == 1:
+            raise RecipeError(problems[0])
+        raise RecipeError(f"{len(problems)} problems in eval.tasks", problems)
+    return refs
+
+
+def _find_task_file(entry: str, search_dirs: list[Path]) -> Path | None:
+    candidate = Path(entry).expanduser()
+    if candidate.is_absolute():
+        return candidate.resolve() if candidate.is_file() else None
+    for directory in search_dirs:
+        path = Path(directory) / candidate
+        if path.is_file():
+            return path.resolve()
+    return None
+
+
+def _read_task_name(path: Path) -> str:
+    config = _load_task_yaml(path)
+    name = config.get("task")
+    if not isinstance(name, str) or not name:
+        # A file without `task:` is a group or a base meant for `include:`.
+        raise ValueError("no 'task:' name in the file (only single-task YAMLs are supported)")
+    return name
+
+
+# lm-eval task YAMLs may hold `!function module.fn` tags. Plain PyYAML refuses them,
+# so they are read into (and written back from) this small holder, untouched.
+class _FunctionTag(str):
+    pass
+
+
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: _FunctionTag(loader.construct_scalar(node)))
+    return Loader
+
+
+def _yaml_dumper():
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(_FunctionTag, lambda dumper, data: dumper.represent_scalar("!function", str(data)))
+    return Dumper
+
+
+def _load_task_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader())  # noqa: S506 (SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError("not a YAML mapping")
+    return config
+
+
+def prepare_task_dir(refs: list[TaskRef], dest: Path) -> Path:
+    """Copy the local task YAMLs into ``dest`` so they work from any cwd.
+
+    lm-eval resolves ``dataset_kwargs.data_files`` (and a local ``dataset_path``)
+    against the *cwd*, not the YAML's folder. Each copy has those paths made absolute
+    (relative paths are taken from the YAML's folder, else from the cwd), its
+    ``include:`` chain merged in, and the ``.py`` modules its ``!function`` tags name
+    copied beside it. Each task gets its own folder ``dest/<task>/<task>.yaml``, which
+    is also the record of the exact task spec used. Returns ``dest``.
+    """
+    import yaml
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        if ref.path is None:
+            continue
+        task_dir = dest / ref.name
+        if task_dir.exists():
+            shutil.rmtree(task_dir)
+        task_dir.mkdir(parents=True)
+        config = _flatten_task_yaml(ref.path, task_dir, seen=set())
+        # lm-eval's TaskManager only indexes `*.yaml` (not `.yml`), hence the suffix.
+        text = yaml.dump(config, Dumper=_yaml_dumper(), sort_keys=False, allow_unicode=True)
+        (task_dir / f"{ref.name}.yaml").write_text(
+            f"# Generated by posttrain from {ref.path}; data paths made absolute.\n{text}", encoding="utf-8")
+    return dest
+
+
+def _flatten_task_yaml(path: Path, task_dir: Path, seen: set[Path]) -> dict[str, Any]:
+    """Load ``path`` with its includes merged (as lm-eval merges them), paths absolute."""
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path}: include cycle")
+    seen.add(path)
+    try:
+        config = _load_task_yaml(path)
+    except ValueError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+    _absolutize_data_paths(config, path.parent)
+    _copy_function_modules(config, path.parent, task_dir)
+    includes = config.pop("include", None)
+    if includes is None:
+        return config
+    merged: dict[str, Any] = {}
+    for include in includes if isinstance(includes, list) else [includes]:
+        include_path = Path(include) if Path(include).is_absolute() else path.parent / include
+        if not include_path.is_file():
+            raise RecipeError(f"{path}: include not found: {include}")
+        included = _flatten_task_yaml(include_path, task_dir, seen)
+        included.pop("task_list", None)   # as lm-eval: task_list is not inherited
+        merged.update(included)
+    merged.update(config)                 # the including file's keys win
+    return merged
+
+
+def _absolute(value: str, base_dir: Path) -> str:
+    """A local relative path -> absolute (YAML folder first, then cwd); URLs untouched."""
+    if "://" in value or Path(value).expanduser().is_absolute():
+        return value
+    for base in (base_dir, Path.cwd()):
+        if (base / value).exists():
+            return str((base / value).resolve())
+    if any(ch in value for ch in "*?["):  # a glob pattern: taken relative to the YAML
+        return str(base_dir.resolve() / value)
+    raise RecipeError(f"{base_dir}: data file not found: {value} (relative to the task YAML or the cwd)")
+
+
+def _absolutize_data_paths(config: dict[str, Any], base_dir: Path) -> None:
+    kwargs = config.get("dataset_kwargs")
+    if isinstance(kwargs, dict) and kwargs.get("data_files") is not None:
+        files = kwargs["data_files"]
+        if isinstance(files, str):
+            kwargs["data_files"] = _absolute(files, base_dir)
+        elif isinstance(files, list):
+            kwargs["data_files"] = [_absolute(f, base_dir) for f in files]
+        elif isinstance(files, dict):
+            kwargs["data_files"] = {
+                split: ([_absolute(f, base_dir) for f in spec] if isinstance(spec, list)
+                        else _absolute(spec, base_dir))
+                for split, spec in files.items()}
+    # `dataset_path` is a builder name ("json"), a hub id, or a local folder; only the
+    # last is rewritten, and only when it exists next to the YAML.
+    dataset_path = config.get("dataset_path")
+    if isinstance(dataset_path, str) and (base_dir / dataset_path).exists() and (
+            dataset_path.startswith(".") or "/" in dataset_path):
+        config["dataset_path"] = str((base_dir / dataset_path).resolve())
+
+
+def _copy_function_modules(config: Any, base_dir: Path, task_dir: Path) -> None:
+    """Copy the local ``.py`` module of every ``!function module.fn`` beside the copy."""
+    values = config.values() if isinstance(config, dict) else config if isinstance(config, list) else []
+    for value in values:
+        if isinstance(value, _FunctionTag):
+            module = value.rpartition(".")[0].replace(".", "/") + ".py"
+            source = base_dir / module
+            if source.is_file():
+                target = task_dir / module
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+        elif isinstance(value, (dict, list)):
+            _copy_function_modules(value, base_dir, task_dir)
+
+
+# --------------------------------------------------------------------------- running
+
+def evaluate_model(model, tokenizer, refs: list[TaskRef], *, task_dir: Path | None, out_dir: Path,
+                   label: str, apply_chat_template: bool = True, num_fewshot: int | None = None,
+                   batch_size: int = 32, limit: int | None = None, max_gen_toks: int | None = None,
+                   seed: int = 0, device: str | None = None) -> list[dict]:
+    """Evaluate an in-memory model on ``refs`` with lm-eval; return tidy metric rows.
+
+    ``task_dir`` is the folder made by ``prepare_task_dir`` (needed when a ref is
+    local). lm-eval's output is written to ``out_dir`` as its CLI writes it with
+    ``--output_path out_dir/results.json --log_samples``:
+    ``results_<date>.json`` and one ``samples_<task>_<date>.jsonl`` per task.
+    ``label`` is recorded as the model name in the results file.
+    ``max_gen_toks`` overrides the tasks' generation length (``gen_kwargs``).
+
+    Returns ``[{"task", "metric", "value", "stderr"}, ...]``, one row per task and
+    metric; a metric computed after a filter other than "none" is named
+    ``metric[filter]``.
+    """
+    if not refs:
+        raise RecipeError("eval.tasks: no tasks to evaluate")
+    if any(ref.is_local for ref in refs) and task_dir is None:
+        raise RecipeError("local eval tasks need a task_dir (see prepare_task_dir)")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _quiet_lm_eval()
+
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import sanitize_model_name
+
+    if device is not None:
+        model = model.to(device)
+    was_training = model.training
+    with _stop_at_end_of_turn(model, tokenizer), _hide_expected_hflm_warnings():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  # posttrain's builtin tokenizer has no BOS; for hub models keep the
+                  # tokenizer's own choice (None), as lm-eval's CLI does.
+                  add_bos_token=None)
+        task_manager = TaskManager(
+            include_path=str(task_dir) if task_dir is not None else None,
+            # Indexing lm-eval's ~10k bundled task YAMLs costs ~17 s: only when needed.
+            include_defaults=any(not ref.is_local for ref in refs),
+        )
+        tracker = EvaluationTracker(output_path=str(out_dir / "results.json"))
+        try:
+            results = simple_evaluate(
+                model=lm,
+                tasks=[ref.name for ref in refs],
+                task_manager=task_manager,
+                num_fewshot=num_fewshot,
+                batch_size=batch_size,
+                limit=limit,
+                log_samples=True,
+                evaluation_tracker=tracker,
+                apply_chat_template=apply_chat_template,
+                # A chat model sees few-shot examples as earlier turns, not one blob.
+                fewshot_as_multiturn=apply_chat_template,
+                gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+        finally:
+            model.train(was_training)   # HFLM puts the model in eval mode
+    if results is None:  # only non-zero ranks get None; we run single-process
+        raise RuntimeError("lm-eval returned no results")
+
+    # The tracker names the model from model_args, which an in-memory model lacks.
+    tracker.general_config_tracker.model_name = label
+    tracker.general_config_tracker.model_name_sanitized = sanitize_model_name(label)
+    samples = results.pop("samples")
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for task_name in results["configs"]:
+        tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    _check_written(out_dir, tracker, list(results["configs"]))
+    return tidy_rows(results)
+
+
+def tidy_rows(results: dict) -> list[dict]:
+    """lm-eval's ``results["results"]`` -> ``[{task, metric, value, stderr}]``."""
+    rows = []
+    for task, metrics in results["results"].items():
+        by_metric: dict[str, dict] = {}
+        for key, value in metrics.items():
+            # Metrics are "name,filter"; "alias", "name", "sample_len" are bookkeeping.
+            if "," not in key:
+                continue
+            name, _, filter_name = key.partition(",")
+            is_stderr = name.endswith("_stderr")
+            name = name.removesuffix("_stderr")
+            metric = name if filter_name in ("", "none") else f"{name}[{filter_name}]"
+            row = by_metric.setdefault(metric, {"task": task, "metric": metric, "value": None, "stderr": None})
+            row["stderr" if is_stderr else "value"] = _number(value)
+        rows.extend(row for row in by_metric.values() if row["value"] is not None)
+    return rows
+
+
+def _number(value: Any) -> float | None:
+    """lm-eval writes "N/A" for stderrs it cannot compute; those become None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _check_written(out_dir: Path, tracker, task_names: list[str]) -> None:
+    """EvaluationTracker logs and swallows write errors; a missing file must not pass silently."""
+    date_id = getattr(tracker, "date_id", None)
+    expected = [out_dir / f"results_{date_id}.json"] + [
+        out_dir / f"samples_{name}_{date_id}.jsonl" for name in task_names]
+    missing = [str(path) for path in expected if date_id is None or not path.is_file()]
+    if missing:
+        raise OSError(f"lm-eval did not write its output files: {', '.join(missing)}")
+
+
+def output_files(out_dir: Path) -> dict[str, list[Path]]:
+    """lm-eval's files in ``out_dir``: {"results": [...], "samples:<task>": [...]}, oldest first."""
+    out_dir = Path(out_dir)
+    files: dict[str, list[Path]] = {"results": sorted(out_dir.glob("results_*.json"))}
+    for path in sorted(out_dir.glob("samples_*.jsonl")):
+        task = re.sub(r"^samples_(.+)_\d{4}-\d\d-\d\dT[\d.-]+\.jsonl$", r"\1", path.name)
+        files.setdefault(f"samples:{task}", []).append(path)
+    return files
+
+
+def _quiet_lm_eval() -> None:
+    """lm-eval logs every step at INFO; keep warnings and errors only."""
+    logging.getLogger(LM_EVAL_LOGGER).setLevel(logging.WARNING)
+
+
+class _DropExpectedWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(text) for text in _EXPECTED_HFLM_WARNINGS)
+
+
+@contextmanager
+def _hide_expected_hflm_warnings() -> Iterator[None]:
+    hflm_logger = logging.getLogger("lm_eval.models.huggingface")
+    drop = _DropExpectedWarnings()
+    hflm_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        hflm_logger.removeFilter(drop)
+
+
+@contextmanager
+def _stop_at_end_of_turn(model, tokenizer) -> Iterator[None]:
+    """Make ``generate`` stop each reply at the tokenizer's EOS (the chat template's end of turn).
+
+    HFLM decodes generations with ``skip_special_tokens=True``: if ``generate`` ran on
+    past an EOS it does not know about, the EOS text vanishes from the output and the
+    words after it are glued onto the answer. So the EOS must be one of the model's
+    generation ``eos_token_id``s; it is added for the duration of the evaluation.
+    """
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ModelError("the tokenizer has no eos_token; generation would not stop at the end of a reply")
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        yield
+        return
+    original = config.eos_token_id
+    current = [] if original is None else [original] if isinstance(original, int) else list(original)
+    if eos_id not in current:
+        logging.getLogger(__name__).warning(
+            "generation eos_token_id %s lacks the tokenizer's EOS %r (id %s); added for evaluation",
+            original, tokenizer.eos_token, eos_id)
+        config.eos_token_id = current + [eos_id] if current else eos_id
+    try:
+        yield
+    finally:
+        config.eos_token_id = original

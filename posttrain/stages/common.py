@@ -1,0 +1,168 @@
+"""What every stage shares: the context it runs in, explicit trainer settings, cost."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.models import ModelSource, load_model_and_tokenizer, lora_config
+
+
+@dataclass
+class StageContext:
+    name: str                 # stage name in the recipe
+    spec: Any                 # SFTStage | DPOStage | ORPOStage
+    seed: int
+    start: ModelSource        # the model this stage starts from
+    examples: list[dict]      # canonical rows (messages, or prompt/chosen/rejected)
+    out_dir: Path             # where the stage writes (a temp dir, renamed when done)
+    lora: Any = None          # LoraSpec or None
+    show_progress: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    adapter: bool             # True: out_dir/model holds a LoRA adapter, not full weights
+    metrics: dict             # final losses / rewards from the trainer log
+    cost: dict                # train tokens, steps, passes, wall time, peak memory
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_start(ctx: StageContext):
+    import torch
+
+    torch.manual_seed(ctx.seed)
+    model, tokenizer = load_model_and_tokenizer(ctx.start)
+    return model, tokenizer
+
+
+def trainer_kwargs(ctx: StageContext) -> dict:
+    """Every TrainingArguments setting a stage depends on, named explicitly.
+
+    TRL's configs default to bf16=True and gradient_checkpointing=True, which are
+    5-16x slower on CPU; nothing is left to those defaults.
+    """
+    spec = ctx.spec
+    on_gpu = device() == "cuda"
+    return dict(
+        output_dir=str(ctx.out_dir / "trainer"),
+        per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation,
+        learning_rate=spec.learning_rate,
+        num_train_epochs=spec.epochs,
+        max_steps=spec.max_steps or -1,
+        lr_scheduler_type=spec.scheduler,
+        warmup_steps=spec.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        weight_decay=spec.weight_decay,
+        max_grad_norm=spec.max_grad_norm,
+        optim="adamw_torch",
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        bf16=on_gpu and ctx.start.dtype in ("bfloat16", "auto"),
+        fp16=False,
+        gradient_checkpointing=False,
+        torch_compile=False,
+        use_cpu=not on_gpu,
+        dataloader_num_workers=0,
+        logging_steps=spec.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=not ctx.show_progress,
+        remove_unused_columns=False,
+    )
+
+
+def peft_config(ctx: StageContext):
+    return lora_config(ctx.lora) if ctx.lora else None
+
+
+class CostMeter:
+    """Wall time and peak memory (RSS on CPU, max allocated on GPU) of one stage."""
+
+    def __enter__(self):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        self.wall_s = time.perf_counter() - self.start
+        if torch.cuda.is_available():
+            self.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+            self.memory_kind = "cuda_max_allocated"
+        else:
+            # ru_maxrss is KiB on Linux, bytes on macOS; it is the process peak so far.
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak_memory_mb = rss / (2**20 if sys.platform == "darwin" else 2**10)
+            self.memory_kind = "process_peak_rss"
+        return False
+
+
+def dataset_tokens(dataset, columns: tuple[str, ...]) -> int:
+    return sum(sum(len(ids) for ids in dataset[col]) for col in columns if col in dataset.column_names)
+
+
+def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_columns: tuple[str, ...],
+           sequences_per_example: int, metric_keys: tuple[str, ...], reference_forwards: int = 0) -> StageResult:
+    """Save the model/adapter, the trainer log, and summarise cost and final metrics.
+
+    Passes count sequences: an SFT example is one sequence, a preference pair two
+    (chosen and rejected). `reference_forwards` adds a frozen reference's passes.
+    """
+    model_dir = ctx.out_dir / "model"
+    trainer.save_model(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    log = trainer.state.log_history
+    with open(ctx.out_dir / "trainer_log.jsonl", "w") as fh:
+        for entry in log:
+            fh.write(json.dumps(entry) + "\n")
+    epochs_done = trainer.state.epoch or 0.0
+    examples_seen = round(len(trainer.train_dataset) * epochs_done)
+    cost = {
+        "optimizer_steps": trainer.state.global_step,
+        "examples_seen": examples_seen,
+        "train_tokens": round(dataset_tokens(trainer.train_dataset, token_columns) * epochs_done),
+        "forward_passes": examples_seen * sequences_per_example + reference_forwards,
+        "backward_passes": examples_seen * sequences_per_example,
+        "wall_s": round(meter.wall_s, 2),
+        "peak_memory_mb": round(meter.peak_memory_mb, 1),
+        "peak_memory_kind": meter.memory_kind,
+    }
+    return StageResult(adapter=bool(ctx.lora), metrics=final_metrics(log, metric_keys), cost=cost)
+
+
+def final_metrics(log: list[dict], keys: tuple[str, ...]) -> dict:
+    """The last logged value of each key (training curves stay in trainer_log.jsonl)."""
+    out: dict[str, float] = {}
+    for entry in log:
+        for key in keys:
+            if key in entry:
+                out[key] = entry[key]
+    summary = next((e for e in reversed(log) if "train_loss" in e), {})
+    if "train_loss" in summary:
+        out["train_loss_mean"] = summary["train_loss"]
+    return out
+
+
+def quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()

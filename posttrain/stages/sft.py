@@ -1,0 +1,56 @@
+"""SFT: supervised fine-tuning on chat examples, loss on assistant tokens only."""
+
+from __future__ import annotations
+
+from posttrain.models import template_has_generation_markers
+from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start,
+                                     peft_config, quiet_transformers, trainer_kwargs)
+
+
+def to_prompt_completion(example: dict) -> dict:
+    """Fallback for templates without `{% generation %}` markers: train the last reply."""
+    messages = example["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def sft_dataset(examples: list[dict], tokenizer):
+    """Choose how prompt tokens are masked, by what the chat template supports.
+
+    With generation markers TRL masks every non-assistant token (multi-turn aware);
+    otherwise the conversation before the last reply becomes the prompt and TRL's
+    completion-only loss masks it.
+    """
+    from datasets import Dataset
+
+    if template_has_generation_markers(tokenizer):
+        return Dataset.from_list(examples), True
+    return Dataset.from_list([to_prompt_completion(e) for e in examples]), False
+
+
+def train(ctx: StageContext) -> StageResult:
+    quiet_transformers()
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = load_start(ctx)
+    dataset, assistant_masks = sft_dataset(ctx.examples, tokenizer)
+    spec = ctx.spec
+    args = SFTConfig(
+        **trainer_kwargs(ctx),
+        max_length=spec.max_length,
+        truncation_mode="keep_start",
+        packing=False,              # packing would mix examples across the prompt mask
+        padding_free=False,
+        assistant_only_loss=assistant_masks,
+        completion_only_loss=not assistant_masks,
+        dataset_num_proc=None,
+        shuffle_dataset=True,
+        activation_offloading=False,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+    )
+    with CostMeter() as meter:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config(ctx))
+        trainer.train()
+    return finish(ctx, trainer, tokenizer, meter, token_columns=("input_ids",), sequences_per_example=1,
+                  metric_keys=("loss", "mean_token_accuracy", "grad_norm"))

@@ -1,0 +1,411 @@
+"""Format adapters and the loader: every layout -> canonical form, every bad row reported."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.data.formats import (
+    FORMATS,
+    RowError,
+    convert_row,
+    detect_format,
+    kind_of,
+    preference_to_instruction,
+)
+from posttrain.data.io import LoadResult, load_examples, read_records
+from posttrain.errors import DataError
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def sys_(text):
+    return {"role": "system", "content": text}
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def bot(text):
+    return {"role": "assistant", "content": text}
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """Rows may be dicts (dumped) or raw bytes/str lines (written as they are)."""
+    with path.open("wb") as handle:
+        for row in rows:
+            if isinstance(row, bytes):
+                handle.write(row + b"\n")
+            elif isinstance(row, str):
+                handle.write(row.encode() + b"\n")
+            else:
+                handle.write(json.dumps(row).encode() + b"\n")
+    return path
+
+
+# --------------------------------------------------------------------------- instruction
+
+
+def test_alpaca_with_input_system_and_history():
+    row = {"instruction": "Translate", "input": "bonjour", "output": "hello",
+           "system": "Be brief.", "history": [["hi", "hello!"]]}
+    assert convert_row(row, "alpaca") == {"messages": [
+        sys_("Be brief."), user("hi"), bot("hello!"), user("Translate\nbonjour"), bot("hello")]}
+
+
+def test_alpaca_empty_input_and_null_optionals_are_absent():
+    row = {"instruction": "Say hi", "input": "", "output": "hi", "system": None}
+    assert convert_row(row, "alpaca") == {"messages": [user("Say hi"), bot("hi")]}
+
+
+def test_messages_maps_role_aliases_and_drops_blank_system():
+    row = {"messages": [{"role": "system", "content": " "}, {"role": "human", "content": "q"},
+                        {"role": "gpt", "content": "a"}, {"role": "User", "content": "q2"},
+                        {"role": "assistant", "content": "a2"}]}
+    assert convert_row(row, "messages") == {"messages": [user("q"), bot("a"), user("q2"), bot("a2")]}
+
+
+def test_sharegpt_with_top_level_system():
+    row = {"system": "S", "conversations": [{"from": "human", "value": "q"},
+                                            {"from": "gpt", "value": "a"}]}
+    assert convert_row(row, "sharegpt") == {"messages": [sys_("S"), user("q"), bot("a")]}
+
+
+def test_prompt_completion_strings_and_message_lists():
+    assert convert_row({"prompt": "q", "completion": "a"}, "prompt_completion") == {
+        "messages": [user("q"), bot("a")]}
+    row = {"prompt": [sys_("S"), user("q")], "completion": [bot("a")]}
+    assert convert_row(row, "prompt_completion") == {"messages": [sys_("S"), user("q"), bot("a")]}
+
+
+# --------------------------------------------------------------------------- preference
+
+
+def test_preference_with_string_fields():
+    row = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    assert convert_row(row, "preference") == {
+        "prompt": [user("q")], "chosen": [bot("good")], "rejected": [bot("bad")]}
+
+
+def test_preference_full_conversations_with_explicit_prompt_strip_the_prefix():
+    prompt = [sys_("S"), user("q1"), bot("a1"), user("q2")]
+    row = {"prompt": prompt, "chosen": prompt + [bot("good")], "rejected": prompt + [bot("bad")]}
+    assert convert_row(row, "preference") == {
+        "prompt": prompt, "chosen": [bot("good")], "rejected": [bot("bad")]}
+
+
+def test_preference_implicit_prompt_is_the_shared_prefix():
+    shared = [user("q1"), bot("a1"), user("q2")]
+    row = {"chosen": shared + [bot("good")], "rejected": shared + [bot("bad")]}
+    assert convert_row(row, "preference") == {
+        "prompt": shared, "chosen": [bot("good")], "rejected": [bot("bad")]}
+
+
+def test_sharegpt_preference():
+    row = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "q"}],
+           "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}}
+    assert convert_row(row, "sharegpt_preference") == {
+        "prompt": [sys_("S"), user("q")], "chosen": [bot("good")], "rejected": [bot("bad")]}
+
+
+HH_MULTI = {
+    "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: a pen prank?\n\nAssistant:  Draw on it.",
+    "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: a pen prank?\n\nAssistant: No.",
+}
+
+
+def test_hh_multi_turn_prompt_holds_the_earlier_turns():
+    assert convert_row(HH_MULTI, "hh") == {
+        "prompt": [user("hi"), bot("hello"), user("a pen prank?")],
+        "chosen": [bot("Draw on it.")], "rejected": [bot("No.")]}
+
+
+def test_hh_single_turn_and_multiline_reply():
+    row = {"chosen": "\n\nHuman: q\n\nAssistant: line 1\nline 2", "rejected": "\n\nHuman: q\n\nAssistant: x"}
+    assert convert_row(row, "hh") == {
+        "prompt": [user("q")], "chosen": [bot("line 1\nline 2")], "rejected": [bot("x")]}
+
+
+def test_hh_prompts_that_differ_are_an_error():
+    row = {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: b"}
+    with pytest.raises(RowError, match="different prompts"):
+        convert_row(row, "hh")
+
+
+def test_preference_to_instruction():
+    example = convert_row(HH_MULTI, "hh")
+    assert preference_to_instruction(example) == {"messages": [
+        user("hi"), bot("hello"), user("a pen prank?"), bot("Draw on it.")]}
+
+
+# --------------------------------------------------------------------------- row errors
+
+
+@pytest.mark.parametrize("row, fmt, reason", [
+    ({"prompt": "q", "rejected": "b"}, "preference", '"chosen" is missing'),
+    ({"messages": "hi"}, "messages", '"messages" must be a list'),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages", 'unknown role "robot"'),
+    ({"messages": [user("q"), bot("a"), user("q2")]}, "messages", "conversation ends on a user turn"),
+    ({"messages": [user("q"), user("q2"), bot("a")]}, "messages", "expected assistant, got user"),
+    ({"messages": [user("q"), bot("a"), sys_("S")]}, "messages", "system message must come first"),
+    ({"messages": [user("q"), {"role": "assistant", "content": 3}]}, "messages", "must be a string"),
+    ({"instruction": "q", "output": " "}, "alpaca", '"output" is empty'),
+    ({"instruction": "q"}, "alpaca", '"output" is missing'),
+    ({"instruction": 5, "output": "a"}, "alpaca", '"instruction" must be a string'),
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, "preference", '"chosen" is empty'),
+    ({"chosen": "good", "rejected": "bad"}, "preference", '"prompt" is missing'),
+    ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "human", "value": "x"},
+      "rejected": {"from": "gpt", "value": "y"}}, "sharegpt_preference", "single assistant turn"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+      "chosen": {"from": "gpt", "value": "x"}, "rejected": {"from": "gpt", "value": "y"}},
+     "sharegpt_preference", "must end with a user turn"),
+    ({"chosen": "no markers", "rejected": "\n\nHuman: q\n\nAssistant: a"}, "hh", 'does not start with "Human:"'),
+    ({"chosen": "\n\nHuman: q\n\nAssistant: ", "rejected": "\n\nHuman: q\n\nAssistant: a"}, "hh", "is empty"),
+    (["not", "a", "dict"], "messages", "must be a JSON object"),
+])
+def test_bad_rows_have_short_reasons(row, fmt, reason):
+    with pytest.raises(RowError) as error:
+        convert_row(row, fmt)
+    assert reason in str(error.value)
+
+
+def test_kind_of():
+    assert {name: kind_of(name) for name in FORMATS} == {
+        "alpaca": "instruction", "messages": "instruction", "sharegpt": "instruction",
+        "prompt_completion": "instruction", "preference": "preference",
+        "sharegpt_preference": "preference", "hh": "preference"}
+    with pytest.raises(ValueError, match="unknown data format"):
+        kind_of("nope")
+
+
+# --------------------------------------------------------------------------- detection
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"instruction": "q", "input": "", "output": "a"}, "alpaca"),
+    ({"messages": [user("q"), bot("a")]}, "messages"),
+    ({"conversations": [{"from": "human", "value": "q"}]}, "sharegpt"),
+    ({"prompt": "q", "completion": "a"}, "prompt_completion"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b"}, "preference"),
+    ({"chosen": [user("q"), bot("a")], "rejected": [user("q"), bot("b")]}, "preference"),
+    ({"conversations": [], "chosen": {}, "rejected": {}}, "sharegpt_preference"),
+    (HH_MULTI, "hh"),
+    # UltraFeedback-style: preference columns plus a "messages" column.
+    ({"prompt": "q", "chosen": [bot("a")], "rejected": [bot("b")], "messages": []}, "preference"),
+])
+def test_detect_format(row, expected):
+    assert detect_format([row]) == expected
+
+
+def test_detect_format_want_breaks_ties_and_majority_wins():
+    both = {"prompt": "q", "chosen": "a", "rejected": "b", "messages": [user("q"), bot("a")]}
+    assert detect_format([both], want="instruction") == "messages"
+    assert detect_format([both], want="preference") == "preference"
+    rows = [{"messages": []}] * 3 + [{"instruction": "q"}]
+    assert detect_format(rows) == "messages"
+
+
+def test_detect_format_unknown_keys():
+    with pytest.raises(ValueError, match=r"cannot tell the data format.*\['question'\]"):
+        detect_format([{"question": "q"}])
+
+
+# --------------------------------------------------------------------------- loading
+
+
+GOOD_PREF = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+
+
+def bad_preference_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "bad.jsonl", [
+        GOOD_PREF,
+        GOOD_PREF,
+        {"prompt": "q", "rejected": "bad"},                                 # 3
+        "{not json",                                                        # 4
+        b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}',           # 5
+        "",                                                                 # 6 (blank)
+        {"prompt": "q", "chosen": 7, "rejected": "bad"},                    # 7
+        {"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"},  # 8
+        {"chosen": [user("q"), bot("a"), user("q2")], "rejected": [user("q"), bot("b")]},  # 9
+        "[1, 2]",                                                           # 10
+        GOOD_PREF,                                                          # 11
+    ])
+
+
+def test_bad_rows_are_all_reported_with_file_and_line(tmp_path):
+    with pytest.raises(DataError) as error:
+        load_examples(str(bad_preference_file(tmp_path)), "auto")
+    assert str(error.value) == "bad.jsonl: 7 malformed rows (set on_bad_rows: skip to skip them)"
+    problems = error.value.problems
+    assert problems[0] == 'bad.jsonl:3: "chosen" is missing'
+    assert problems[1].startswith("bad.jsonl:4: not valid JSON")
+    assert problems[2].startswith("bad.jsonl:5: not valid UTF-8")
+    assert problems[3].startswith('bad.jsonl:7: "chosen" must be a string or a list')
+    assert problems[4] == 'bad.jsonl:8: "prompt" turn 1: unknown role "robot"'
+    assert problems[5].startswith('bad.jsonl:9: "chosen": conversation ends on a user turn')
+    assert problems[6] == "bad.jsonl:10: a row must be a JSON object, not a list"
+
+
+def test_skip_returns_good_rows_and_the_messages(tmp_path):
+    result = load_examples(str(bad_preference_file(tmp_path)), "preference", on_bad_rows="skip")
+    assert isinstance(result, LoadResult)
+    assert (result.format, result.detected, len(result.examples)) == ("preference", False, 3)
+    assert result.examples[0] == convert_row(GOOD_PREF, "preference")
+    assert len(result.skipped) == 7 and result.skipped[0] == 'bad.jsonl:3: "chosen" is missing'
+
+
+def test_problem_list_is_capped(tmp_path):
+    path = write_jsonl(tmp_path / "many.jsonl", [GOOD_PREF] + [{"prompt": "q"}] * 25)
+    with pytest.raises(DataError) as error:
+        load_examples(str(path))
+    assert "25 malformed rows" in str(error.value)
+    assert len(error.value.problems) == 21 and error.value.problems[-1] == "... and 5 more"
+
+
+def test_missing_file_relative_to_base_dir(tmp_path):
+    with pytest.raises(DataError, match="data file not found: .*nope.jsonl"):
+        load_examples("data/nope.jsonl", base_dir=tmp_path)
+
+
+def test_relative_path_resolves_against_base_dir_and_limit(tmp_path):
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "sft.jsonl", [{"prompt": "q", "completion": "a"}] * 5)
+    result = load_examples("data/sft.jsonl", base_dir=tmp_path, limit=2)
+    assert result.format == "prompt_completion" and result.detected
+    assert result.examples == [{"messages": [user("q"), bot("a")]}] * 2
+
+
+def test_want_instruction_projects_preference_data(tmp_path):
+    path = write_jsonl(tmp_path / "pref.jsonl", [GOOD_PREF])
+    result = load_examples(str(path), want="instruction")
+    assert result.format == "preference"
+    assert result.examples == [{"messages": [user("q"), bot("good")]}]
+
+
+def test_want_preference_rejects_instruction_data(tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [user("q"), bot("a")]}])
+    with pytest.raises(DataError, match="preference stages need preference data"):
+        load_examples(str(path), want="preference")
+
+
+def test_undetectable_and_unknown_format(tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match="odd.jsonl: cannot tell the data format"):
+        load_examples(str(path))
+    with pytest.raises(DataError, match='unknown data format "nope"'):
+        load_examples(str(path), "nope")
+
+
+def test_json_array_wrapped_object_and_json_lines_in_dot_json(tmp_path):
+    rows = [{"prompt": "q", "completion": "a"}, {"prompt": "q"}]
+    (tmp_path / "array.json").write_text(json.dumps(rows))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": rows}))
+    write_jsonl(tmp_path / "lines.json", rows)
+    for name in ("array.json", "wrapped.json", "lines.json"):
+        result = load_examples(str(tmp_path / name), on_bad_rows="skip")
+        assert len(result.examples) == 1
+        assert result.skipped == [f'{name}:2: "completion" is missing']
+
+
+def test_single_object_json_file_is_one_row(tmp_path):
+    (tmp_path / "one.json").write_text(json.dumps({"messages": [user("q"), bot("a")]}))
+    assert load_examples(str(tmp_path / "one.json")).examples == [{"messages": [user("q"), bot("a")]}]
+
+
+def test_broken_json_array_is_one_clear_error(tmp_path):
+    (tmp_path / "broken.json").write_text('[{"prompt": "q", ')
+    with pytest.raises(DataError, match="broken.json: not a valid JSON file"):
+        load_examples(str(tmp_path / "broken.json"))
+
+
+def test_csv_loads_with_json_cells_and_line_numbers(tmp_path):
+    path = tmp_path / "data.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["instruction", "input", "output"])
+        writer.writerow(["Say hi", "", "hi\nthere"])  # a quoted cell spanning two lines
+        writer.writerow(["Add", "1 2", ""])
+    result = load_examples(str(path), on_bad_rows="skip")
+    assert result.format == "alpaca"
+    assert result.examples == [{"messages": [user("Say hi"), bot("hi\nthere")]}]
+    assert result.skipped == ['data.csv:4: "output" is empty']
+
+    path = tmp_path / "chat.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["messages"], [json.dumps([user("q"), bot("a")])]])
+    assert load_examples(str(path)).examples == [{"messages": [user("q"), bot("a")]}]
+
+
+def test_parquet_loads(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([
+        {"messages": [user("q"), bot("a")]},
+        {"messages": [user("q")]},
+    ])
+    pq.write_table(table, tmp_path / "chat.parquet")
+    result = load_examples(str(tmp_path / "chat.parquet"), on_bad_rows="skip")
+    assert result.format == "messages" and result.examples == [{"messages": [user("q"), bot("a")]}]
+    assert result.skipped[0].startswith('chat.parquet:2: "messages": conversation ends on a user turn')
+
+
+def test_read_records_numbers_and_blank_lines(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"a": 1}, "", "   ", {"b": 2}, "oops"])
+    records = list(read_records(path))
+    assert [number for number, _ in records] == [1, 4, 5]
+    assert records[1][1] == {"b": 2} and isinstance(records[2][1], Exception)
+
+
+def test_unsupported_extension_and_hub_failure(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="unsupported data file type '.txt'"):
+        load_examples(str(tmp_path / "notes.txt"))
+    # A hub id must never be a traceback; make the (lazy) datasets import fail fast.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match="could not load dataset 'org/name' .*split 'train'"):
+        load_examples("hf:org/name")
+    with pytest.raises(DataError, match="could not load dataset 'org/other'"):
+        load_examples("org/other", base_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- real samples
+
+
+@pytest.mark.parametrize("name, fmt, rows", [
+    ("alpaca_en_sample.json", "alpaca", 300),
+    ("sharegpt_preference_sample.json", "sharegpt_preference", 200),
+])
+def test_real_samples_convert_every_row(name, fmt, rows):
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    result = load_examples(str(path), "auto")
+    assert (result.format, result.detected, len(result.examples), result.skipped) == (fmt, True, rows, [])
+    assert all(example == convert_row(example_row, fmt) for example, example_row
+               in zip(result.examples, json.loads(path.read_text())))
+
+
+def test_real_hh_sample_has_one_empty_chosen_reply():
+    """Line 87 of the HH sample ends its chosen transcript on an empty "Assistant:" turn."""
+    path = SHARED_DATA / "hh_rlhf_harmless_sample.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    with pytest.raises(DataError) as error:
+        load_examples(str(path), "auto")
+    assert error.value.problems == [
+        'hh_rlhf_harmless_sample.jsonl:87: "chosen" turn 4 (Assistant) is empty']
+    result = load_examples(str(path), "auto", on_bad_rows="skip")
+    assert (result.format, len(result.examples), len(result.skipped)) == ("hh", 399, 1)
+    for example in result.examples:
+        assert example["prompt"][-1]["role"] == "user"
+        assert [m["role"] for m in example["chosen"] + example["rejected"]] == ["assistant"] * 2
+        assert not example["chosen"][0]["content"].startswith((" ", "\n"))
+    multi_turn = [e for e in result.examples if len(e["prompt"]) > 1]
+    assert multi_turn, "the sample has multi-turn transcripts"
