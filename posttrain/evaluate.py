@@ -295,17 +295,17 @@ def evaluate_model(model, tokenizer, refs: list[TaskRef], *, task_dir: Path | No
         model = model.to(device)
     was_training = model.training
     with _stop_at_end_of_turn(model, tokenizer), _hide_expected_hflm_warnings():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                  # posttrain's builtin tokenizer has no BOS; for hub models keep the
-                  # tokenizer's own choice (None), as lm-eval's CLI does.
-                  add_bos_token=None)
-        task_manager = TaskManager(
-            include_path=str(task_dir) if task_dir is not None else None,
-            # Indexing lm-eval's ~10k bundled task YAMLs costs ~17 s: only when needed.
-            include_defaults=any(not ref.is_local for ref in refs),
-        )
-        tracker = EvaluationTracker(output_path=str(out_dir / "results.json"))
         try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                      # None keeps the tokenizer's own BOS behaviour, as lm-eval's CLI does
+                      # (posttrain's builtin tokenizer has no BOS at all).
+                      add_bos_token=None)
+            task_manager = TaskManager(
+                include_path=str(task_dir) if task_dir is not None else None,
+                # Indexing lm-eval's ~10k bundled task YAMLs costs ~17 s: only when needed.
+                include_defaults=any(not ref.is_local for ref in refs),
+            )
+            tracker = EvaluationTracker(output_path=str(out_dir / "results.json"))
             results = simple_evaluate(
                 model=lm,
                 tasks=[ref.name for ref in refs],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -196,6 +197,8 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
     from posttrain.evaluate import prepare_task_dir, resolve_tasks
     from posttrain.report import write_report
 
+    if not options.show_progress:
+        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval and datasets bars are noise in logs
     run = RunDir(options.out_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run.root / "recipe.resolved.yaml", dump_recipe(recipe))

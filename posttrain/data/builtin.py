@@ -140,12 +140,31 @@ SKILLS: dict[str, Callable[[random.Random, str, list[str]], Item]] = {
 }
 
 
-def generate_items(split: str, n: int, seed: int = 0, skills: tuple[str, ...] = tuple(SKILLS)) -> list[Item]:
+# Quickstart skills, chosen by measurement (README "Quickstart"): after SFT of
+# tiny-llama (3 epochs, 4,000 rows, ~100 s) held-out exact match per skill was
+# digits 100%, count 91%, words 65%, last 15%, first 6%, upper 0%. Three counting
+# skills it learns, plus one lookup skill it mostly does not (room to improve).
+QUICKSTART_SKILLS = ("count", "digits", "words", "last")
+
+
+def generate_items(split: str, n: int, seed: int = 0, skills: tuple[str, ...] = QUICKSTART_SKILLS) -> list[Item]:
     """`n` items of the given split, skills in round-robin, deterministic for (split, n, seed)."""
     train_words, test_words = split_words()
     words = train_words if split == "train" else test_words
     rng = random.Random(f"{split}-{seed}")
-    return [SKILLS[skills[i % len(skills)]](rng, rng.choice(words), words) for i in range(n)]
+    items = [SKILLS[skills[i % len(skills)]](rng, rng.choice(words), words) for i in range(n)]
+    return [_distinct_distractors(item) for item in items]
+
+
+def _distinct_distractors(item: Item) -> Item:
+    """Multiple choice needs distinct wrong choices; replace repeats deterministically."""
+    seen, out = {item.answer}, []
+    for choice in item.distractors:
+        while choice in seen:
+            choice = choice + "x" if not choice.isdigit() else str(int(choice) + 1)
+        seen.add(choice)
+        out.append(choice)
+    return Item(item.skill, item.prompt, item.answer, item.near_miss, tuple(out))
 
 
 def instruction_rows(split: str = "train", n: int = 4000, seed: int = 0) -> list[dict]:
@@ -154,7 +173,7 @@ def instruction_rows(split: str = "train", n: int = 4000, seed: int = 0) -> list
             for item in generate_items(split, n, seed)]
 
 
-def preference_rows(split: str = "train", n: int = 2000, seed: int = 1) -> list[dict]:
+def preference_rows(split: str = "train", n: int = 4000, seed: int = 1) -> list[dict]:
     return [{"prompt": [{"role": "user", "content": item.prompt}],
              "chosen": [{"role": "assistant", "content": item.answer}],
              "rejected": [{"role": "assistant", "content": item.near_miss}]}

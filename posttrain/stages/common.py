@@ -161,6 +161,15 @@ def final_metrics(log: list[dict], keys: tuple[str, ...]) -> dict:
     return out
 
 
+def quiet_trainer(trainer, ctx: StageContext):
+    """Without progress bars transformers prints every log dict; the stage summary suffices."""
+    if not ctx.show_progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging

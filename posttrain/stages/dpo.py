@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 
 from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start,
-                                     peft_config, quiet_transformers, trainer_kwargs)
+                                     peft_config, quiet_trainer, quiet_transformers, trainer_kwargs)
 
 DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "grad_norm")
@@ -50,7 +50,7 @@ def build_trainer(ctx: StageContext):
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
                          train_dataset=Dataset.from_list(ctx.examples), processing_class=tokenizer,
                          peft_config=lora)
-    return trainer, tokenizer
+    return quiet_trainer(trainer, ctx), tokenizer
 
 
 def train(ctx: StageContext) -> StageResult:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import warnings
 
 from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start,
-                                     peft_config, quiet_transformers, trainer_kwargs)
+                                     peft_config, quiet_trainer, quiet_transformers, trainer_kwargs)
 
 ORPO_METRICS = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen",
                 "rewards/rejected", "rewards/accuracies", "rewards/margins", "grad_norm")
 
 
-def train(ctx: StageContext) -> StageResult:
+def build_trainer(ctx: StageContext):
+    """The ORPOTrainer for this stage, before training."""
     quiet_transformers()
     from datasets import Dataset
 
@@ -29,9 +30,14 @@ def train(ctx: StageContext) -> StageResult:
         disable_dropout=True,
         dataset_num_proc=None,
     )
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(ctx.examples),
+                          processing_class=tokenizer, peft_config=peft_config(ctx))
+    return quiet_trainer(trainer, ctx), tokenizer
+
+
+def train(ctx: StageContext) -> StageResult:
     with CostMeter() as meter:
-        trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(ctx.examples),
-                              processing_class=tokenizer, peft_config=peft_config(ctx))
+        trainer, tokenizer = build_trainer(ctx)
         trainer.train()
     return finish(ctx, trainer, tokenizer, meter,
                   token_columns=("chosen_input_ids", "rejected_input_ids"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from posttrain.models import template_has_generation_markers
 from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start,
-                                     peft_config, quiet_transformers, trainer_kwargs)
+                                     peft_config, quiet_trainer, quiet_transformers, trainer_kwargs)
 
 
 def to_prompt_completion(example: dict) -> dict:
@@ -27,7 +27,8 @@ def sft_dataset(examples: list[dict], tokenizer):
     return Dataset.from_list([to_prompt_completion(e) for e in examples]), False
 
 
-def train(ctx: StageContext) -> StageResult:
+def build_trainer(ctx: StageContext):
+    """The SFTTrainer for this stage, before training (tests inspect its batches)."""
     quiet_transformers()
     from trl import SFTConfig, SFTTrainer
 
@@ -48,9 +49,14 @@ def train(ctx: StageContext) -> StageResult:
         eos_token=tokenizer.eos_token,
         pad_token=tokenizer.pad_token,
     )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config(ctx))
+    return quiet_trainer(trainer, ctx), tokenizer
+
+
+def train(ctx: StageContext) -> StageResult:
     with CostMeter() as meter:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config(ctx))
+        trainer, tokenizer = build_trainer(ctx)
         trainer.train()
     return finish(ctx, trainer, tokenizer, meter, token_columns=("input_ids",), sequences_per_example=1,
                   metric_keys=("loss", "mean_token_accuracy", "grad_norm"))

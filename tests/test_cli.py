@@ -1,0 +1,102 @@
+"""The CLI through Click's CliRunner: validate, run end to end (tiny), report."""
+
+import json
+import textwrap
+
+from click.testing import CliRunner
+
+from posttrain.cli import main
+
+TINY = """
+name: tiny
+model: {name: builtin:micro-llama}
+data:
+  ins: {source: builtin:skills, limit: 64}
+  prefs: {source: builtin:skills-preferences, limit: 64}
+stages:
+  sft: {method: sft, data: ins, learning_rate: 1.0e-2, max_steps: 4, batch_size: 8, max_length: 96}
+  dpo: {method: dpo, data: prefs, learning_rate: 1.0e-3, max_steps: 2, batch_size: 8, max_length: 96}
+  orpo: {method: orpo, data: prefs, learning_rate: 1.0e-2, max_steps: 2, batch_size: 8, max_length: 96}
+pipelines:
+  sft: [sft]
+  sft+dpo: [sft, dpo]
+  orpo: [orpo]
+eval: {tasks: [{repo}/evals/skills_mc.yaml, {repo}/evals/skills_exact.yaml], limit: 8}
+"""
+
+
+def write_recipe(tmp_path, repo, text=TINY):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(textwrap.dedent(text).replace("{repo}", str(repo)))
+    return path
+
+
+def test_help_has_examples():
+    runner = CliRunner()
+    for args in ([], ["run"], ["validate"], ["report"]):
+        result = runner.invoke(main, [*args, "--help"])
+        assert result.exit_code == 0
+        assert "Example" in result.output
+
+
+def test_validate_ok_and_errors(tmp_path, repo):
+    runner = CliRunner()
+    good = write_recipe(tmp_path, repo)
+    result = runner.invoke(main, ["validate", str(good)])
+    assert result.exit_code == 0, result.output
+    assert "ok (3 pipelines" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("max_steps: 4", "max_steps: 0").replace("[sft, dpo]", "[sft, dop]"))
+    result = runner.invoke(main, ["validate", str(bad), str(good)])
+    assert result.exit_code == 2
+    assert "bad.yaml:8: stages.sft.max_steps: must be > 0" in result.output
+    assert "pipelines.sft+dpo[1]: unknown stage 'dop'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_run_bad_override_exits_2_without_traceback(tmp_path, repo):
+    result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, repo)), "-o", "stages.dpo.beta=-1"])
+    assert result.exit_code == 2
+    assert "stages.dpo.beta: must be > 0" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_run_missing_data_file_is_a_clean_error(tmp_path, repo):
+    text = TINY.replace("{source: builtin:skills, limit: 64}", "{source: missing.jsonl}")
+    result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, repo, text)), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert "data file not found" in result.output
+
+
+def test_run_end_to_end_then_rerun_reuses_and_report_regenerates(tmp_path, repo):
+    runner = CliRunner()
+    recipe, out = write_recipe(tmp_path, repo), tmp_path / "run"
+    result = runner.invoke(main, ["run", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    # SFT is shared by `sft` and `sft+dpo`: three stage runs, not four.
+    stage_dirs = sorted(p.name for p in (out / "stages").iterdir())
+    assert [d.split("-")[0] for d in stage_dirs] == ["dpo", "orpo", "sft"]
+    assert "train  sft" in result.output and result.output.count("train  sft") == 1
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["pipeline"] for r in rows} == {"base", "sft", "sft+dpo", "orpo"}
+    assert {(r["task"], r["metric"]) for r in rows} >= {("skills_exact", "exact_match"), ("skills_mc", "acc")}
+    for name in ("report.md", "results.csv", "recipe.resolved.yaml", "env.json", "pipelines.json"):
+        assert (out / name).is_file(), name
+    table = (out / "report.md").read_text()
+    for pipeline in ("| base |", "| sft |", "| sft+dpo |", "| orpo |"):
+        assert pipeline in table
+    info = json.loads((out / "stages" / stage_dirs[0] / "stage.json").read_text())
+    assert info["method"] == "dpo" and info["chain"] == ["sft", "dpo"] and info["cost"]["optimizer_steps"] == 2
+    # lm-eval's own per-sample records are kept.
+    assert list((out / "evals" / "sft" / "seed0").rglob("samples_skills_exact*.jsonl"))
+
+    rerun = runner.invoke(main, ["run", str(recipe), "--out", str(out)])
+    assert rerun.exit_code == 0, rerun.output
+    assert "train  " not in rerun.output and rerun.output.count("reuse  ") == 3
+
+    before = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    (out / "results.csv").unlink()
+    regenerated = runner.invoke(main, ["report", str(out)])
+    assert regenerated.exit_code == 0
+    assert (out / "report.md").read_text() == before

@@ -1,0 +1,108 @@
+"""Each TRL stage on a micro model: masking, reference, parameters change, outputs."""
+
+import json
+
+import pytest
+import torch
+
+from posttrain.config import DPOStage, LoraSpec, ORPOStage, SFTStage
+from posttrain.data.builtin import instruction_rows, preference_rows
+from posttrain.models import ModelSource, load_model_and_tokenizer
+from posttrain.stages import run_stage
+from posttrain.stages.common import StageContext
+
+MICRO = ModelSource(name="builtin:micro-llama")
+
+
+def context(tmp_path, spec, start=MICRO, examples=None, lora=None, name="stage"):
+    if examples is None:
+        examples = instruction_rows("train", 32) if spec.method == "sft" else preference_rows("train", 32)
+    out = tmp_path / name
+    out.mkdir()
+    return StageContext(name=name, spec=spec, seed=0, start=start, examples=examples, out_dir=out, lora=lora)
+
+
+def sft_spec(**kw):
+    return SFTStage(method="sft", data="d", learning_rate=1e-2, max_steps=3, batch_size=8, max_length=96, **kw)
+
+
+def weights(source):
+    model, _ = load_model_and_tokenizer(source)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(before, after):
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+def test_sft_masks_prompt_tokens(tmp_path):
+    from posttrain.stages.sft import build_trainer
+
+    trainer, tokenizer = build_trainer(context(tmp_path, sft_spec()))
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        ids, labels = ids.tolist(), labels.tolist()
+        text = tokenizer.decode(ids)
+        trained = tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+        # Only the reply and its end-of-turn token are trained; the prompt is masked.
+        reply = text.split("<|im_start|>assistant\n", 1)[1].split("<|im_end|>")[0]
+        assert trained == reply + "<|im_end|>"
+        assert "user" not in trained
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+def test_parameters_change_and_outputs_written(tmp_path, method):
+    spec = {"sft": sft_spec(),
+            "dpo": DPOStage(method="dpo", data="d", learning_rate=1e-2, max_steps=3, batch_size=8, max_length=96),
+            "orpo": ORPOStage(method="orpo", data="d", learning_rate=1e-2, max_steps=3, batch_size=8,
+                              max_length=96)}[method]
+    ctx = context(tmp_path, spec)
+    result = run_stage(ctx)
+    after = weights(ModelSource(name=str(ctx.out_dir / "model")))
+    assert changed(weights(MICRO), after), f"{method}: no parameter changed"
+    assert result.cost["optimizer_steps"] == 3
+    assert result.cost["train_tokens"] > 0
+    assert result.metrics["loss"] > 0
+    log = [json.loads(line) for line in (ctx.out_dir / "trainer_log.jsonl").read_text().splitlines()]
+    assert any("loss" in entry for entry in log)
+    if method != "sft":
+        assert "rewards/margins" in result.metrics
+
+
+def sequence_logp(model, prompt_ids, completion_ids):
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].float()
+    logps = logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+    return logps[len(prompt_ids) - 1:].sum().item()
+
+
+def test_dpo_reference_is_the_sft_output(tmp_path):
+    from posttrain.stages.dpo import build_trainer
+
+    run_stage(context(tmp_path, sft_spec(), name="sft"))
+    sft_source = ModelSource(name=str(tmp_path / "sft" / "model"))
+    spec = DPOStage(method="dpo", data="d", learning_rate=1e-3, max_steps=2, batch_size=4, max_length=96,
+                    precompute_ref_log_probs=True)
+    trainer, _ = build_trainer(context(tmp_path, spec, start=sft_source, name="dpo"))
+    row = trainer.train_dataset[0]
+    sft_model, _ = load_model_and_tokenizer(sft_source)
+    base_model, _ = load_model_and_tokenizer(MICRO)
+    expected = sequence_logp(sft_model, row["prompt_ids"], row["chosen_ids"])
+    assert row["ref_chosen_logps"] == pytest.approx(expected, abs=1e-3)
+    assert sequence_logp(base_model, row["prompt_ids"], row["chosen_ids"]) != pytest.approx(expected, abs=1e-2)
+
+
+def test_lora_sft_saves_adapter_and_dpo_reference_disables_it(tmp_path):
+    from posttrain.stages.dpo import build_trainer
+
+    lora = LoraSpec(r=4, alpha=8, dropout=0.0)
+    result = run_stage(context(tmp_path, sft_spec(), lora=lora, name="sft"))
+    assert result.adapter and (tmp_path / "sft" / "model" / "adapter_config.json").is_file()
+    merged = ModelSource(name="builtin:micro-llama", adapter_dirs=(str(tmp_path / "sft" / "model"),))
+    assert changed(weights(MICRO), weights(merged)), "the merged adapter changed nothing"
+    spec = DPOStage(method="dpo", data="d", learning_rate=1e-3, max_steps=1, batch_size=4, max_length=96,
+                    precompute_ref_log_probs=False)
+    trainer, _ = build_trainer(context(tmp_path, spec, start=merged, lora=lora, name="dpo"))
+    assert trainer.ref_model is None  # TRL disables the adapter: no second copy of the model
+    assert hasattr(trainer.model, "disable_adapter")
