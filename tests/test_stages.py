@@ -51,6 +51,20 @@ def test_sft_masks_prompt_tokens(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+def test_cpu_unfriendly_trl_defaults_never_leak(tmp_path, method):
+    import importlib
+
+    spec = {"sft": sft_spec(),
+            "dpo": DPOStage(method="dpo", data="d", learning_rate=1e-3, max_steps=1, batch_size=4, max_length=96),
+            "orpo": ORPOStage(method="orpo", data="d", learning_rate=1e-3, max_steps=1, batch_size=4,
+                              max_length=96)}[method]
+    trainer, _ = importlib.import_module(f"posttrain.stages.{method}").build_trainer(context(tmp_path, spec))
+    assert trainer.args.bf16 is False and trainer.args.fp16 is False
+    assert trainer.args.gradient_checkpointing is False
+    assert trainer.args.report_to == [] and trainer.args.save_strategy == "no"
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
 def test_parameters_change_and_outputs_written(tmp_path, method):
     spec = {"sft": sft_spec(),
             "dpo": DPOStage(method="dpo", data="d", learning_rate=1e-2, max_steps=3, batch_size=8, max_length=96),

@@ -72,7 +72,7 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         data_seed=ctx.seed,
         bf16=on_gpu and ctx.start.dtype in ("bfloat16", "auto"),
         fp16=False,
-        gradient_checkpointing=False,
+        **{checkpointing_field(): False},
         torch_compile=False,
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
@@ -83,6 +83,16 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         disable_tqdm=not ctx.show_progress,
         remove_unused_columns=False,
     )
+
+
+def checkpointing_field() -> str:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing (old name warns)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def peft_config(ctx: StageContext):

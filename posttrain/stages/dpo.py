@@ -45,7 +45,6 @@ def build_trainer(ctx: StageContext):
         use_weighting=False,
         activation_offloading=False,
         dataset_num_proc=None,
-        pad_token=tokenizer.pad_token,
     )
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
                          train_dataset=Dataset.from_list(ctx.examples), processing_class=tokenizer,

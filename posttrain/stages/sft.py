@@ -46,8 +46,6 @@ def build_trainer(ctx: StageContext):
         dataset_num_proc=None,
         shuffle_dataset=True,
         activation_offloading=False,
-        eos_token=tokenizer.eos_token,
-        pad_token=tokenizer.pad_token,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config(ctx))
