@@ -26,6 +26,12 @@ def sft_spec(**kw):
     return SFTStage(method="sft", data="d", learning_rate=1e-2, max_steps=3, batch_size=8, max_length=96, **kw)
 
 
+def stage_spec(method, steps=3, lr=1e-2):
+    """A tiny spec of each method: a few steps, short sequences."""
+    cls = {"sft": SFTStage, "dpo": DPOStage, "orpo": ORPOStage}[method]
+    return cls(method=method, data="d", learning_rate=lr, max_steps=steps, batch_size=8, max_length=96)
+
+
 def weights(source):
     model, _ = load_model_and_tokenizer(source)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -54,10 +60,7 @@ def test_sft_masks_prompt_tokens(tmp_path):
 def test_cpu_unfriendly_trl_defaults_never_leak(tmp_path, method):
     import importlib
 
-    spec = {"sft": sft_spec(),
-            "dpo": DPOStage(method="dpo", data="d", learning_rate=1e-3, max_steps=1, batch_size=4, max_length=96),
-            "orpo": ORPOStage(method="orpo", data="d", learning_rate=1e-3, max_steps=1, batch_size=4,
-                              max_length=96)}[method]
+    spec = stage_spec(method, steps=1)
     trainer, _ = importlib.import_module(f"posttrain.stages.{method}").build_trainer(context(tmp_path, spec))
     assert trainer.args.bf16 is False and trainer.args.fp16 is False
     assert trainer.args.gradient_checkpointing is False
@@ -66,11 +69,7 @@ def test_cpu_unfriendly_trl_defaults_never_leak(tmp_path, method):
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
 def test_parameters_change_and_outputs_written(tmp_path, method):
-    spec = {"sft": sft_spec(),
-            "dpo": DPOStage(method="dpo", data="d", learning_rate=1e-2, max_steps=3, batch_size=8, max_length=96),
-            "orpo": ORPOStage(method="orpo", data="d", learning_rate=1e-2, max_steps=3, batch_size=8,
-                              max_length=96)}[method]
-    ctx = context(tmp_path, spec)
+    ctx = context(tmp_path, stage_spec(method))
     result = run_stage(ctx)
     after = weights(ModelSource(name=str(ctx.out_dir / "model")))
     assert changed(weights(MICRO), after), f"{method}: no parameter changed"
