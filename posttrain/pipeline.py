@@ -198,7 +198,7 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
     from posttrain.report import write_report
 
     if not options.show_progress:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval and datasets bars are noise in logs
+        os.environ.setdefault("TQDM_DISABLE", "1")  # datasets/TRL bars are noise in logs
     run = RunDir(options.out_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run.root / "recipe.resolved.yaml", dump_recipe(recipe))

@@ -119,3 +119,13 @@ def test_lora_sft_saves_adapter_and_dpo_reference_disables_it(tmp_path):
     trainer, _ = build_trainer(context(tmp_path, spec, start=merged, lora=lora, name="dpo"))
     assert trainer.ref_model is None  # TRL disables the adapter: no second copy of the model
     assert hasattr(trainer.model, "disable_adapter")
+
+
+def test_train_tokens_count_the_prompt_once_per_sequence():
+    from datasets import Dataset
+
+    from posttrain.stages.common import dataset_tokens
+
+    pairs = Dataset.from_list([{"prompt_ids": [1, 2, 3], "chosen_ids": [4], "rejected_ids": [5, 6]}])
+    # DPO feeds prompt+chosen and prompt+rejected: 3+1 + 3+2 tokens.
+    assert dataset_tokens(pairs, {"prompt_ids": 2, "chosen_ids": 1, "rejected_ids": 1}) == 9

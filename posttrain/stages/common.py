@@ -125,11 +125,17 @@ class CostMeter:
         return False
 
 
-def dataset_tokens(dataset, columns: tuple[str, ...]) -> int:
-    return sum(sum(len(ids) for ids in dataset[col]) for col in columns if col in dataset.column_names)
+def dataset_tokens(dataset, columns: dict[str, int]) -> int:
+    """Tokens the model processes per epoch: each column's lengths times how often it is fed.
+
+    A DPO pair feeds its prompt twice (prompt+chosen, prompt+rejected); ORPO's
+    chosen/rejected columns already include the prompt.
+    """
+    return sum(times * sum(len(ids) for ids in dataset[col])
+               for col, times in columns.items() if col in dataset.column_names)
 
 
-def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_columns: tuple[str, ...],
+def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_columns: dict[str, int],
            sequences_per_example: int, metric_keys: tuple[str, ...], reference_forwards: int = 0) -> StageResult:
     """Save the model/adapter, the trainer log, and summarise cost and final metrics.
 

@@ -61,5 +61,5 @@ def train(ctx: StageContext) -> StageResult:
     pairs = len(trainer.train_dataset)
     epochs = trainer.state.epoch or 0.0
     reference_forwards = 2 * pairs if ctx.spec.precompute_ref_log_probs else round(2 * pairs * epochs)
-    return finish(ctx, trainer, tokenizer, meter, token_columns=("prompt_ids", "chosen_ids", "rejected_ids"),
+    return finish(ctx, trainer, tokenizer, meter, token_columns={"prompt_ids": 2, "chosen_ids": 1, "rejected_ids": 1},
                   sequences_per_example=2, metric_keys=DPO_METRICS, reference_forwards=reference_forwards)

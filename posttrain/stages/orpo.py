@@ -40,5 +40,5 @@ def train(ctx: StageContext) -> StageResult:
         trainer, tokenizer = build_trainer(ctx)
         trainer.train()
     return finish(ctx, trainer, tokenizer, meter,
-                  token_columns=("chosen_input_ids", "rejected_input_ids"),
+                  token_columns={"chosen_input_ids": 1, "rejected_input_ids": 1},
                   sequences_per_example=2, metric_keys=ORPO_METRICS)

@@ -56,5 +56,5 @@ def train(ctx: StageContext) -> StageResult:
     with CostMeter() as meter:
         trainer, tokenizer = build_trainer(ctx)
         trainer.train()
-    return finish(ctx, trainer, tokenizer, meter, token_columns=("input_ids",), sequences_per_example=1,
+    return finish(ctx, trainer, tokenizer, meter, token_columns={"input_ids": 1}, sequences_per_example=1,
                   metric_keys=("loss", "mean_token_accuracy", "grad_norm"))
