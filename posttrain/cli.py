@@ -76,45 +76,71 @@ def validate(recipes, overrides):
               help="Override a recipe value, e.g. -o stages.dpo.beta=0.2 (repeatable).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: <output.dir>/<recipe name>).")
+@click.option("--no-wandb", is_flag=True, help="Turn W&B tracking off whatever the recipe says.")
 @click.option("--progress/--no-progress", default=None,
               help="Trainer progress bars (default: on when stderr is a terminal).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines; print only the final table.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @user_errors
-def run(recipe, overrides, out_dir, progress):
+def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json):
     """Train every pipeline of RECIPE, evaluate each and the base model, print the table.
 
     \b
     Example:
       posttrain run recipes/quickstart.yaml
       posttrain run recipes/quickstart.yaml -o stages.dpo.beta=0.2 --out runs/beta02
+      posttrain run recipes/quickstart.yaml -o "seeds=[0,1,2]" --no-wandb --json > report.json
     Finished stages in the run directory are reused when the recipe is run again.
     """
     from posttrain.config import load_recipe
 
-    parsed = load_recipe(recipe, list(overrides))  # every recipe error before any heavy import
+    overrides = list(overrides) + (["tracking.wandb.mode=disabled"] if no_wandb else [])
+    parsed = load_recipe(recipe, overrides)  # every recipe error before any heavy import
     from posttrain.pipeline import RunOptions, run_recipe
 
     target = Path(out_dir) if out_dir else Path(parsed.output.dir) / parsed.name
+    silent = quiet or as_json
     options = RunOptions(out_dir=target, base_dir=Path(recipe).resolve().parent,
-                         show_progress=sys.stderr.isatty() if progress is None else progress,
-                         log=lambda line: click.echo(line, err=True))
-    click.echo(f"posttrain {__version__}: running {recipe} -> {target}", err=True)
+                         show_progress=(sys.stderr.isatty() and not silent) if progress is None else progress,
+                         log=(lambda line: None) if silent else (lambda line: click.echo(line, err=True)))
+    options.log(f"posttrain {__version__}: running {recipe} -> {target}")
     run_dir = run_recipe(parsed, options)
-    click.echo((run_dir / "report.md").read_text())
-    click.echo(f"run directory: {run_dir}", err=True)
+    show_report(run_dir, as_json)
+    options.log(f"run directory: {run_dir} (report.md, report.html, results.csv)")
+
+
+def show_report(report_dir: Path, as_json: bool) -> None:
+    if as_json:
+        click.echo((report_dir / "report.json").read_text())
+        return
+    import json
+
+    from rich.console import Console
+
+    from posttrain.report import terminal_table
+
+    Console().print(terminal_table(json.loads((report_dir / "report.json").read_text())))
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write a merged report (default: the first RUN_DIR; required for several).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @user_errors
-def report(run_dir):
-    """Regenerate report.md and results.csv of RUN_DIR from its results.jsonl.
+def report(run_dirs, out_dir, as_json):
+    """Regenerate the report of RUN_DIR (or merge several runs) from their recorded results.
 
     \b
     Example:
       posttrain report runs/quickstart
+      posttrain report runs/quickstart runs/beta02 --out runs/compare
+    Runs evaluated with different eval specs are refused.
     """
     from posttrain.report import write_report
 
-    if not (Path(run_dir) / "results.jsonl").is_file():
-        raise PosttrainError(f"{run_dir}: no results.jsonl (is this a finished run directory?)")
-    click.echo(write_report(Path(run_dir)))
+    if len(run_dirs) > 1 and out_dir is None:
+        raise PosttrainError("merging several runs needs --out DIR (a run's own report stays as it is)")
+    target = Path(out_dir or run_dirs[0])
+    write_report(Path(run_dirs[0]), [Path(d) for d in run_dirs[1:]], out_dir=target)
+    show_report(target, as_json)

@@ -95,6 +95,9 @@ STAGE_METHODS = ("sft", "dpo", "orpo")
 
 class EvalSpec(Strict):
     tasks: list[str] = Field(min_length=1)
+    preferences: DataSpec | None = Field(
+        None, description="held-out preference pairs: how often each model prefers chosen over rejected")
+    samples: int = Field(5, ge=0, description="held-out prompts shown with every pipeline's reply")
     apply_chat_template: bool = True
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(32, gt=0)
@@ -107,7 +110,20 @@ class OutputSpec(Strict):
 
 
 class ReportSpec(Strict):
-    baseline: str | None = None
+    baseline: str | None = Field(None, description="default: the first trained pipeline")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    resamples: int = Field(2000, ge=100)
+
+
+class WandbSpec(Strict):
+    project: str = "posttrain"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    tags: list[str] = []
+
+
+class TrackingSpec(Strict):
+    wandb: WandbSpec | None = None
 
 
 class Recipe(Strict):
@@ -118,8 +134,11 @@ class Recipe(Strict):
     stages: dict[str, Stage] = Field(min_length=1)
     pipelines: dict[str, list[str]] = Field(min_length=1)
     eval: EvalSpec
+    external: dict[str, str] = Field(
+        {}, description="extra rows: name -> hub id or local model dir, evaluated with the same spec")
     output: OutputSpec = OutputSpec()
     report: ReportSpec = ReportSpec()
+    tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("seeds")
     @classmethod
@@ -158,8 +177,11 @@ def reference_problems(raw: dict):
             if isinstance(spec, dict) and _is_instruction_data(spec):
                 yield (f"stages.{name}.data", f"{stage['method']} needs preference data (prompt/chosen/rejected); "
                        f"{stage['data']!r} is instruction data")
+    for name in mapping("external"):
+        if name in pipelines or name == BASE_PIPELINE:
+            yield f"external.{name}", "name already used by a pipeline"
     baseline = mapping("report").get("baseline")
-    if baseline and baseline not in {*pipelines, BASE_PIPELINE}:
+    if baseline and baseline not in {*pipelines, BASE_PIPELINE, *mapping("external")}:
         yield "report.baseline", f"unknown pipeline {baseline!r}"
 
 

@@ -437,3 +437,42 @@ def _stop_at_end_of_turn(model, tokenizer) -> Iterator[None]:
         yield
     finally:
         config.eos_token_id = original
+
+
+# --------------------------------------------------------------------------- spec hash
+
+def eval_spec_hash(refs: list[TaskRef], task_dir: Path | None, settings: dict) -> str:
+    """A short hash of everything that decides what an evaluation measures.
+
+    Task specs as prepared (includes merged) with every data file replaced by the
+    hash of its *content* (absolute paths differ between machines), `!function`
+    modules by their content, registry tasks by name, plus `settings` (few-shot,
+    chat template, generation settings, limit, lm-eval version). Two result tables
+    are comparable only when their hashes agree.
+    """
+    import hashlib
+    import json
+
+    def file_hash(path: str) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else path
+
+    def content(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: content(v) for k, v in sorted(value.items())}
+        if isinstance(value, list):
+            return [content(v) for v in value]
+        if isinstance(value, str) and Path(value).is_absolute():
+            return file_hash(value)
+        return value
+
+    tasks = []
+    for ref in refs:
+        if ref.path is None or task_dir is None:
+            tasks.append({"name": ref.name})
+            continue
+        folder = Path(task_dir) / ref.name
+        config = _load_task_yaml(folder / f"{ref.name}.yaml")
+        modules = {str(p.relative_to(folder)): file_hash(str(p)) for p in sorted(folder.rglob("*.py"))}
+        tasks.append({"name": ref.name, "config": content(config), "modules": modules})
+    payload = {"tasks": tasks, "settings": settings, "lm_eval": lm_eval_version()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]

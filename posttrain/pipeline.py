@@ -19,7 +19,8 @@ from typing import Callable
 
 from posttrain.artifacts import RunDir, library_versions, publish_dir, write_json_atomic, write_text_atomic
 from posttrain.config import BASE_PIPELINE, Recipe, dump_recipe, pipelines_with_base, resolve_lora
-from posttrain.data.sources import LoadedData, load_data
+from posttrain.data.sources import LoadedData, fingerprint, load_data
+from posttrain.samples import PREFERENCE_FILE, generated_replies, samples_file
 from posttrain.models import ModelSource
 
 STAGE_DATA_KIND = {"sft": "instruction", "dpo": "preference", "orpo": "preference"}
@@ -120,7 +121,7 @@ def source_after(plan: Plan, node: StageNode | None, run: RunDir) -> ModelSource
     return replace(previous, name=model_dir, adapter_dirs=(), revision=None)
 
 
-def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions) -> dict:
+def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tracker) -> dict:
     """Train one stage unless a finished copy with the same key exists; return stage.json."""
     from posttrain.stages import run_stage
     from posttrain.stages.common import StageContext
@@ -137,11 +138,13 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions) ->
     tmp_dir.mkdir(parents=True)
     options.log(f"  train  {node.stage} ({spec.method}, seed {node.seed}) on {len(node.data.examples)} "
                 f"examples from {' -> '.join(node.chain[:-1]) or 'base'}")
-    ctx = StageContext(
-        name=node.stage, spec=spec, seed=spec.seed if spec.seed is not None else node.seed,
-        start=source_after(plan, node.parent, run), examples=node.data.examples, out_dir=tmp_dir,
-        lora=resolve_lora(recipe, spec), show_progress=options.show_progress)
-    result = run_stage(ctx)
+    # One W&B run per trained stage; the trainer's own callback logs its curves into it.
+    with tracker.stage(node.stage, spec.method, node.seed, spec.model_dump(mode="json")) as report_to:
+        ctx = StageContext(
+            name=node.stage, spec=spec, seed=spec.seed if spec.seed is not None else node.seed,
+            start=source_after(plan, node.parent, run), examples=node.data.examples, out_dir=tmp_dir,
+            lora=resolve_lora(recipe, spec), show_progress=options.show_progress, report_to=report_to)
+        result = run_stage(ctx)
     info = {
         "stage": node.stage, "method": spec.method, "seed": node.seed, "key": node.key,
         "chain": node.chain, "parent_key": node.parent.key if node.parent else None,
@@ -171,31 +174,95 @@ def pipeline_stage_dirs(plan: Plan, run: RunDir) -> dict:
     return out
 
 
-def evaluate_pipeline(plan: Plan, pipeline: str, seed: int | None, node: StageNode | None, run: RunDir,
-                      options: RunOptions, task_refs, task_dir: Path) -> list[dict]:
+@dataclass
+class EvalSetup:
+    """What every evaluated model shares: tasks, their prepared copies, the spec hash."""
+
+    refs: list
+    task_dir: Path
+    spec_hash: str
+    preference_pairs: list[dict]
+
+
+def prepare_eval(recipe: Recipe, run: RunDir, base_dir: Path) -> EvalSetup:
+    from posttrain.evaluate import eval_spec_hash, prepare_task_dir, resolve_tasks
+    from posttrain.models import CHATML_TEMPLATE
+
+    refs = resolve_tasks(recipe.eval.tasks, [base_dir, Path.cwd(), REPO_ROOT])
+    task_dir = prepare_task_dir(refs, run.evals / "tasks")
+    pairs = []
+    if recipe.eval.preferences is not None:
+        pairs = load_data("eval.preferences", recipe.eval.preferences, "preference", base_dir).examples
+    settings = {
+        "eval": recipe.eval.model_dump(mode="json", exclude={"batch_size", "samples"}),
+        "chat_template": CHATML_TEMPLATE if recipe.model.chat_template == "chatml" else "model's own",
+        "preferences": fingerprint(pairs) if pairs else None,
+    }
+    return EvalSetup(refs, task_dir, eval_spec_hash(refs, task_dir, settings), pairs)
+
+
+def evaluate_source(recipe: Recipe, pipeline: str, seed: int | None, source: ModelSource, run: RunDir,
+                    options: RunOptions, setup: EvalSetup) -> list[dict]:
+    """Evaluate one model; lm-eval's output and our per-sample records go to its eval dir."""
     from posttrain.evaluate import evaluate_model
     from posttrain.models import load_model_and_tokenizer
     from posttrain.stages.common import device
 
-    spec = plan.recipe.eval
-    model, tokenizer = load_model_and_tokenizer(source_after(plan, node, run), device=device())
+    spec = recipe.eval
+    out_dir = run.eval_dir(pipeline, seed)
+    shutil.rmtree(out_dir, ignore_errors=True)  # one set of records per evaluation
+    model, tokenizer = load_model_and_tokenizer(source, device=device())
     model.eval()
     options.log(f"  eval   {pipeline}" + ("" if seed is None else f" (seed {seed})"))
     rows = evaluate_model(
-        model, tokenizer, task_refs, task_dir=task_dir, out_dir=run.eval_dir(pipeline, seed), label=pipeline,
+        model, tokenizer, setup.refs, task_dir=setup.task_dir, out_dir=out_dir, label=pipeline,
         apply_chat_template=spec.apply_chat_template, num_fewshot=spec.num_fewshot,
         batch_size=spec.batch_size, limit=spec.limit, max_gen_toks=spec.max_gen_toks,
         seed=seed if seed is not None else 0)
+    for row in rows:
+        sample_file = samples_file(out_dir, row["task"])
+        row["samples"] = str(sample_file.relative_to(run.root)) if sample_file else None
+    rows += reply_length_rows(tokenizer, out_dir, setup.refs)
+    if setup.preference_pairs:
+        rows += preference_rows(model, tokenizer, setup.preference_pairs, out_dir, run, spec.batch_size)
     del model
     gc.collect()
-    return [{"pipeline": pipeline, "seed": seed, **row} for row in rows]
+    return [{"pipeline": pipeline, "seed": seed, "eval_spec": setup.spec_hash, **row} for row in rows]
+
+
+def reply_length_rows(tokenizer, out_dir: Path, refs) -> list[dict]:
+    """Mean reply length in tokens per generation task (preference tuning lengthens replies)."""
+    rows = []
+    for ref in refs:
+        path = samples_file(out_dir, ref.name)
+        replies = generated_replies(path) if path else {}
+        if replies:
+            lengths = [len(tokenizer(r["reply"], add_special_tokens=False)["input_ids"]) for r in replies.values()]
+            rows.append({"task": ref.name, "metric": "reply_tokens", "value": sum(lengths) / len(lengths),
+                         "stderr": None, "samples": None})
+    return rows
+
+
+def preference_rows(model, tokenizer, pairs: list[dict], out_dir: Path, run: RunDir, batch_size: int):
+    from posttrain.logprobs import preference_records
+
+    records = preference_records(model, tokenizer, pairs, batch_size)
+    path = out_dir / PREFERENCE_FILE
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    rel = str(path.relative_to(run.root))
+    return [{"task": "preferences", "metric": metric, "value": sum(r[metric] for r in records) / len(records),
+             "stderr": None, "samples": rel} for metric in ("pref_acc", "margin")]
+
+
+def external_source(recipe: Recipe, name_or_path: str) -> ModelSource:
+    return replace(base_source(recipe), name=name_or_path, revision=None)
 
 
 def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
     """Train every pipeline (shared prefixes once), evaluate each and the base; write results."""
     from posttrain.artifacts import environment
-    from posttrain.evaluate import prepare_task_dir, resolve_tasks
-    from posttrain.report import write_report
+    from posttrain.report import main_table, write_report
+    from posttrain.tracking import Tracker, WandbSettings
 
     if not options.show_progress:
         os.environ.setdefault("TQDM_DISABLE", "1")  # datasets/TRL bars are noise in logs
@@ -203,8 +270,10 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
     run.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run.root / "recipe.resolved.yaml", dump_recipe(recipe))
     write_json_atomic(run.root / "env.json", environment())
-    task_refs = resolve_tasks(recipe.eval.tasks, [options.base_dir, Path.cwd(), REPO_ROOT])
-    task_dir = prepare_task_dir(task_refs, run.evals / "tasks")
+    setup = prepare_eval(recipe, run, options.base_dir)
+    wandb_spec = recipe.tracking.wandb
+    tracker = Tracker(WandbSettings(**wandb_spec.model_dump()) if wandb_spec else None, run.root, recipe.name,
+                      log=options.log)
 
     plan = make_plan(recipe, options.base_dir)
     for data in plan.data.values():
@@ -213,14 +282,21 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
     options.log(f"plan: {len(plan.nodes)} stage runs for {len(plan.finals)} (pipeline, seed) pairs")
     write_json_atomic(run.root / "pipelines.json", pipeline_stage_dirs(plan, run))
     for node in plan.nodes.values():
-        train_node(plan, node, run, options)
+        train_node(plan, node, run, options, tracker)
 
     rows: list[dict] = []
     for (pipeline, seed), node in plan.finals.items():
-        if pipeline == BASE_PIPELINE and seed != recipe.seeds[0]:
-            continue  # the base model does not depend on the training seed
-        rows += evaluate_pipeline(plan, pipeline, None if pipeline == BASE_PIPELINE else seed, node, run,
-                                  options, task_refs, task_dir)
+        if node is None and seed != recipe.seeds[0]:
+            continue  # an untrained model does not depend on the training seed
+        eval_seed = None if node is None else seed
+        new_rows = evaluate_source(recipe, pipeline, eval_seed, source_after(plan, node, run), run, options, setup)
+        tracker.log_eval(pipeline, eval_seed, new_rows)
+        rows += new_rows
+    for name, model in recipe.external.items():
+        new_rows = evaluate_source(recipe, name, None, external_source(recipe, model), run, options, setup)
+        tracker.log_eval(name, None, new_rows)
+        rows += new_rows
     write_text_atomic(run.results, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
-    write_report(run.root)
+    report = write_report(run.root)
+    tracker.log_report(*main_table(report), run.root / "report.html")
     return run.root

@@ -21,8 +21,14 @@ pipelines:
   sft: [sft]
   sft+dpo: [sft, dpo]
   orpo: [orpo]
-eval: {tasks: [{repo}/evals/skills_mc.yaml, {repo}/evals/skills_exact.yaml], limit: 8}
+eval:
+  tasks: [{repo}/evals/skills_mc.yaml, {repo}/evals/skills_exact.yaml]
+  limit: 8
+  preferences: {source: builtin:skills-preferences, split: test, limit: 16}
+  samples: 3
+report: {resamples: 200}
 """
+FAKE_KEY = "fake0123456789abcdef0123456789abcdef012345"
 
 
 def write_recipe(tmp_path, repo, text=TINY):
@@ -68,9 +74,14 @@ def test_run_missing_data_file_is_a_clean_error(tmp_path, repo):
     assert "data file not found" in result.output
 
 
-def test_run_end_to_end_then_rerun_reuses_and_report_regenerates(tmp_path, repo):
+def test_run_end_to_end_then_rerun_reuses_and_report_regenerates(tmp_path, repo, monkeypatch):
     runner = CliRunner()
-    recipe, out = write_recipe(tmp_path, repo), tmp_path / "run"
+    recipe = write_recipe(tmp_path, repo, TINY + "tracking: {wandb: {mode: offline}}\n")
+    out = tmp_path / "run"
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     result = runner.invoke(main, ["run", str(recipe), "--out", str(out)])
     assert result.exit_code == 0, result.output
     # SFT is shared by `sft` and `sft+dpo`: three stage runs, not four.
@@ -80,11 +91,26 @@ def test_run_end_to_end_then_rerun_reuses_and_report_regenerates(tmp_path, repo)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["pipeline"] for r in rows} == {"base", "sft", "sft+dpo", "orpo"}
     assert {(r["task"], r["metric"]) for r in rows} >= {("skills_exact", "exact_match"), ("skills_mc", "acc")}
-    for name in ("report.md", "results.csv", "recipe.resolved.yaml", "env.json", "pipelines.json"):
+    for name in ("report.md", "report.json", "report.html", "results.csv", "recipe.resolved.yaml", "env.json",
+                 "pipelines.json"):
         assert (out / name).is_file(), name
     table = (out / "report.md").read_text()
     for pipeline in ("| base |", "| sft |", "| sft+dpo |", "| orpo |"):
         assert pipeline in table
+    report = json.loads((out / "report.json").read_text())
+    assert report["baseline"] == "sft" and report["eval_spec"] == rows[0]["eval_spec"]
+    by_name = {p["name"]: p for p in report["pipelines"]}
+    assert by_name["sft"]["delta"] == {} and "skills_exact/exact_match" in by_name["orpo"]["delta"]
+    assert [s["shared_with"] for s in by_name["sft+dpo"]["stages"]] == [["sft"], []]
+    assert len(by_name["orpo"]["stages"]) == 1 and by_name["base"]["stages"] == []
+    assert set(by_name["base"]["preferences"]) == {"pref_acc", "margin"}
+    assert len(report["samples"]["skills_exact"]) == 3
+    assert sorted(p.name for p in (out / "plots").iterdir())[:2] == ["bars_skills_exact_exact_match.png",
+                                                                    "bars_skills_mc_acc.png"]
+    # One W&B run per trained stage, per evaluation and for the report; no key written anywhere.
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 3 + 4 + 1
+    leaked = [p for p in out.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert not leaked
     info = json.loads((out / "stages" / stage_dirs[0] / "stage.json").read_text())
     assert info["method"] == "dpo" and info["chain"] == ["sft", "dpo"] and info["cost"]["optimizer_steps"] == 2
     # lm-eval's own per-sample records are kept.
@@ -94,9 +120,26 @@ def test_run_end_to_end_then_rerun_reuses_and_report_regenerates(tmp_path, repo)
     assert rerun.exit_code == 0, rerun.output
     assert "train  " not in rerun.output and rerun.output.count("reuse  ") == 3
 
-    before = (out / "report.md").read_text()
-    (out / "report.md").unlink()
-    (out / "results.csv").unlink()
+    report_files = ["report.md", "report.json", "report.html", "results.csv",
+                    *(f"plots/{p.name}" for p in (out / "plots").iterdir())]
+    before = {name: (out / name).read_bytes() for name in report_files}
+    for name in report_files:
+        (out / name).unlink()
     regenerated = runner.invoke(main, ["report", str(out)])
-    assert regenerated.exit_code == 0
-    assert (out / "report.md").read_text() == before
+    assert regenerated.exit_code == 0, regenerated.output
+    assert {name: (out / name).read_bytes() for name in report_files} == before
+
+    # Merging runs: the same spec merges (names prefixed), a different spec is refused.
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(out, twin, ignore=shutil.ignore_patterns("wandb"))
+    merged = runner.invoke(main, ["report", str(out), str(twin), "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    names = [p["name"] for p in json.loads((tmp_path / "merged" / "report.json").read_text())["pipelines"]]
+    assert "run:sft" in names and "twin:sft" in names
+    results = twin / "results.jsonl"
+    results.write_text(results.read_text().replace(rows[0]["eval_spec"], "0123456789ab"))
+    refused = runner.invoke(main, ["report", str(out), str(twin), "--out", str(tmp_path / "merged2")])
+    assert refused.exit_code == 2
+    assert "different eval specs" in refused.output and "Traceback" not in refused.output

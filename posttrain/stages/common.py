@@ -24,7 +24,7 @@ class StageContext:
     out_dir: Path             # where the stage writes (a temp dir, renamed when done)
     lora: Any = None          # LoraSpec or None
     show_progress: bool = False
-    extra: dict = field(default_factory=dict)
+    report_to: list[str] = field(default_factory=list)  # ["wandb"] inside a tracked stage run
 
 
 @dataclass
@@ -79,7 +79,7 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         logging_steps=spec.logging_steps,
         logging_first_step=True,
         save_strategy="no",
-        report_to=[],
+        report_to=list(ctx.report_to),
         disable_tqdm=not ctx.show_progress,
         remove_unused_columns=False,
     )

@@ -1,0 +1,170 @@
+"""report.json -> PNG plots and the self-contained HTML page."""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+
+import pytest
+
+from posttrain.report_html import SIGNIFICANT_MARK, render_html, render_plots, safe_name
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COLUMNS = ["skills_exact/exact_match", "skills_mc/acc"]
+
+
+def _m(mean, lo, hi):
+    return {"mean": mean, "lo": lo, "hi": hi}
+
+
+def _d(mean, lo, hi, significant):
+    return {"mean": mean, "lo": lo, "hi": hi, "significant": significant}
+
+
+def _cost(tokens, steps, wall=0.0, mem=0.0):
+    return {"train_tokens": tokens, "optimizer_steps": steps, "forward_passes": steps * 2,
+            "backward_passes": steps, "wall_s": wall, "peak_memory_mb": mem}
+
+
+def make_report() -> dict:
+    return {
+        "title": "quickstart",
+        "eval_spec": "3f9a1c2b7d4e",
+        "ci_method": "95% percentile bootstrap over seeds and documents",
+        "baseline": "sft",
+        "columns": list(COLUMNS),
+        "pipelines": [
+            {"name": "base", "seeds": 1, "stages": [],
+             "metrics": {COLUMNS[0]: _m(0.0, 0.0, 0.0), COLUMNS[1]: _m(0.25, 0.2, 0.3)},
+             "delta": {COLUMNS[0]: _d(-0.76, -0.82, -0.70, True), COLUMNS[1]: _d(-0.30, -0.40, -0.20, True)},
+             "cost": _cost(0, 0), "reply_tokens": {"skills_exact": 12.5}},
+            {"name": "sft", "seeds": 3, "stages": [{"stage": "sft", "method": "sft", "shared_with": ["sft+dpo"]}],
+             "metrics": {COLUMNS[0]: _m(0.76, 0.70, 0.82), COLUMNS[1]: _m(0.55, 0.50, 0.60)},
+             "delta": {}, "cost": _cost(120_000, 300, 95.0, 2048.0), "reply_tokens": {"skills_exact": 1.2},
+             "preferences": {"pref_acc": _m(0.5, 0.4, 0.6), "margin": _m(0.1, 0.0, 0.2)}},
+            {"name": "sft+dpo", "seeds": 3,
+             "stages": [{"stage": "sft", "method": "sft", "shared_with": ["sft"]},
+                        {"stage": "dpo", "method": "dpo", "shared_with": []}],
+             "metrics": {COLUMNS[0]: _m(0.787, 0.74, 0.83), COLUMNS[1]: _m(0.62, 0.58, 0.66)},
+             "delta": {COLUMNS[0]: _d(0.0271, -0.01, 0.06, False), COLUMNS[1]: _d(0.0734, 0.03, 0.11, True)},
+             "cost": _cost(250_000, 500, 4000.0, 3100.0), "reply_tokens": {"skills_exact": 1.1},
+             "preferences": {"pref_acc": _m(0.8, 0.7, 0.9), "margin": _m(1.5, 1.1, 1.9)}},
+            {"name": "orpo", "seeds": 3, "stages": [{"stage": "orpo", "method": "orpo", "shared_with": []}],
+             # missing column, missing delta entry, no reply_tokens, no cost fields
+             "metrics": {COLUMNS[1]: _m(0.51, 0.45, 0.57)},
+             "delta": {COLUMNS[1]: _d(-0.04, -0.09, 0.01, False)},
+             "cost": {"train_tokens": 130_000}},
+        ],
+        "curves": [
+            {"label": f"{stage} (seed {seed})", "stage": stage, "method": stage, "seed": seed,
+             "series": {"loss": [[10, 2.1 - 0.1 * seed], [20, 1.7], [30, 1.5]],
+                        **({"rewards/accuracies": [[10, 0.6], [20, 0.7]],
+                            "rewards/margins": [[10, 0.1], [20, 0.4]]} if stage != "sft" else {})}}
+            for stage in ("sft", "dpo", "orpo") for seed in (0, 1)
+        ],
+        "samples": {"skills_exact": [
+            {"doc_id": 0, "prompt": "What is 2+3? <script>alert('x')</script>", "target": "5",
+             "replies": {"base": "zz", "sft": "5", "sft+dpo": "5 & more"}},
+        ]},
+        "curation": {"dropped_rows": 3},
+        "notes": ["a note with <b>markup</b>"],
+    }
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    report = make_report()
+    plots = render_plots(report, tmp_path_factory.mktemp("plots"))
+    return report, plots, render_html(report, plots)
+
+
+def test_plots_are_pngs_with_safe_names(rendered):
+    _, plots, _ = rendered
+    names = {path.name for path in plots.values()}
+    assert {"bars_skills_exact_exact_match.png", "bars_skills_mc_acc.png", "cost_quality.png",
+            "curves_sft.png", "curves_dpo.png", "curves_orpo.png"} <= names
+    for path in plots.values():
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+", path.name)
+        assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plots_are_deterministic(tmp_path):
+    report = make_report()
+    first = {k: p.read_bytes() for k, p in render_plots(report, tmp_path / "a").items()}
+    second = {k: p.read_bytes() for k, p in render_plots(copy.deepcopy(report), tmp_path / "b").items()}
+    assert first == second
+
+
+def test_safe_name():
+    assert safe_name("bars_sft+dpo/x y") == "bars_sft_dpo_x_y"
+    assert safe_name("../..") == "plot"
+
+
+def test_html_content(rendered):
+    report, plots, page = rendered
+    assert page.startswith("<!DOCTYPE html>")
+    for pipeline in report["pipelines"]:
+        assert pipeline["name"] in page
+    assert page.count("data:image/png;base64,") == len(plots)
+    assert "3f9a1c2b7d4e" in page
+    assert "percentile bootstrap" in page
+    assert "(shared with sft)" in page  # sft+dpo reuses the sft stage
+    assert "76.0" in page  # sft exact_match mean in percent
+
+
+def test_html_is_self_contained(rendered):
+    _, _, page = rendered
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)
+    assert "<link" not in page and "@import" not in page and "<script" not in page
+
+
+def test_html_escapes_text(rendered):
+    _, _, page = rendered
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "5 &amp; more" in page
+    assert "<b>markup</b>" not in page
+
+
+def _delta_cell(page: str, value: str) -> str:
+    match = re.search(r"<td[^>]*>" + re.escape(value) + r"[^<]*(?:<span[^>]*>[^<]*</span>)?\s*</td>", page)
+    assert match, value
+    return match.group(0)
+
+
+def test_only_significant_deltas_are_marked(rendered):
+    _, _, page = rendered
+    significant = _delta_cell(page, "+7.3")  # sft+dpo on skills_mc/acc: significant
+    assert SIGNIFICANT_MARK in significant and 'class="delta sig' in significant
+    noise = _delta_cell(page, "+2.7")  # sft+dpo on exact_match: not significant
+    assert SIGNIFICANT_MARK not in noise and 'class="delta"' in noise
+    noise_negative = _delta_cell(page, "\u22124.0")  # orpo on acc: not significant
+    assert SIGNIFICANT_MARK not in noise_negative and 'class="delta"' in noise_negative
+    assert "legend" in page
+
+
+def test_missing_values_do_not_crash(tmp_path):
+    report = make_report()
+    report["pipelines"].append({"name": "empty"})  # nothing but a name
+    report["pipelines"][0]["metrics"][COLUMNS[0]] = {"mean": None}
+    del report["curves"][0]["series"]
+    report["samples"]["skills_exact"][0]["replies"]["orpo"] = None
+    plots = render_plots(report, tmp_path)
+    page = render_html(report, plots)
+    assert "empty" in page and "(no reply)" in page
+    assert render_html(report, plots) == page
+
+
+def test_minimal_report(tmp_path):
+    report = {"title": "t", "pipelines": []}
+    plots = render_plots(report, tmp_path)
+    assert plots == {}
+    assert "<h1>t</h1>" in render_html(report, plots)
+
+
+def test_import_is_cheap():
+    code = "import sys, posttrain.report_html; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
