@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -162,6 +163,14 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
     return info
 
 
+def progress_eta(started: float, done: int, total: int) -> str:
+    """A rough ETA from the stages finished so far (stages differ in cost: rough)."""
+    if done == 0:
+        return ""
+    elapsed = time.perf_counter() - started
+    return f" elapsed {elapsed / 60:.1f} min, ~{elapsed / done * (total - done) / 60:.1f} min of training left"
+
+
 def pipeline_stage_dirs(plan: Plan, run: RunDir) -> dict:
     """{pipeline: {seed: [stage dir names in order]}}: how the report sums cost."""
     out: dict[str, dict[str, list[str]]] = {}
@@ -281,7 +290,9 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
             options.log(f"data {data.name}: skipped {len(data.skipped)} malformed rows (on_bad_rows: skip)")
     options.log(f"plan: {len(plan.nodes)} stage runs for {len(plan.finals)} (pipeline, seed) pairs")
     write_json_atomic(run.root / "pipelines.json", pipeline_stage_dirs(plan, run))
-    for node in plan.nodes.values():
+    started = time.perf_counter()
+    for index, node in enumerate(plan.nodes.values(), 1):
+        options.log(f"[stage {index}/{len(plan.nodes)}]{progress_eta(started, index - 1, len(plan.nodes))}")
         train_node(plan, node, run, options, tracker)
 
     rows: list[dict] = []

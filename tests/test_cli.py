@@ -143,3 +143,26 @@ def test_run_end_to_end_then_rerun_reuses_and_report_regenerates(tmp_path, repo,
     refused = runner.invoke(main, ["report", str(out), str(twin), "--out", str(tmp_path / "merged2")])
     assert refused.exit_code == 2
     assert "different eval specs" in refused.output and "Traceback" not in refused.output
+
+
+def test_external_model_is_a_row_evaluated_with_the_same_spec(tmp_path, repo):
+    from posttrain.models import ModelSource, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(ModelSource(name="builtin:micro-llama"))
+    model.save_pretrained(tmp_path / "published")
+    tokenizer.save_pretrained(tmp_path / "published")
+    text = TINY.replace("""pipelines:
+  sft: [sft]
+  sft+dpo: [sft, dpo]
+  orpo: [orpo]""", """pipelines:
+  base: []
+external:
+  published: {published}""").replace("{published}", str(tmp_path / "published"))
+    result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, repo, text)), "--out", str(tmp_path / "r"),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    published = {p["name"]: p for p in report["pipelines"]}["published"]
+    base = {p["name"]: p for p in report["pipelines"]}["base"]
+    # The same weights under the same spec score the same: identical rows.
+    assert published["metrics"] == base["metrics"] and published["stages"] == []
