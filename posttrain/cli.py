@@ -119,7 +119,9 @@ def show_report(report_dir: Path, as_json: bool) -> None:
 
     from posttrain.report import terminal_table
 
-    Console().print(terminal_table(json.loads((report_dir / "report.json").read_text())))
+    # Off a terminal rich would wrap the table at 80 columns; let it be as wide as it needs.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console.print(terminal_table(json.loads((report_dir / "report.json").read_text())))
 
 
 @main.command()

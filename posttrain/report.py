@@ -46,7 +46,7 @@ def load_runs(run_dirs: list[Path]) -> list[dict]:
     """Each run's rows, recipe and stage map; refuse runs that measured different things."""
     runs = []
     for run_dir in run_dirs:
-        run_dir = Path(run_dir)
+        run_dir = Path(run_dir).resolve()  # `.` and an absolute path name the same run
         rows = read_rows(run_dir)
         stage_map = run_dir / "pipelines.json"
         runs.append({"dir": run_dir, "rows": rows, "recipe": read_recipe(run_dir),
@@ -264,7 +264,7 @@ def build_report(run_dirs: list[Path]) -> dict:
             pipelines.append(entry)
     return {
         "title": " + ".join(run["dir"].name for run in runs),
-        "runs": [str(run["dir"]) for run in runs],
+        "runs": [run["dir"].name for run in runs],  # names, not paths: the report survives a move
         "eval_spec": next((row.get("eval_spec") for row in runs[0]["rows"]), None),
         "ci_method": CI_METHOD_TEXT, "confidence": settings["confidence"], "baseline": settings["baseline"],
         "columns": columns, "pipelines": pipelines, "curves": curves(runs),
@@ -349,23 +349,23 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def markdown(report: dict) -> str:
     confidence = round(100 * report["confidence"])
     parts = [
-        f"# {report['title']}\n",
+        f"# {report['title']}\n\n",
         f"Eval spec `{report['eval_spec']}` · baseline `{report['baseline']}` · {confidence}% intervals. "
         f"{report['ci_method']} Δ is the paired difference from the baseline (percentage points); "
-        f"{SIGNIFICANT} marks a difference whose interval excludes zero — anything else is within the noise.\n",
-        "## Quality\n", markdown_table(*main_table(report)),
-        "\n## Cost\n",
+        f"{SIGNIFICANT} marks a difference whose interval excludes zero — anything else is within the noise.\n\n",
+        "## Quality\n\n", markdown_table(*main_table(report)),
+        "\n## Cost\n\n",
         "Summed over each pipeline's stages (mean over seeds; peak memory is the maximum). A stage shared by "
         "several pipelines was trained once: its cost appears in each of them.\n\n",
         markdown_table(*cost_table(report)),
-        "\n## Preferences and reply length\n", markdown_table(*extras_table(report)),
+        "\n## Preferences and reply length\n\n", markdown_table(*extras_table(report)),
     ]
     for task, items in report["samples"].items():
         pipelines = [p["name"] for p in report["pipelines"]]
         header = ["prompt", "reference", *pipelines]
         rows = [[item["prompt"], str(item["target"]), *(item["replies"].get(p, "") for p in pipelines)]
                 for item in items]
-        parts += [f"\n## What the models say: {task}\n", markdown_table(header, rows)]
+        parts += [f"\n## What the models say: {task}\n\n", markdown_table(header, rows)]
     return "".join(parts)
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,28 +98,48 @@ def peft_config(ctx: StageContext):
 
 
 class CostMeter:
-    """Wall time and peak memory (RSS on CPU, max allocated on GPU) of one stage."""
+    """Wall time and peak memory of one stage: max allocated on GPU, else peak RSS.
+
+    RSS is sampled by a background thread while the stage runs, so a stage's peak
+    is its own (the process-wide ru_maxrss would carry earlier stages' peaks over).
+    """
+
+    sample_every_s = 0.1
 
     def __enter__(self):
+        import threading
+
+        import psutil
         import torch
 
-        if torch.cuda.is_available():
+        self.on_gpu = torch.cuda.is_available()
+        if self.on_gpu:
             torch.cuda.reset_peak_memory_stats()
+        self._process = psutil.Process()
+        self._peak_rss = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
         self.start = time.perf_counter()
         return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.sample_every_s):
+            self._peak_rss = max(self._peak_rss, self._process.memory_info().rss)
 
     def __exit__(self, *exc):
         import torch
 
         self.wall_s = time.perf_counter() - self.start
-        if torch.cuda.is_available():
+        self._stop.set()
+        self._sampler.join()
+        self._peak_rss = max(self._peak_rss, self._process.memory_info().rss)
+        if self.on_gpu:
             self.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
             self.memory_kind = "cuda_max_allocated"
         else:
-            # ru_maxrss is KiB on Linux, bytes on macOS; it is the process peak so far.
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.peak_memory_mb = rss / (2**20 if sys.platform == "darwin" else 2**10)
-            self.memory_kind = "process_peak_rss"
+            self.peak_memory_mb = self._peak_rss / 2**20
+            self.memory_kind = "peak_rss_during_stage"
         return False
 
 
