@@ -104,7 +104,12 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json):
                          show_progress=(sys.stderr.isatty() and not silent) if progress is None else progress,
                          log=(lambda line: None) if silent else (lambda line: click.echo(line, err=True)))
     options.log(f"posttrain {__version__}: running {recipe} -> {target}")
-    run_dir = run_recipe(parsed, options)
+    import contextlib
+
+    # Libraries print to stdout (transformers: "[INFO] Running in WANDB offline mode");
+    # stdout is for the table or the JSON only.
+    with contextlib.redirect_stdout(sys.stderr):
+        run_dir = run_recipe(parsed, options)
     show_report(run_dir, as_json)
     options.log(f"run directory: {run_dir} (report.md, report.html, results.csv)")
 
@@ -146,3 +151,53 @@ def report(run_dirs, out_dir, as_json):
     target = Path(out_dir or run_dirs[0])
     write_report(Path(run_dirs[0]), [Path(d) for d in run_dirs[1:]], out_dir=target)
     show_report(target, as_json)
+
+
+@main.group()
+def data():
+    """Inspect and curate datasets without training.
+
+    \b
+    Example:
+      posttrain data inspect ../shared/data/alpaca_en_sample.json
+      posttrain data curate recipes/curation.yaml --dataset curated --out curated.jsonl
+    """
+
+
+@data.command("inspect")
+@click.argument("target", type=click.Path(exists=True, dir_okay=False))
+@click.option("--dataset", default=None, help="With a recipe: which of its datasets (default: the only one).")
+@click.option("--format", "fmt", default="auto", show_default=True, help="Data format of a file.")
+@click.option("--samples", default=3, show_default=True, help="Sample rows to show.")
+@user_errors
+def data_inspect(target, dataset, fmt, samples):
+    """Statistics of a data file, or of a recipe's dataset: rows, lengths, turns, duplicates.
+
+    \b
+    Example:
+      posttrain data inspect train.jsonl
+      posttrain data inspect recipes/quickstart.yaml --dataset instructions
+    """
+    from posttrain.datacmd import inspect_target
+
+    click.echo(inspect_target(Path(target), dataset, fmt, samples, progress=sys.stderr.isatty()))
+
+
+@data.command("curate")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--dataset", required=True, help="The recipe's dataset to curate.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="Curated rows (jsonl); the curation report goes beside it (.curation.json).")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@user_errors
+def data_curate(recipe, dataset, out_file, overrides):
+    """Write a recipe's curated dataset and its curation report, without training.
+
+    \b
+    Example:
+      posttrain data curate recipes/curation.yaml --dataset curated --out /tmp/curated.jsonl
+    """
+    from posttrain.datacmd import curate_to_file
+
+    click.echo(curate_to_file(Path(recipe), dataset, Path(out_file), list(overrides),
+                              log=lambda line: click.echo(line, err=True)))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from posttrain.errors import RecipeError
 
@@ -47,12 +47,61 @@ class ModelSpec(Strict):
     lora: LoraSpec | None = None
 
 
+DEFAULT_REFUSAL_PATTERNS = (
+    r"\bas an ai(?: language model)?\b", r"\bi(?: am|'m) (?:sorry|unable)\b", r"\bi cannot (?:help|assist)\b",
+    r"\bi can't (?:help|assist)\b",
+)
+
+
+class SelectSpec(Strict):
+    strategy: Literal["random", "longest", "ifd", "diverse"]
+    n: int = Field(gt=0, description="keep this many examples (all if fewer remain)")
+    scorer: str | None = Field(None, description="ifd/diverse: model to score with (default: the recipe's model)")
+
+
+class CurateSpec(Strict):
+    """Curation steps, applied in this order; each counts what it removes and why."""
+
+    normalize: bool = True                     # unicode NFKC + whitespace collapse (for comparison only)
+    dedup: Literal["none", "exact", "near"] = "exact"   # near = exact + MinHash LSH near-duplicates
+    near_dup_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word 3-gram shingles")
+    min_prompt_tokens: int | None = Field(None, ge=0)
+    max_prompt_tokens: int | None = Field(None, gt=0)
+    min_reply_tokens: int | None = Field(1, ge=0)
+    max_reply_tokens: int | None = Field(None, gt=0)
+    min_reply_prompt_ratio: float | None = Field(None, ge=0)
+    max_reply_prompt_ratio: float | None = Field(None, gt=0)
+    drop_refusals: bool = False
+    refusal_patterns: list[str] = list(DEFAULT_REFUSAL_PATTERNS)
+    decontaminate: bool = False                # against the recipe's eval tasks
+    decontaminate_ngram: int = Field(13, gt=0)
+    drop_identical_pairs: bool = True          # preference: chosen == rejected
+    min_score_margin: float | None = Field(None, ge=0, description="preference rows with scores")
+    select: SelectSpec | None = None
+
+
+class MixPart(Strict):
+    data: str = Field(description="name of another dataset of the recipe")
+    weight: float | None = Field(None, gt=0)
+    cap: int | None = Field(None, gt=0)
+
+
 class DataSpec(Strict):
-    source: str = Field(description="builtin:<name>, a local file, or a hub dataset id")
+    source: str | None = Field(None, description="builtin:<name>, a local file, or a hub dataset id")
+    mix: list[MixPart] | None = Field(None, min_length=1, description="build this dataset from others")
+    size: int | None = Field(None, gt=0, description="mix: total rows (with weights)")
+    curate: CurateSpec | None = None
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     split: str = "train"
     on_bad_rows: Literal["error", "skip"] = "error"
     limit: int | None = Field(None, gt=0, description="use only the first N rows")
+
+
+    @model_validator(mode="after")
+    def _source_or_mix(self) -> "DataSpec":
+        if (self.source is None) == (self.mix is None):
+            raise ValueError("give exactly one of source or mix")
+        return self
 
 
 class StageBase(Strict):
@@ -163,6 +212,11 @@ def reference_problems(raw: dict):
         ref = stage.get("data") if isinstance(stage, dict) else None
         if isinstance(ref, str) and data and ref not in data:
             yield f"stages.{name}.data", f"unknown dataset {ref!r} (known: {', '.join(data)})"
+    for name, spec in data.items():
+        for i, part in enumerate((spec.get("mix") or []) if isinstance(spec, dict) else []):
+            ref = part.get("data") if isinstance(part, dict) else None
+            if isinstance(ref, str) and (ref not in data or ref == name):
+                yield f"data.{name}.mix[{i}].data", f"unknown dataset {ref!r}"
     for name, chain in pipelines.items():
         if not isinstance(chain, list):
             continue

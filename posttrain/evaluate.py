@@ -476,3 +476,37 @@ def eval_spec_hash(refs: list[TaskRef], task_dir: Path | None, settings: dict) -
         tasks.append({"name": ref.name, "config": content(config), "modules": modules})
     payload = {"tasks": tasks, "settings": settings, "lm_eval": lm_eval_version()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- task texts
+
+def task_texts(refs: list[TaskRef], task_dir: Path | None, min_words: int = 4) -> dict[str, list[str]]:
+    """Every string field (of >= `min_words` words) of every doc of each local task.
+
+    What decontamination checks. Short fields (answers like "5", labels, single
+    choices) are left out: as whole-text n-grams they would match almost any row.
+    Registry tasks are skipped (their data needs the hub); the caller reports that.
+    """
+    from posttrain.data.io import read_records
+
+    def strings(value: Any) -> Iterator[str]:
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+
+    texts: dict[str, list[str]] = {}
+    for ref in refs:
+        if ref.path is None or task_dir is None:
+            continue
+        config = _load_task_yaml(Path(task_dir) / ref.name / f"{ref.name}.yaml")
+        files = (config.get("dataset_kwargs") or {}).get("data_files") or []
+        files = list(strings(files))
+        texts[ref.name] = [text for path in files if Path(path).is_file()
+                           for _, row in read_records(Path(path)) if isinstance(row, dict)
+                           for text in strings(row) if len(text.split()) >= min_words]
+    return texts

@@ -20,7 +20,7 @@ from typing import Callable
 
 from posttrain.artifacts import RunDir, library_versions, publish_dir, write_json_atomic, write_text_atomic
 from posttrain.config import BASE_PIPELINE, Recipe, dump_recipe, pipelines_with_base, resolve_lora
-from posttrain.data.sources import LoadedData, fingerprint, load_data
+from posttrain.data.sources import DataEnv, LoadedData, fingerprint, load_data
 from posttrain.samples import PREFERENCE_FILE, generated_replies, samples_file
 from posttrain.models import ModelSource
 
@@ -72,18 +72,41 @@ def stage_key(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def load_stage_data(recipe: Recipe, base_dir: Path) -> dict[str, LoadedData]:
+def load_stage_data(recipe: Recipe, env: DataEnv) -> dict[str, LoadedData]:
     """Each dataset once, in the kind its stages need (preference data may feed SFT)."""
     loaded: dict[tuple[str, str], LoadedData] = {}
     for stage in recipe.stages.values():
         want = STAGE_DATA_KIND[stage.method]
         if (stage.data, want) not in loaded:
-            loaded[(stage.data, want)] = load_data(stage.data, recipe.data[stage.data], want, base_dir)
+            loaded[(stage.data, want)] = load_data(stage.data, recipe.data[stage.data], want, env)
     return {f"{name}:{want}": data for (name, want), data in loaded.items()}
 
 
-def make_plan(recipe: Recipe, base_dir: Path) -> Plan:
-    data = load_stage_data(recipe, base_dir)
+def data_env(recipe: Recipe, base_dir: Path, cache_dir: Path | None = None, eval_texts=None,
+             log: Callable[[str], None] = lambda line: None) -> DataEnv:
+    """How datasets are loaded for this recipe: its tokenizer counts tokens, its model scores."""
+    from functools import cache
+
+    @cache
+    def count_tokens():
+        from posttrain.models import load_tokenizer
+
+        tokenizer = load_tokenizer(base_source(recipe))
+        return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def scorer(name: str | None):
+        from posttrain.data.curate import Scorer
+
+        source = base_source(recipe) if name is None else replace(base_source(recipe), name=name)
+        return Scorer.from_source(source)
+
+    return DataEnv(base_dir=base_dir, datasets=dict(recipe.data), count_tokens=count_tokens,
+                   eval_texts=eval_texts, scorer=scorer, cache_dir=cache_dir, seed=recipe.seeds[0], log=log)
+
+
+def make_plan(recipe: Recipe, env: DataEnv | Path) -> Plan:
+    env = env if isinstance(env, DataEnv) else data_env(recipe, env)
+    data = load_stage_data(recipe, env)
     nodes: dict[str, StageNode] = {}
     finals: dict[tuple[str, int], StageNode | None] = {}
     for pipeline, chain in pipelines_with_base(recipe).items():
@@ -161,6 +184,14 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
                 + ", ".join(f"{k} {v:.3g}" for k, v in result.metrics.items() if isinstance(v, float)))
     gc.collect()
     return info
+
+
+def data_summary(plan: Plan) -> dict:
+    """Per dataset used: rows, format, fingerprint, skipped rows, curation report."""
+    return {key: {"name": d.name, "kind": d.kind, "format": d.format, "rows": len(d.examples),
+                  "fingerprint": d.fingerprint, "skipped_rows": len(d.skipped), "skipped": d.skipped[:20],
+                  "rows_before_curation": d.rows_before_curation, "curation": d.curation}
+            for key, d in plan.data.items()}
 
 
 def progress_eta(started: float, done: int, total: int) -> str:
@@ -284,7 +315,12 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
     tracker = Tracker(WandbSettings(**wandb_spec.model_dump()) if wandb_spec else None, run.root, recipe.name,
                       log=options.log)
 
-    plan = make_plan(recipe, options.base_dir)
+    from posttrain.evaluate import task_texts
+
+    env = data_env(recipe, options.base_dir, cache_dir=run.root / "data",
+                   eval_texts=lambda: task_texts(setup.refs, setup.task_dir), log=options.log)
+    plan = make_plan(recipe, env)
+    write_json_atomic(run.root / "data.json", data_summary(plan))
     for data in plan.data.values():
         if data.skipped:
             options.log(f"data {data.name}: skipped {len(data.skipped)} malformed rows (on_bad_rows: skip)")

@@ -231,6 +231,23 @@ def report_settings(runs: list[dict], names: dict) -> dict:
             "pipelines": ordered}
 
 
+def curation_summary(runs: list[dict]) -> dict[str, dict]:
+    """Per curated dataset (first run): rows in -> out, removals by reason and by eval task."""
+    path = runs[0]["dir"] / "data.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    return {entry["name"]: entry["curation"] for entry in data.values() if entry.get("curation")}
+
+
+def curation_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["dataset", "rows in", "rows out", "removed (reason: rows)", "contaminated (eval task: rows)"]
+    rows = []
+    for name, c in report.get("curation", {}).items():
+        removed = "; ".join(f"{reason}: {count}" for reason, count in c["removed"].items() if count)
+        contaminated = "; ".join(f"{task}: {count}" for task, count in c["contaminated_by_task"].items())
+        rows.append([name, f"{c['rows_in']:,}", f"{c['rows_out']:,}", removed or "—", contaminated or "—"])
+    return header, rows
+
+
 def build_report(run_dirs: list[Path]) -> dict:
     from posttrain.stats import CI_METHOD_TEXT
 
@@ -269,6 +286,7 @@ def build_report(run_dirs: list[Path]) -> dict:
         "ci_method": CI_METHOD_TEXT, "confidence": settings["confidence"], "baseline": settings["baseline"],
         "columns": columns, "pipelines": pipelines, "curves": curves(runs),
         "samples": side_by_side(runs, names, settings["samples"]),
+        "curation": curation_summary(runs),
     }
 
 
@@ -360,6 +378,8 @@ def markdown(report: dict) -> str:
         markdown_table(*cost_table(report)),
         "\n## Preferences and reply length\n\n", markdown_table(*extras_table(report)),
     ]
+    if report.get("curation"):
+        parts += ["\n## Data curation\n\n", markdown_table(*curation_table(report))]
     for task, items in report["samples"].items():
         pipelines = [p["name"] for p in report["pipelines"]]
         header = ["prompt", "reference", *pipelines]

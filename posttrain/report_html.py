@@ -579,19 +579,16 @@ def _samples_section(report: dict) -> str:
 
 
 def _curation_section(report: dict) -> str:
-    curation = report.get("curation")
-    if not curation:
+    """Per curated dataset: rows in -> out, removals by reason and by eval task."""
+    from posttrain.report import curation_table
+
+    if not report.get("curation"):
         return ""
-    if not isinstance(curation, dict):
-        return f"<h2>Data curation</h2><pre>{_e(json.dumps(curation, indent=2, sort_keys=True, default=str))}</pre>"
-    rows = []
-    for key, value in curation.items():
-        if isinstance(value, (dict, list)):
-            shown = f"<pre>{_e(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>"
-        else:
-            shown = _e(value)
-        rows.append(f'<tr><td class="name">{_e(key)}</td><td class="text">{shown}</td></tr>')
-    return f'<h2>Data curation</h2><div class="scroll"><table><tbody>{"".join(rows)}</tbody></table></div>'
+    header, rows = curation_table(report)
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f'<td class="text">{_e(c)}</td>' for c in row) + "</tr>" for row in rows)
+    return (f'<h2>Data curation</h2><div class="scroll"><table><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def _notes_section(report: dict) -> str:

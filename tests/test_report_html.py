@@ -68,7 +68,8 @@ def make_report() -> dict:
             {"doc_id": 0, "prompt": "What is 2+3? <script>alert('x')</script>", "target": "5",
              "replies": {"base": "zz", "sft": "5", "sft+dpo": "5 & more"}},
         ]},
-        "curation": {"dropped_rows": 3},
+        "curation": {"instructions": {"rows_in": 10, "rows_out": 7, "removed": {"exact duplicate": 3},
+                                      "contaminated_by_task": {}, "steps": ["dedup"]}},
         "notes": ["a note with <b>markup</b>"],
     }
 

@@ -191,7 +191,17 @@ def eval_rows(n: int = 200, seed: int = 7) -> list[dict]:
     return rows
 
 
+def noisy_rows(split: str = "train") -> list[dict]:
+    """Skills with realistic noise (duplicates, wrong answers, boilerplate, eval leaks)."""
+    from posttrain.data.noisy import noisy_skills_rows
+
+    if split != "train":
+        raise ValueError("builtin:skills-noisy has only a train split")
+    return noisy_skills_rows()
+
+
 BUILTIN_DATASETS: dict[str, Callable[..., list[dict]]] = {
     "skills": instruction_rows,
     "skills-preferences": preference_rows,
+    "skills-noisy": noisy_rows,
 }

@@ -254,7 +254,23 @@ def _from_preference(row: dict) -> Example:
         raise RowError('"prompt" is missing (chosen/rejected are plain replies)')
     chosen = _strip_prompt(_text_or_messages(row["chosen"], "chosen", "assistant"), prompt)
     rejected = _strip_prompt(_text_or_messages(row["rejected"], "rejected", "assistant"), prompt)
-    return _split_preference(prompt + chosen, prompt + rejected)
+    return _split_preference(prompt + chosen, prompt + rejected) | _scores(row)
+
+
+def _scores(row: dict) -> dict[str, float]:
+    """Optional ``score_chosen``/``score_rejected`` (UltraFeedback-binarized), kept for curation.
+
+    Curation's ``min_score_margin`` needs them; absent or null means "no score".
+    """
+    scores = {}
+    for key in ("score_chosen", "score_rejected"):
+        value = row.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RowError(f'"{key}" must be a number, not {_type_name(value)}')
+        scores[key] = float(value)
+    return scores
 
 
 def _from_sharegpt_preference(row: dict) -> Example:

@@ -1,15 +1,20 @@
-"""A recipe's named datasets -> canonical examples, with a content fingerprint.
+"""A recipe's named datasets -> canonical examples (mixed, curated), with a fingerprint.
 
-`builtin:` sources are generated in code (posttrain.data.builtin); everything else
-goes through the file/hub loader in posttrain.data.io.
+`builtin:` sources are generated in code (posttrain.data.builtin / .noisy);
+everything else goes through the file/hub loader in posttrain.data.io. A dataset
+may be a `mix` of others, and may be curated (posttrain.data.curate); curated sets
+are cached by content under the run directory, so curating the same way twice is
+free and curating differently changes the fingerprint the stage keys hash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from posttrain.data.builtin import BUILTIN_DATASETS
 from posttrain.data.formats import convert_row, kind_of, preference_to_instruction
@@ -25,6 +30,23 @@ class LoadedData:
     kind: str              # "instruction" | "preference"
     skipped: list[str]
     fingerprint: str       # sha256 of the canonical examples: what the stage keys hash
+    curation: dict | None = None   # CurationReport.to_dict() when curated
+    rows_before_curation: int | None = None
+
+
+@dataclass
+class DataEnv:
+    """What loading needs beyond a dataset's own spec: the recipe's other datasets,
+    and, for curation, a token counter, eval texts, a scorer and a cache folder."""
+
+    base_dir: Path | None
+    datasets: dict = field(default_factory=dict)             # name -> DataSpec (for mixes)
+    count_tokens: Callable[[], Callable[[str], int]] | None = None   # lazy: loads a tokenizer
+    eval_texts: Callable[[], dict[str, list[str]]] | None = None
+    scorer: Callable[[str | None], object] | None = None     # scorer model name (None: recipe's) -> Scorer
+    cache_dir: Path | None = None
+    seed: int = 0
+    log: Callable[[str], None] = lambda line: None
 
 
 def fingerprint(examples: list[dict]) -> str:
@@ -35,29 +57,96 @@ def fingerprint(examples: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def load_builtin(source: str, fmt: str, split: str, limit: int | None) -> tuple[list[dict], str]:
+def builtin_rows(source: str, split: str) -> tuple[list[dict], str]:
     name = source.removeprefix("builtin:")
     if name not in BUILTIN_DATASETS:
         raise DataError(f"unknown builtin dataset {source!r}; choose one of: "
                         + ", ".join(f"builtin:{n}" for n in BUILTIN_DATASETS))
     rows = BUILTIN_DATASETS[name](split=split)
-    fmt = "messages" if name == "skills" else "preference" if fmt == "auto" else fmt
-    examples = [convert_row(row, fmt) for row in rows]
-    return (examples[:limit] if limit else examples), fmt
+    return rows, ("preference" if "prompt" in rows[0] else "messages")
 
 
-def load_data(name: str, spec, want: str, base_dir: Path | None) -> LoadedData:
-    """Load dataset `name` of a recipe for a stage that needs `want` kind of data."""
+def load_raw(name: str, spec, want: str, env: DataEnv) -> tuple[list[dict], str, list[str]]:
+    """One dataset's canonical examples before curation: (examples, format, skipped rows)."""
+    if spec.mix is not None:
+        return load_mix(name, spec, want, env), "mix", []
     if spec.source.startswith("builtin:"):
-        examples, fmt = load_builtin(spec.source, spec.format, spec.split, spec.limit)
+        rows, fmt = builtin_rows(spec.source, spec.split)
+        fmt = fmt if spec.format == "auto" else spec.format
+        examples = [convert_row(row, fmt) for row in rows][: spec.limit or None]
         if want == "preference" and kind_of(fmt) == "instruction":
             raise DataError(f"data.{name}: preference stages need preference data, {spec.source} is instruction data")
         if want == "instruction" and kind_of(fmt) == "preference":
             examples = [preference_to_instruction(e) for e in examples]
-        skipped: list[str] = []
-    else:
-        result = load_examples(spec.source, spec.format, split=spec.split, on_bad_rows=spec.on_bad_rows,
-                               want=want, base_dir=base_dir, limit=spec.limit)
-        examples, fmt, skipped = result.examples, result.format, result.skipped
+        return examples, fmt, []
+    result = load_examples(spec.source, spec.format, split=spec.split, on_bad_rows=spec.on_bad_rows,
+                           want=want, base_dir=env.base_dir, limit=spec.limit)
+    return result.examples, result.format, result.skipped
+
+
+def load_mix(name: str, spec, want: str, env: DataEnv) -> list[dict]:
+    """Concatenate parts: each capped (`cap`) or sized by weight (`weight` of `size`), seeded."""
+    weights = [part.weight for part in spec.mix if part.weight is not None]
+    if weights and spec.size is None:
+        raise DataError(f"data.{name}: a mix with weights needs size (the total number of rows)")
+    examples: list[dict] = []
+    for part in spec.mix:
+        if part.data not in env.datasets or part.data == name:
+            raise DataError(f"data.{name}.mix: unknown dataset {part.data!r}")
+        rows = load_data(part.data, env.datasets[part.data], want, env).examples
+        take = len(rows)
+        if part.weight is not None:
+            take = round(spec.size * part.weight / sum(weights))
+        if part.cap is not None:
+            take = min(take, part.cap)
+        if take < len(rows):
+            rows = random.Random(f"{env.seed}-{name}-{part.data}").sample(rows, take)
+        elif take > len(rows):
+            env.log(f"data {name}: {part.data} has {len(rows)} rows, fewer than its share {take}; using all")
+        examples += rows
+    return examples
+
+
+def load_data(name: str, spec, want: str, env_or_base_dir) -> LoadedData:
+    """Load dataset `name` of a recipe for a stage that needs `want` kind of data."""
+    env = env_or_base_dir if isinstance(env_or_base_dir, DataEnv) else DataEnv(base_dir=env_or_base_dir)
+    examples, fmt, skipped = load_raw(name, spec, want, env)
+    curation, rows_before = None, None
+    if spec.curate is not None:
+        rows_before = len(examples)
+        examples, curation = curated(name, examples, spec.curate, env)
     return LoadedData(name=name, examples=examples, format=fmt, kind=want, skipped=skipped,
-                      fingerprint=fingerprint(examples))
+                      fingerprint=fingerprint(examples), curation=curation, rows_before_curation=rows_before)
+
+
+def curated(name: str, examples: list[dict], curate_spec, env: DataEnv) -> tuple[list[dict], dict]:
+    """Curate, or reuse a cached result keyed by the input and everything curation depends on."""
+    from posttrain.data.curate import curate
+
+    eval_texts = env.eval_texts() if (curate_spec.decontaminate and env.eval_texts) else None
+    select = curate_spec.select
+    scorer_name = select.scorer if select else None
+    key = hashlib.sha256(json.dumps({
+        "input": fingerprint(examples), "spec": curate_spec.model_dump(mode="json"), "seed": env.seed,
+        "eval": fingerprint([eval_texts]) if eval_texts else None, "scorer": scorer_name,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    cache = env.cache_dir / f"{name}-{key}.jsonl" if env.cache_dir else None
+    if cache is not None and cache.is_file() and cache.with_suffix(".curation.json").is_file():
+        env.log(f"data {name}: curated set reused from {cache.name}")
+        rows = [json.loads(line) for line in cache.read_text().splitlines()]
+        return rows, json.loads(cache.with_suffix(".curation.json").read_text())
+    if curate_spec.decontaminate and not eval_texts:
+        env.log(f"data {name}: decontaminate is on but no local eval task data to check against")
+    needs_scorer = select is not None and (select.strategy == "ifd" or (select.strategy == "diverse" and scorer_name))
+    scorer = env.scorer(scorer_name) if needs_scorer and env.scorer else None
+    count_tokens = env.count_tokens() if env.count_tokens else (lambda text: len(text.split()))
+    rows, report = curate(examples, curate_spec, count_tokens=count_tokens, eval_texts=eval_texts, seed=env.seed,
+                          scorer=scorer, progress=lambda msg: env.log(f"data {name}: {msg}"))
+    summary = report.to_dict()
+    env.log(f"data {name}: curated {summary['rows_in']} -> {summary['rows_out']} rows")
+    if cache is not None:
+        from posttrain.artifacts import write_json_atomic, write_text_atomic
+
+        write_text_atomic(cache, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_json_atomic(cache.with_suffix(".curation.json"), summary)
+    return rows, summary

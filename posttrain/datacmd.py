@@ -1,0 +1,82 @@
+"""`posttrain data inspect|curate`: the logic behind the CLI's data commands."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from posttrain.errors import PosttrainError
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def pick_dataset(recipe, dataset: str | None) -> str:
+    if dataset is None:
+        if len(recipe.data) != 1:
+            raise PosttrainError(f"the recipe has several datasets; choose one with --dataset "
+                                 f"({', '.join(recipe.data)})")
+        return next(iter(recipe.data))
+    if dataset not in recipe.data:
+        raise PosttrainError(f"unknown dataset {dataset!r} (known: {', '.join(recipe.data)})")
+    return dataset
+
+
+def dataset_kind(recipe, name: str) -> str:
+    """What the recipe's stages need from dataset `name` (preference if any stage prefers)."""
+    from posttrain.pipeline import STAGE_DATA_KIND
+
+    wants = {STAGE_DATA_KIND[s.method] for s in recipe.stages.values() if s.data == name}
+    return "preference" if "preference" in wants else "instruction"
+
+
+def inspect_target(target: Path, dataset: str | None, fmt: str, samples: int, progress: bool) -> str:
+    """Inspect a data file, or a recipe's dataset (its file, or its generated/mixed rows)."""
+    from posttrain.data.inspect import format_inspection, inspect_source
+
+    if target.suffix not in RECIPE_SUFFIXES:
+        return format_inspection(inspect_source(target, fmt, samples=samples, progress=progress))
+    from posttrain.config import load_recipe
+    from posttrain.data.sources import DataEnv, load_raw
+
+    recipe = load_recipe(target)
+    name = pick_dataset(recipe, dataset)
+    spec = recipe.data[name]
+    if spec.source and not spec.source.startswith("builtin:") and (target.parent / spec.source).is_file():
+        return format_inspection(inspect_source(target.parent / spec.source, spec.format, samples=samples,
+                                                progress=progress))
+    env = DataEnv(base_dir=target.parent, datasets=dict(recipe.data))
+    examples, _, _ = load_raw(name, spec, dataset_kind(recipe, name), env)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+        return format_inspection(inspect_source(path, "auto", samples=samples, progress=progress))
+
+
+def curate_to_file(recipe_path: Path, dataset: str, out_file: Path, overrides: list[str],
+                   log: Callable[[str], None]) -> str:
+    """Curate one dataset of a recipe as `posttrain run` would; write rows and report."""
+    from posttrain.artifacts import RunDir, write_json_atomic, write_text_atomic
+    from posttrain.config import load_recipe
+    from posttrain.pipeline import data_env, prepare_eval
+
+    recipe = load_recipe(recipe_path, overrides)
+    name = pick_dataset(recipe, dataset)
+    if recipe.data[name].curate is None:
+        raise PosttrainError(f"data.{name} has no curate: block")
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = prepare_eval(recipe, RunDir(Path(tmp)), recipe_path.resolve().parent)
+        from posttrain.evaluate import task_texts
+
+        texts = task_texts(setup.refs, setup.task_dir)
+        env = data_env(recipe, recipe_path.resolve().parent, eval_texts=lambda: texts, log=log)
+        from posttrain.data.sources import load_data
+
+        loaded = load_data(name, recipe.data[name], dataset_kind(recipe, name), env)
+    write_text_atomic(out_file, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in loaded.examples))
+    report_file = out_file.with_suffix(".curation.json")
+    write_json_atomic(report_file, loaded.curation)
+    removed = ", ".join(f"{reason} {count}" for reason, count in loaded.curation["removed"].items() if count)
+    return (f"{name}: {loaded.curation['rows_in']} -> {loaded.curation['rows_out']} rows ({removed or 'nothing removed'})"
+            f"\nwrote {out_file} and {report_file}")
