@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from posttrain.artifacts import RunDir, library_versions, publish_dir, write_json_atomic, write_text_atomic
-from posttrain.config import BASE_PIPELINE, Recipe, dump_recipe, pipelines_with_base, resolve_lora
+from posttrain.config import Recipe, dump_recipe, pipelines_with_base, resolve_lora
 from posttrain.data.sources import DataEnv, LoadedData, fingerprint, load_data
 from posttrain.samples import PREFERENCE_FILE, generated_replies, samples_file
 from posttrain.models import ModelSource

@@ -15,14 +15,13 @@ reported beside it).
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
-from posttrain.data.formats import FORMATS, RowError, convert_row, detect_format, kind_of
-from posttrain.data.io import DETECT_ROWS, read_records
+from posttrain.data.formats import FORMATS, RowError, convert_row, kind_of
+from posttrain.data.io import choose_format, peek, read_records
 from posttrain.errors import DataError
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -55,8 +54,8 @@ def inspect_source(
         raise DataError(f"data file not found: {path}")
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f'unknown data format "{fmt}" (known: auto, {", ".join(sorted(FORMATS))})')
-    head, records = _peek(read_records(path))
-    chosen = _choose_format(fmt, head, path.name)
+    head, records = peek(read_records(path))
+    chosen = choose_format(fmt, head, None, path.name)
     tally = _Tally(path.name, count_tokens or _words, samples, kind_of(chosen))
     with _progress_bar(path, enabled=progress) as advance:
         for number, row in records:
@@ -77,30 +76,6 @@ def inspect_source(
 
 def _words(text: str) -> int:
     return len(text.split())
-
-
-def _peek(records: Iterator) -> tuple[list[dict], Iterator]:
-    """The first good rows (to detect the format from), without losing them from the stream."""
-    seen: list = []
-    good: list[dict] = []
-    for record in records:
-        seen.append(record)
-        if isinstance(record[1], dict):
-            good.append(record[1])
-            if len(good) == DETECT_ROWS:
-                break
-    return good, itertools.chain(seen, records)
-
-
-def _choose_format(fmt: str, rows: list[dict], label: str) -> str:
-    if fmt != "auto":
-        return fmt
-    if not rows:
-        raise DataError(f"{label}: no readable rows to detect the format from (give --format)")
-    try:
-        return detect_format(rows)
-    except ValueError as error:
-        raise DataError(f"{label}: {error}") from None
 
 
 # --------------------------------------------------------------------------- statistics

@@ -226,7 +226,7 @@ def _check_options(fmt: str, on_bad_rows: str, want: str | None) -> None:
         raise DataError(f'want must be "instruction" or "preference", not "{want}"')
 
 
-def _peek(records: Iterator[Record]) -> tuple[list[dict], Iterator[Record]]:
+def peek(records: Iterator[Record]) -> tuple[list[dict], Iterator[Record]]:
     """The first good rows (for format detection) without losing them from the stream."""
     head: list[Record] = []
     rows: list[dict] = []
@@ -239,7 +239,7 @@ def _peek(records: Iterator[Record]) -> tuple[list[dict], Iterator[Record]]:
     return rows, itertools.chain(head, records)
 
 
-def _choose_format(fmt: str, rows: list[dict], want: str | None, label: str) -> str:
+def choose_format(fmt: str, rows: list[dict], want: str | None, label: str) -> str:
     if fmt != "auto":
         return fmt
     if not rows:
@@ -305,8 +305,8 @@ def load_examples(
         label, records = path.name, read_records(path)
     else:
         label, records = f"{hub_name}[{split}]", _read_hub(hub_name, split)
-    sample, records = _peek(iter(records))
-    chosen_format = _choose_format(fmt, sample, want, label)
+    sample, records = peek(iter(records))
+    chosen_format = choose_format(fmt, sample, want, label)
     _check_kind(chosen_format, want, label)
     project = want == "instruction" and kind_of(chosen_format) == "preference"
     examples, problems = _convert_all(records, chosen_format, label, project, limit)
