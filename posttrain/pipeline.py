@@ -326,10 +326,15 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
             options.log(f"data {data.name}: skipped {len(data.skipped)} malformed rows (on_bad_rows: skip)")
     options.log(f"plan: {len(plan.nodes)} stage runs for {len(plan.finals)} (pipeline, seed) pairs")
     write_json_atomic(run.root / "pipelines.json", pipeline_stage_dirs(plan, run))
-    started = time.perf_counter()
+    # The ETA counts only stages that train: reused ones take no time.
+    to_train = {key for key, node in plan.nodes.items()
+                if not (run.stage_dir(node.stage, node.seed, node.key) / "stage.json").is_file()}
+    options.log(f"{len(plan.nodes) - len(to_train)} stage runs reused, {len(to_train)} to train")
+    started, trained = time.perf_counter(), 0
     for index, node in enumerate(plan.nodes.values(), 1):
-        options.log(f"[stage {index}/{len(plan.nodes)}]{progress_eta(started, index - 1, len(plan.nodes))}")
+        options.log(f"[stage {index}/{len(plan.nodes)}]{progress_eta(started, trained, len(to_train))}")
         train_node(plan, node, run, options, tracker)
+        trained += node.key in to_train
 
     rows: list[dict] = []
     for (pipeline, seed), node in plan.finals.items():
