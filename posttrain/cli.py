@@ -24,8 +24,12 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except PosttrainError as exc:
-            click.echo(f"error: {exc.render()}", err=True)
+            click.echo(f"{exc.prefix}: {exc.render()}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: finished stages and evaluations are kept in the cache; "
+                       "run the same command again to continue", err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -81,8 +85,11 @@ def validate(recipes, overrides):
               help="Trainer progress bars (default: on when stderr is a terminal).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines; print only the final table.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, envvar="POSTTRAIN_CACHE",
+              help="Stage cache (default: $POSTTRAIN_CACHE, else ~/.cache/posttrain).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (what trains, what is reused) and stop.")
 @user_errors
-def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json):
+def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_dir, dry_run):
     """Train every pipeline of RECIPE, evaluate each and the base model, print the table.
 
     \b
@@ -90,19 +97,24 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json):
       posttrain run recipes/quickstart.yaml
       posttrain run recipes/quickstart.yaml -o stages.dpo.beta=0.2 --out runs/beta02
       posttrain run recipes/quickstart.yaml -o "seeds=[0,1,2]" --no-wandb --json > report.json
-    Finished stages in the run directory are reused when the recipe is run again.
+    Finished stages and evaluations are cached by content and reused by any later run;
+    an interrupted run (Ctrl-C, crash) resumes its unfinished stage from its last checkpoint.
     """
     from posttrain.config import load_recipe
 
     overrides = list(overrides) + (["tracking.wandb.mode=disabled"] if no_wandb else [])
     parsed = load_recipe(recipe, overrides)  # every recipe error before any heavy import
+    if dry_run:
+        return print_plan(recipe, parsed, cache_dir, as_json)
+    from posttrain.cache import Cache
     from posttrain.pipeline import RunOptions, run_recipe
 
     target = Path(out_dir) if out_dir else Path(parsed.output.dir) / parsed.name
     silent = quiet or as_json
     options = RunOptions(out_dir=target, base_dir=Path(recipe).resolve().parent,
                          show_progress=(sys.stderr.isatty() and not silent) if progress is None else progress,
-                         log=(lambda line: None) if silent else (lambda line: click.echo(line, err=True)))
+                         log=(lambda line: None) if silent else (lambda line: click.echo(line, err=True)),
+                         cache=Cache(cache_dir))
     options.log(f"posttrain {__version__}: running {recipe} -> {target}")
     import contextlib
 
@@ -112,6 +124,41 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json):
         run_dir = run_recipe(parsed, options)
     show_report(run_dir, as_json)
     options.log(f"run directory: {run_dir} (report.md, report.html, results.csv)")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, envvar="POSTTRAIN_CACHE",
+              help="Stage cache (default: $POSTTRAIN_CACHE, else ~/.cache/posttrain).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@user_errors
+def plan(recipe, overrides, cache_dir, as_json):
+    """Show what `posttrain run RECIPE` would do: stages to train or reuse, keys, sizes.
+
+    \b
+    Example:
+      posttrain plan recipes/quickstart.yaml
+      posttrain plan recipes/quickstart.yaml -o "sweep.stages.dpo.beta=[0.05,0.1,0.3]"
+    Loads (and curates) the data to know the stage keys; trains nothing.
+    """
+    from posttrain.config import load_recipe
+
+    print_plan(recipe, load_recipe(recipe, list(overrides)), cache_dir, as_json)
+
+
+def print_plan(recipe_path: str, recipe, cache_dir: str | None, as_json: bool) -> None:
+    import contextlib
+    import json
+
+    from posttrain.cache import Cache
+    from posttrain.pipeline import RunOptions, plan_recipe
+
+    options = RunOptions(out_dir=Path("."), base_dir=Path(recipe_path).resolve().parent,
+                         log=lambda line: click.echo(line, err=True), cache=Cache(cache_dir))
+    with contextlib.redirect_stdout(sys.stderr):
+        rows, text = plan_recipe(recipe, options)
+    click.echo(json.dumps({"cache": str(options.cache.root), "stages": rows}, indent=2) if as_json else text)
 
 
 def show_report(report_dir: Path, as_json: bool) -> None:
@@ -201,3 +248,145 @@ def data_curate(recipe, dataset, out_file, overrides):
 
     click.echo(curate_to_file(Path(recipe), dataset, Path(out_file), list(overrides),
                               log=lambda line: click.echo(line, err=True)))
+
+
+@main.group()
+def cache():
+    """Inspect and clean the stage cache (finished stages, checkpoints, datasets, evaluations).
+
+    \b
+    Example:
+      posttrain cache ls
+      posttrain cache rm 3f2a9c1b
+      posttrain cache gc --older-than 30 --max-size 50GB
+    The cache is $POSTTRAIN_CACHE, else ~/.cache/posttrain (or --cache DIR).
+    """
+
+
+cache_option = click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+                            envvar="POSTTRAIN_CACHE", help="Cache folder (default: $POSTTRAIN_CACHE, else ~/.cache/posttrain).")
+
+
+def entry_lines(items) -> list[str]:
+    import time
+
+    from posttrain.cache import age_days, human_size
+
+    now = time.time()
+    lines = []
+    for e in items:
+        status = ""
+        if e.kind == "partial":
+            step = e.info.get("resume_step")
+            status = f"resume@{step}" if step is not None else "no checkpoint"
+        lines.append(f"{e.kind:<9} {e.key[:12]:<12} {human_size(e.size):>10}  {age_days(e, now):6.1f}d  "
+                     f"{e.label} {status}".rstrip())
+    return lines
+
+
+@cache.command("ls")
+@cache_option
+@click.option("--kind", type=click.Choice(["all", "stages", "partial", "datasets", "curated", "reflogps", "evals"]),
+              default="all", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Entries as JSON.")
+def cache_ls(cache_dir, kind, as_json):
+    """List cache entries with size and days since last use, and totals per kind."""
+    import json
+
+    from posttrain.cache import Cache, entries, human_size
+
+    store = Cache(cache_dir)
+    items = [e for e in entries(store) if kind in ("all", e.kind)]
+    if as_json:
+        click.echo(json.dumps([{"kind": e.kind, "key": e.key, "path": str(e.path), "size": e.size,
+                                "last_used": e.last_used, "label": e.label} for e in items], indent=2))
+        return
+    click.echo(f"cache: {store.root}")
+    if not items:
+        click.echo("(empty)")
+        return
+    click.echo(f"{'kind':<9} {'key':<12} {'size':>10}  {'unused':>7}  what")
+    for line in entry_lines(items):
+        click.echo(line)
+    totals: dict[str, int] = {}
+    for e in items:
+        totals[e.kind] = totals.get(e.kind, 0) + e.size
+    click.echo("total: " + human_size(sum(totals.values())) + " ("
+               + ", ".join(f"{k} {human_size(v)}" for k, v in totals.items()) + ")")
+
+
+@cache.command("rm")
+@cache_option
+@click.argument("keys", nargs=-1)
+@click.option("--all", "remove_all", is_flag=True, help="Remove every entry.")
+@user_errors
+def cache_rm(cache_dir, keys, remove_all):
+    """Remove entries by key prefix (at least 6 characters), as `cache ls` shows them."""
+    from posttrain.cache import Cache, entries, find, human_size, is_locked, remove
+
+    store = Cache(cache_dir)
+    items = entries(store)
+    if remove_all:
+        chosen = items
+    else:
+        if not keys:
+            raise PosttrainError("give key prefixes to remove (see `posttrain cache ls`), or --all")
+        chosen, problems = [], []
+        for prefix in keys:
+            found = find(items, prefix)
+            if len(prefix) < 6:
+                problems.append(f"{prefix}: use at least 6 characters of the key")
+            elif not found:
+                problems.append(f"{prefix}: no cache entry with this key")
+            elif len({e.key for e in found}) > 1:
+                problems.append(f"{prefix}: ambiguous ({len(found)} entries); use more characters")
+            chosen += found
+        if problems:
+            raise PosttrainError("cache rm: nothing removed", problems)
+    busy = [e for e in chosen if e.kind in ("stages", "partial") and is_locked(store, e.key)]
+    if busy:
+        raise PosttrainError("cache rm: nothing removed; a run is training "
+                             + ", ".join(e.key[:12] for e in busy))
+    for entry in chosen:
+        remove(entry)
+    click.echo(f"removed {len(chosen)} entr{'y' if len(chosen) == 1 else 'ies'}, "
+               f"{human_size(sum(e.size for e in chosen))}")
+
+
+@cache.command("gc")
+@cache_option
+@click.option("--older-than", "older_than", type=float, default=30.0, show_default=True,
+              help="Remove entries unused for this many days.")
+@click.option("--max-size", default=None, help="Then remove least recently used entries until the cache fits (e.g. 50GB).")
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@user_errors
+def cache_gc(cache_dir, older_than, max_size, dry_run):
+    """Evict old and least recently used entries, and leftovers of crashed writers.
+
+    Entries a running posttrain is training are never removed.
+    """
+    import shutil
+
+    from posttrain.cache import (Cache, entries, human_size, is_locked, parse_size, remove, select_garbage,
+                                 stale_temporaries)
+
+    store = Cache(cache_dir)
+    try:
+        limit = parse_size(max_size) if max_size else None
+    except ValueError as exc:
+        raise PosttrainError(f"--max-size: {exc}") from None
+    items = entries(store)
+    doomed = select_garbage(items, older_than, limit,
+                            locked=lambda e: e.kind in ("stages", "partial") and is_locked(store, e.key))
+    leftovers = stale_temporaries(store)
+    for line in entry_lines(doomed):
+        click.echo(("would remove " if dry_run else "remove ") + line)
+    if not dry_run:
+        for entry in doomed:
+            remove(entry)
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+    freed = sum(e.size for e in doomed)
+    click.echo(f"{'would free' if dry_run else 'freed'} {human_size(freed)} in {len(doomed)} entries"
+               + (f" and {len(leftovers)} leftovers of crashed writers" if leftovers else "")
+               + f"; {human_size(sum(e.size for e in items) - freed)} kept in {store.root}")

@@ -7,8 +7,10 @@ its path (and line, when it came from the file), before any heavy import.
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -156,12 +158,30 @@ class EvalSpec(Strict):
 
 class OutputSpec(Strict):
     dir: str = "runs"
+    # Training checkpoints, so an interrupted run resumes the unfinished stage. Every
+    # `checkpoint_minutes` of training (null: never by time) and/or every
+    # `checkpoint_steps` optimizer steps; not part of a stage's identity.
+    checkpoint_minutes: float | None = Field(10.0, gt=0)
+    checkpoint_steps: int | None = Field(None, gt=0)
 
 
 class ReportSpec(Strict):
     baseline: str | None = Field(None, description="default: the first trained pipeline")
     confidence: float = Field(0.95, gt=0, lt=1)
     resamples: int = Field(2000, ge=100)
+
+
+class CompareSpec(Strict):
+    """Compute matching between methods.
+
+    `match: tokens`: set the step count of single-step methods (ORPO) so their train
+    tokens match the reference multi-stage pipeline; default reference: the first
+    pipeline with the most stages. The engine does the matching; see
+    `matched_pipelines` for which pipelines are matched to which.
+    """
+
+    match: Literal["tokens"]
+    reference: str | None = Field(None, description="a pipeline (after sweep expansion)")
 
 
 class WandbSpec(Strict):
@@ -188,6 +208,19 @@ class Recipe(Strict):
     output: OutputSpec = OutputSpec()
     report: ReportSpec = ReportSpec()
     tracking: TrackingSpec = TrackingSpec()
+    compare: CompareSpec | None = None
+    # A grid over stage settings, `stages.<stage>.<field>: [values]` (several keys: the
+    # cartesian product). validate_recipe expands it into variant stages and pipelines
+    # (see expand_sweep) before this model is built, so a Recipe always holds the
+    # expanded grid and `sweep` is `{}`: the dumped recipe reproduces the run alone.
+    sweep: dict[str, list[Any]] = {}
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_expanded(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if sweep:
+            raise ValueError("a sweep is expanded by load_recipe/validate_recipe, not by Recipe itself")
+        return sweep
 
     @field_validator("seeds")
     @classmethod
@@ -201,8 +234,15 @@ def reference_problems(raw: dict):
     """Cross-references a field type cannot check: names that must exist.
 
     Runs on the raw mapping, beside pydantic, so these are reported together with
-    field errors rather than only after every field is valid.
+    field errors rather than only after every field is valid. Yields
+    `(dotted path, message)`; the sweep is checked here too (see `plan_sweep`).
     """
+    for loc, message in _cross_problems(raw):
+        yield dotted(loc), message
+
+
+def _cross_problems(raw: dict):
+    """`reference_problems` with each place as a key tuple (for line lookup)."""
     def mapping(key):
         value = raw.get(key)
         return value if isinstance(value, dict) else {}
@@ -211,32 +251,323 @@ def reference_problems(raw: dict):
     for name, stage in stages.items():
         ref = stage.get("data") if isinstance(stage, dict) else None
         if isinstance(ref, str) and data and ref not in data:
-            yield f"stages.{name}.data", f"unknown dataset {ref!r} (known: {', '.join(data)})"
+            yield ("stages", name, "data"), f"unknown dataset {ref!r} (known: {', '.join(data)})"
     for name, spec in data.items():
         for i, part in enumerate((spec.get("mix") or []) if isinstance(spec, dict) else []):
             ref = part.get("data") if isinstance(part, dict) else None
             if isinstance(ref, str) and (ref not in data or ref == name):
-                yield f"data.{name}.mix[{i}].data", f"unknown dataset {ref!r}"
+                yield ("data", name, "mix", i, "data"), f"unknown dataset {ref!r}"
     for name, chain in pipelines.items():
         if not isinstance(chain, list):
             continue
         for i, stage_name in enumerate(chain):
             if isinstance(stage_name, str) and stage_name not in stages:
-                yield f"pipelines.{name}[{i}]", f"unknown stage {stage_name!r} (known: {', '.join(stages)})"
+                yield ("pipelines", name, i), f"unknown stage {stage_name!r} (known: {', '.join(stages)})"
         if len(set(map(str, chain))) != len(chain):
-            yield f"pipelines.{name}", "a stage appears twice"
+            yield ("pipelines", name), "a stage appears twice"
     for name, stage in stages.items():
         if isinstance(stage, dict) and stage.get("method") in ("dpo", "orpo"):
             spec = data.get(stage.get("data"))
             if isinstance(spec, dict) and _is_instruction_data(spec):
-                yield (f"stages.{name}.data", f"{stage['method']} needs preference data (prompt/chosen/rejected); "
-                       f"{stage['data']!r} is instruction data")
+                yield (("stages", name, "data"), f"{stage['method']} needs preference data "
+                       f"(prompt/chosen/rejected); {stage['data']!r} is instruction data")
+    plan, problems = plan_sweep(raw)
+    yield from problems
+    final = list(plan.chain_of)  # the pipeline names after the sweep
     for name in mapping("external"):
-        if name in pipelines or name == BASE_PIPELINE:
-            yield f"external.{name}", "name already used by a pipeline"
+        if name in final or name == BASE_PIPELINE:
+            yield ("external", name), "name already used by a pipeline"
     baseline = mapping("report").get("baseline")
-    if baseline and baseline not in {*pipelines, BASE_PIPELINE, *mapping("external")}:
-        yield "report.baseline", f"unknown pipeline {baseline!r}"
+    if isinstance(baseline, str) and baseline:
+        if baseline in plan.pipelines:
+            yield ("report", "baseline"), plan.expanded_message(baseline)
+        elif baseline not in {*final, BASE_PIPELINE, *mapping("external")}:
+            yield ("report", "baseline"), f"unknown pipeline {baseline!r}"
+    compare = raw.get("compare")
+    if isinstance(compare, dict):
+        yield from _compare_problems(compare, plan, stages)
+
+
+def _compare_problems(compare: dict, plan: "SweepPlan", stages: dict):
+    # final pipeline name -> its chain in the original stage names (same methods)
+    chains = {name: chain if isinstance(chain, list) else [] for name, chain in plan.chain_of.items()}
+    reference = compare.get("reference")
+    if reference is not None:
+        if not isinstance(reference, str):
+            return  # pydantic reports the type
+        if reference in plan.pipelines:
+            yield ("compare", "reference"), plan.expanded_message(reference)
+            return
+        if reference not in chains:
+            yield ("compare", "reference"), f"unknown pipeline {reference!r} (pipelines: {', '.join(chains)})"
+            return
+        if not chains[reference]:
+            yield ("compare", "reference"), f"pipeline {reference!r} has no stages"
+            return
+
+    def method_of(stage_name):
+        stage = stages.get(stage_name) if isinstance(stage_name, str) else None
+        return stage.get("method") if isinstance(stage, dict) else None
+
+    reference, matched = _match_plan(chains, method_of, reference)
+    if not matched:
+        yield ("compare",), "no single-step pipeline (a pipeline of one orpo stage) to match"
+
+
+def _match_plan(chains: dict[str, list[str]], method_of: Callable[[str], Any],
+                reference: str | None) -> tuple[str | None, list[str]]:
+    if reference is None:
+        longest = max((len(chain) for chain in chains.values()), default=0)
+        reference = next((name for name, chain in chains.items() if longest and len(chain) == longest), None)
+    matched = [name for name, chain in chains.items()
+               if name != reference and len(chain) == 1 and method_of(chain[0]) == "orpo"]
+    return reference, matched
+
+
+def matched_pipelines(recipe: "Recipe") -> tuple[str, list[str]]:
+    """Which pipelines `compare: {match: tokens}` matches, and to which reference.
+
+    Returns `(reference, matched)`: the reference pipeline (`compare.reference`, else
+    the first pipeline with the most stages) and, in recipe order, every other
+    pipeline that is a single ORPO stage; the engine sets each matched pipeline's
+    step count so that its train tokens equal the reference's. Pure: reads the
+    (expanded) recipe only. Raises ValueError when no pipeline has a stage.
+    """
+    reference = recipe.compare.reference if recipe.compare else None
+    reference, matched = _match_plan({name: list(chain) for name, chain in recipe.pipelines.items()},
+                                     lambda stage: recipe.stages[stage].method, reference)
+    if reference is None:
+        raise ValueError("no pipeline has a stage to use as the reference")
+    return reference, matched
+
+
+# ---------------------------------------------------------------- sweep
+
+SWEEP_MAX_POINTS = 64
+_SWEEP_KEY_HELP = "only stage settings can be swept (stages.<stage>.<field>)"
+
+
+class SweepPlan:
+    """How a recipe's `sweep:` expands (built from the raw mapping by `plan_sweep`).
+
+    `axes`: stage -> {field: values}, in declaration order. `variants`: stage ->
+    [(variant stage name, {field: value})], the cartesian product of its axes.
+    `pipelines`: each expanded pipeline -> [(new name, new chain)]. `chain_of`:
+    every pipeline name after expansion -> its chain in the original stage names.
+    """
+
+    def __init__(self):
+        self.axes: dict[str, dict[str, list]] = {}
+        self.variants: dict[str, list[tuple[str, dict]]] = {}
+        self.pipelines: dict[str, list[tuple[str, list[str]]]] = {}
+        self.chain_of: dict[str, Any] = {}
+
+    def expanded_message(self, name: str) -> str:
+        names = ", ".join(new for new, _ in self.pipelines[name])
+        return f"{name!r} is expanded by the sweep; name one of: {names}"
+
+
+def sweep_value_label(value: Any) -> str:
+    """A swept value as it appears in names: floats `format(v, 'g')`, others `str(v)`."""
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def _sweep_key(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """("stages", "dpo", "beta") for `stages.dpo.beta`; a dotted stage name stays one part."""
+    if len(parts) >= 3 and parts[0] == "stages":
+        return ("stages", ".".join(parts[1:-1]), parts[-1])
+    return parts
+
+
+def _flatten_sweep(node: dict, prefix: tuple = ()):
+    """Nested mappings (`-o sweep.stages.dpo.beta=[...]`) into dotted keys; later wins."""
+    out: dict[tuple, Any] = {}
+    for key, value in node.items():
+        parts = prefix + tuple(str(key).split("."))
+        if isinstance(value, dict) and value:
+            out.update(_flatten_sweep(value, parts))
+        else:
+            out[parts] = value
+    return out
+
+
+def plan_sweep(raw: dict) -> tuple[SweepPlan, list[tuple[tuple, str]]]:
+    """Check the raw recipe's `sweep:` and plan its expansion: (plan, problems).
+
+    The plan covers the valid sweep keys even when there are problems, so that names
+    elsewhere (report.baseline) are checked against the expanded pipelines.
+    """
+    plan, problems = SweepPlan(), []
+    stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    pipelines = raw.get("pipelines") if isinstance(raw.get("pipelines"), dict) else {}
+    plan.chain_of = dict(pipelines)  # until expanded below
+    sweep = raw.get("sweep")
+    if sweep is None or sweep == {}:
+        return plan, problems
+    if not isinstance(sweep, dict):
+        return plan, [(("sweep",), "must be a mapping of stages.<stage>.<field> to lists of values")]
+    models = {"sft": SFTStage, "dpo": DPOStage, "orpo": ORPOStage}
+
+    for parts, values in _flatten_sweep(sweep).items():
+        key = _sweep_key(parts)
+        where = ("sweep", *key)
+        if len(key) != 3 or key[0] != "stages" or not all(key):
+            problems.append((where, _SWEEP_KEY_HELP))
+            continue
+        _, stage_name, field = key
+        if stage_name not in stages:
+            problems.append((where, f"unknown stage {stage_name!r} (known: {', '.join(map(str, stages))})"))
+            continue
+        stage = stages[stage_name]
+        model = models.get(stage.get("method")) if isinstance(stage, dict) else None
+        if model is None:
+            continue  # the stage itself is reported
+        if field == "method":
+            problems.append((where, "the method cannot be swept (declare another stage)"))
+            continue
+        if field not in model.model_fields:
+            problems.append((where, f"unknown setting {field!r} of a {stage['method']} stage "
+                                    f"(settings: {', '.join(f for f in model.model_fields if f != 'method')})"))
+            continue
+        if not isinstance(values, list):
+            problems.append((where, "must be a list of values"))
+            continue
+        if not values:
+            problems.append((where, "must not be empty"))
+            continue
+        seen: dict[str, int] = {}
+        values = list(values)
+        for i, value in enumerate(values):
+            value_problems, values[i] = _check_variant(model, stage, stage_name, field, value, data)
+            problems += [((*where, i, *loc), message) for loc, message in value_problems]
+            label = sweep_value_label(values[i])
+            if label in seen:
+                problems.append(((*where, i), f"same as [{seen[label]}] ({label}); sweep distinct values"))
+            elif "/" in label:
+                problems.append(((*where, i), f"{label!r}: a swept value cannot contain '/' (it names a stage)"))
+            seen.setdefault(label, i)
+        # Planned even with bad values (nothing is expanded while there are problems),
+        # so the names that refer to expanded pipelines are checked at the same time.
+        plan.axes.setdefault(stage_name, {})[field] = values
+
+    chains = {name: [s for s in chain if isinstance(s, str)] if isinstance(chain, list) else []
+              for name, chain in pipelines.items()}
+    used = {s for chain in chains.values() for s in chain}
+    for stage_name in plan.axes:
+        if stage_name not in used and isinstance(raw.get("pipelines"), dict):
+            problems.append((("sweep", "stages", stage_name), f"stage {stage_name!r} is in no pipeline"))
+
+    # Grid points: the pipelines the sweep makes. Counted first (arithmetic), so a
+    # typo cannot make the expansion itself blow up.
+    counts = {s: math.prod(len(v) for v in axes.values()) for s, axes in plan.axes.items()}
+    total = sum(math.prod(counts[s] for s in chain if s in counts)
+                for chain in chains.values() if any(s in counts for s in chain))
+    if total > SWEEP_MAX_POINTS:
+        problems.append((("sweep",), f"{total} grid points; at most {SWEEP_MAX_POINTS}"))
+        plan.axes = {}
+        return plan, problems
+
+    for stage_name, axes in plan.axes.items():
+        fields = list(axes)
+        plan.variants[stage_name] = [
+            (f"{stage_name}[{','.join(f'{f}={sweep_value_label(v)}' for f, v in zip(fields, combo))}]",
+             dict(zip(fields, combo)))
+            for combo in itertools.product(*axes.values())]
+    plan.chain_of = {}
+    for name, chain in pipelines.items():
+        swept = [s for s in chains[name] if s in plan.variants]
+        if not swept:
+            plan.chain_of[name] = chain
+            continue
+        field_count: dict[str, int] = {}
+        for s in swept:
+            for f in plan.axes[s]:
+                field_count[f] = field_count.get(f, 0) + 1
+        plan.pipelines[name] = []
+        for combo in itertools.product(*(plan.variants[s] for s in swept)):
+            chosen = dict(zip(swept, combo))
+            label = ",".join(f"{s + '.' if field_count[f] > 1 else ''}{f}={sweep_value_label(v)}"
+                             for s in swept for f, v in chosen[s][1].items())
+            new_name = f"{name}[{label}]"
+            plan.pipelines[name].append(
+                (new_name, [chosen[s][0] if isinstance(s, str) and s in chosen else s for s in chain]))
+            plan.chain_of[new_name] = chain
+    # Collisions with names the recipe already uses.
+    new_pipelines = [new for expanded in plan.pipelines.values() for new, _ in expanded]
+    for name in new_pipelines:
+        if name in pipelines:
+            problems.append((("sweep",), f"the sweep's pipeline {name!r} is already a pipeline of the recipe"))
+    for variants in plan.variants.values():
+        for name, _ in variants:
+            if name in stages:
+                problems.append((("sweep",), f"the sweep's stage {name!r} is already a stage of the recipe"))
+    return plan, problems
+
+
+def _check_variant(model: type, stage: dict, stage_name: str, field: str, value: Any, data: dict):
+    """One swept value: (its problems as (loc below the value, message), the value).
+
+    The value comes back as the stage schema reads it when that is a plain scalar
+    (`"1e-5"`, a string to YAML 1.1, becomes 1e-05), so names and stages agree.
+    """
+    problems = []
+    variant = {**stage, field: value}
+    try:
+        parsed = getattr(model.model_validate(variant), field)
+        if parsed is None or isinstance(parsed, (bool, int, float, str)):
+            value = parsed
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            if loc[:1] == (field,):
+                problems.append((loc[1:], _MESSAGES.get(err["type"], lambda e: e["msg"])(err)))
+    # Names a field type cannot check (a swept `data:` must be a fitting dataset).
+    for loc, message in _cross_problems({"data": data, "stages": {stage_name: variant}}):
+        if loc[:3] == ("stages", stage_name, field):
+            problems.append((loc[3:], message))
+    return problems, value
+
+
+def expand_sweep(raw: dict, plan: SweepPlan) -> dict:
+    """The raw recipe with the sweep applied: variant stages and pipelines, `sweep` gone.
+
+    Each swept stage is replaced, in place, by its variants (the original with the
+    swept fields set); each pipeline that uses swept stages is replaced, in place, by
+    one pipeline per combination of their variants. An original swept stage stays
+    only if a pipeline that was not expanded still uses it; other stages are kept.
+    """
+    raw = {key: value for key, value in raw.items() if key != "sweep"}
+    if not plan.variants:
+        return raw
+    pipelines = {}
+    for name, chain in raw["pipelines"].items():
+        if name in plan.pipelines:
+            pipelines.update(plan.pipelines[name])
+        else:
+            pipelines[name] = chain
+    used = {s for chain in pipelines.values() if isinstance(chain, list) for s in chain if isinstance(s, str)}
+    stages = {}
+    for name, stage in raw["stages"].items():
+        if name in plan.variants:
+            if name in used:
+                stages[name] = stage
+            stages.update({new: {**stage, **fields} for new, fields in plan.variants[name]})
+        else:
+            stages[name] = stage
+    return {**raw, "stages": stages, "pipelines": pipelines}
+
+
+def _sweep_lines(lines: dict[tuple, int]) -> dict[tuple, int]:
+    """Add each sweep key's line under its canonical path (flat and nested forms alike)."""
+    extra = {}
+    for key, line in lines.items():
+        if len(key) < 2 or key[0] != "sweep":
+            continue
+        n = next((i for i, part in enumerate(key) if not isinstance(part, str)), len(key))
+        parts = tuple(".".join(key[1:n]).split("."))
+        extra[("sweep", *_sweep_key(parts), *key[n:])] = line
+    return {**extra, **lines}
 
 
 def _is_instruction_data(spec: dict) -> bool:
@@ -267,21 +598,36 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def validate_recipe(raw: dict, where: str, lines: dict[tuple, int] | None = None) -> Recipe:
-    lines = lines or {}
+    """Validate a raw recipe mapping; raise RecipeError listing every problem.
+
+    A `sweep:` is checked with everything else, then expanded (`expand_sweep`): the
+    Recipe returned holds the variant stages and pipelines, and `sweep` is `{}`.
+    """
+    lines = _sweep_lines(lines or {})
     problems = []
     recipe = None
+    unswept = {key: value for key, value in raw.items() if key != "sweep"}
     try:
-        recipe = Recipe.model_validate(raw)
+        Recipe.model_validate(unswept)
     except ValidationError as exc:
-        for err in exc.errors():
-            loc = _strip_union_tags(err["loc"])
-            problems.append(_place(loc, where, lines, _MESSAGES.get(err["type"], lambda e: e["msg"])(err)))
-    for path, message in reference_problems(raw):
-        loc = tuple(int(p) if p.isdigit() else p for p in path.replace("[", ".").replace("]", "").split("."))
-        problems.append(_place(loc, where, lines, message, dotted_path=path))
+        problems += _pydantic_problems(exc, where, lines)
+    for loc, message in _cross_problems(raw):
+        problems.append(_place(loc, where, lines, message))
     if problems:
         raise RecipeError(f"{where}: {len(problems)} problem(s)", problems)
+    plan, _ = plan_sweep(raw)
+    try:
+        recipe = Recipe.model_validate(expand_sweep(unswept, plan))
+    except ValidationError as exc:  # not expected: every swept value was checked above
+        problems = _pydantic_problems(exc, where, lines)
+        raise RecipeError(f"{where}: {len(problems)} problem(s)", problems) from None
     return recipe
+
+
+def _pydantic_problems(exc: ValidationError, where: str, lines: dict[tuple, int]) -> list[str]:
+    return [_place(_strip_union_tags(err["loc"]), where, lines,
+                   _MESSAGES.get(err["type"], lambda e: e["msg"])(err))
+            for err in exc.errors()]
 
 
 def _place(loc: tuple, where: str, lines: dict[tuple, int], message: str, dotted_path: str | None = None) -> str:

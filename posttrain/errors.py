@@ -11,6 +11,7 @@ class PosttrainError(Exception):
     """
 
     exit_code = 2
+    prefix = "error"        # how the CLI introduces the message
 
     def __init__(self, message: str, problems: list[str] | None = None):
         super().__init__(message)
@@ -31,3 +32,10 @@ class DataError(PosttrainError):
 
 class ModelError(PosttrainError):
     """The model, tokenizer or chat template cannot be used as configured."""
+
+
+class Interrupted(PosttrainError):
+    """The user stopped a run (Ctrl-C, SIGTERM); finished work is kept to resume from."""
+
+    exit_code = 130
+    prefix = "interrupted"

@@ -14,12 +14,15 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from posttrain.artifacts import RunDir, library_versions, publish_dir, write_json_atomic, write_text_atomic
+from posttrain.cache import Cache, drop_incomplete_checkpoints, save_dataset
 from posttrain.config import Recipe, dump_recipe, pipelines_with_base, resolve_lora
+from posttrain.errors import Interrupted
 from posttrain.data.sources import DataEnv, LoadedData, fingerprint, load_data
 from posttrain.samples import PREFERENCE_FILE, generated_replies, samples_file
 from posttrain.models import ModelSource
@@ -57,6 +60,15 @@ def base_source(recipe: Recipe) -> ModelSource:
                        revision=spec.revision, chat_template=spec.chat_template)
 
 
+def digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def base_key(recipe: Recipe) -> str:
+    """Identity of the untrained model (weights by name and revision; template and dtype)."""
+    return digest({"base_model": recipe.model.model_dump(mode="json", exclude={"lora"})})
+
+
 def stage_key(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None, data: LoadedData) -> str:
     stage = recipe.stages[stage_name]
     lora = resolve_lora(recipe, stage)
@@ -69,7 +81,7 @@ def stage_key(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None
         "seed": stage.seed if stage.seed is not None else seed,
         "versions": {k: v for k, v in library_versions().items() if k not in ("lm_eval", "wandb")},
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return digest(payload)
 
 
 def load_stage_data(recipe: Recipe, env: DataEnv) -> dict[str, LoadedData]:
@@ -104,9 +116,9 @@ def data_env(recipe: Recipe, base_dir: Path, cache_dir: Path | None = None, eval
                    eval_texts=eval_texts, scorer=scorer, cache_dir=cache_dir, seed=recipe.seeds[0], log=log)
 
 
-def make_plan(recipe: Recipe, env: DataEnv | Path) -> Plan:
+def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] | None = None) -> Plan:
     env = env if isinstance(env, DataEnv) else data_env(recipe, env)
-    data = load_stage_data(recipe, env)
+    data = data if data is not None else load_stage_data(recipe, env)
     nodes: dict[str, StageNode] = {}
     finals: dict[tuple[str, int], StageNode | None] = {}
     for pipeline, chain in pipelines_with_base(recipe).items():
@@ -130,60 +142,159 @@ class RunOptions:
     base_dir: Path                     # the recipe's folder: relative paths resolve here
     show_progress: bool = False
     log: Callable[[str], None] = print
+    cache: Cache = field(default_factory=Cache)
 
 
-def source_after(plan: Plan, node: StageNode | None, run: RunDir) -> ModelSource:
+def source_after(plan: Plan, node: StageNode | None, cache: Cache) -> ModelSource:
     """The model a pipeline has after `node`: full weights, or base + merged adapters."""
     if node is None:
         return base_source(plan.recipe)
-    previous = source_after(plan, node.parent, run)
-    stage_dir = run.stage_dir(node.stage, node.seed, node.key)
-    info = json.loads((stage_dir / "stage.json").read_text())
-    model_dir = str(stage_dir / "model")
+    previous = source_after(plan, node.parent, cache)
+    info = cache.stage_info(node.key)
+    model_dir = str(cache.stage_dir(node.key) / "model")
     if info["adapter"]:
         return replace(previous, adapter_dirs=previous.adapter_dirs + (model_dir,))
     return replace(previous, name=model_dir, adapter_dirs=(), revision=None)
 
 
-def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tracker) -> dict:
-    """Train one stage unless a finished copy with the same key exists; return stage.json."""
-    from posttrain.stages import run_stage
-    from posttrain.stages.common import StageContext
+def record_stage(cache: Cache, node: StageNode, run: RunDir, reused: bool) -> dict:
+    """The run directory's view of a cached stage: its stage.json and curves, a link to the model."""
+    entry = cache.stage_dir(node.key)
+    cache.touch(entry)
+    info = {**cache.stage_info(node.key), "cache_dir": str(entry), "reused": reused}
+    record = run.stage_dir(node.stage, node.seed, node.key)
+    record.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record / "stage.json", info)
+    if (entry / "trainer_log.jsonl").is_file():
+        shutil.copyfile(entry / "trainer_log.jsonl", record / "trainer_log.jsonl")
+    link = record / "model"
+    if link.is_symlink() or link.exists():
+        shutil.rmtree(link) if link.is_dir() and not link.is_symlink() else link.unlink()
+    link.symlink_to(entry / "model", target_is_directory=True)
+    return info
 
-    final_dir = run.stage_dir(node.stage, node.seed, node.key)
-    done = final_dir / "stage.json"
-    if done.is_file():
-        options.log(f"  reuse  {node.stage} (seed {node.seed}) from {final_dir.relative_to(run.root)}")
-        return json.loads(done.read_text())
-    recipe = plan.recipe
-    spec = recipe.stages[node.stage]
-    tmp_dir = run.stages / f".tmp-{final_dir.name}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    options.log(f"  train  {node.stage} ({spec.method}, seed {node.seed}) on {len(node.data.examples)} "
-                f"examples from {' -> '.join(node.chain[:-1]) or 'base'}")
-    # One W&B run per trained stage; the trainer's own callback logs its curves into it.
-    with tracker.stage(node.stage, spec.method, node.seed, spec.model_dump(mode="json")) as report_to:
-        ctx = StageContext(
-            name=node.stage, spec=spec, seed=spec.seed if spec.seed is not None else node.seed,
-            start=source_after(plan, node.parent, run), examples=node.data.examples, out_dir=tmp_dir,
-            lora=resolve_lora(recipe, spec), show_progress=options.show_progress, report_to=report_to)
-        result = run_stage(ctx)
-    info = {
-        "stage": node.stage, "method": spec.method, "seed": node.seed, "key": node.key,
-        "chain": node.chain, "parent_key": node.parent.key if node.parent else None,
-        "start_model": ctx.start.name, "adapter": result.adapter,
-        "settings": spec.model_dump(mode="json"), "data": {
-            "name": node.data.name, "format": node.data.format, "examples": len(node.data.examples),
-            "fingerprint": node.data.fingerprint, "skipped_rows": len(node.data.skipped)},
-        "cost": result.cost, "metrics": result.metrics,
-    }
-    write_json_atomic(tmp_dir / "stage.json", info)
-    publish_dir(tmp_dir, final_dir)
+
+@contextmanager
+def stage_lock(cache: Cache, node: StageNode, log):
+    """Hold the key's training lock; say so when another run holds it."""
+    from filelock import Timeout
+
+    lock = cache.lock(node.key)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"  wait   {node.stage} (seed {node.seed}): another posttrain process is training it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def checkpoint_policy(recipe: Recipe):
+    from posttrain.stages.common import CheckpointPolicy
+
+    return CheckpointPolicy(every_steps=recipe.output.checkpoint_steps,
+                            every_minutes=recipe.output.checkpoint_minutes)
+
+
+def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tracker) -> dict:
+    """Train one stage unless the cache holds its key; resume it from its last checkpoint.
+
+    The stage trains into the cache's partial dir and is renamed into place only when
+    complete, so a crash never leaves a half-written stage that looks finished.
+    """
+    from posttrain.stages import run_stage
+    from posttrain.stages.common import StageContext, StageInterrupted
+
+    cache = options.cache
+    if cache.has_stage(node.key):
+        options.log(f"  reuse  {node.stage} (seed {node.seed}) {node.key[:12]} from the cache")
+        return record_stage(cache, node, run, reused=True)
+    with stage_lock(cache, node, options.log):
+        if cache.has_stage(node.key):  # another run finished it while we waited
+            return record_stage(cache, node, run, reused=True)
+        recipe = plan.recipe
+        spec = recipe.stages[node.stage]
+        partial = cache.partial_dir(node.key)
+        resume = cache.resume_checkpoint(node.key)
+        if resume is None:
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            drop_incomplete_checkpoints(partial / "trainer")
+        partial.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(partial / "pending.json", {"stage": node.stage, "method": spec.method, "seed": node.seed,
+                                                     "key": node.key, "chain": node.chain})
+        dataset_dir = save_dataset(node.data.examples, cache.dataset_dir(node.data.fingerprint))
+        where = f"resume from step {resume.name.rsplit('-', 1)[1]}" if resume else "train"
+        options.log(f"  {where}  {node.stage} ({spec.method}, seed {node.seed}) on {len(node.data.examples)} "
+                    f"examples from {' -> '.join(node.chain[:-1]) or 'base'}")
+        # One W&B run per trained stage; the trainer's own callback logs its curves into it.
+        with tracker.stage(node.stage, spec.method, node.seed, spec.model_dump(mode="json")) as report_to:
+            ctx = StageContext(
+                name=node.stage, spec=spec, seed=spec.seed if spec.seed is not None else node.seed,
+                start=source_after(plan, node.parent, cache), examples=node.data.examples, out_dir=partial,
+                lora=resolve_lora(recipe, spec), show_progress=options.show_progress, report_to=report_to,
+                dataset_dir=dataset_dir, start_key=node.parent.key if node.parent else base_key(recipe),
+                reflogps_dir=cache.root / "reflogps", checkpoint=checkpoint_policy(recipe), resume_from=resume,
+            )
+            with stop_on_signals(options.log) as ctx.stop_requested:
+                try:
+                    result = run_stage(ctx)
+                except StageInterrupted as exc:
+                    raise Interrupted(
+                        f"stage {node.stage} (seed {node.seed}) stopped at step {exc.step}/{exc.max_steps}; "
+                        f"checkpoint saved under {partial}. Run the same command again to resume it "
+                        "(finished stages are reused).") from None
+                stopped_after = ctx.stop_requested()
+        info = {
+            "stage": node.stage, "method": spec.method, "seed": node.seed, "key": node.key,
+            "chain": node.chain, "parent_key": node.parent.key if node.parent else None,
+            "start_model": ctx.start.name, "adapter": result.adapter,
+            "settings": spec.model_dump(mode="json"), "data": {
+                "name": node.data.name, "format": node.data.format, "examples": len(node.data.examples),
+                "fingerprint": node.data.fingerprint, "skipped_rows": len(node.data.skipped)},
+            "cost": result.cost, "metrics": result.metrics,
+        }
+        write_json_atomic(partial / "stage.json", info)
+        (partial / "pending.json").unlink(missing_ok=True)
+        publish_dir(partial, cache.stage_dir(node.key))
+    if stopped_after:
+        record_stage(cache, node, run, reused=False)
+        raise Interrupted(f"stopped after stage {node.stage} (seed {node.seed}) finished; "
+                          "run the same command again to continue (finished stages are reused).")
     options.log(f"         done in {result.cost['wall_s']:.0f}s, {result.cost['optimizer_steps']} steps, "
                 + ", ".join(f"{k} {v:.3g}" for k, v in result.metrics.items() if isinstance(v, float)))
     gc.collect()
-    return info
+    return record_stage(cache, node, run, reused=False)
+
+
+@contextmanager
+def stop_on_signals(log):
+    """First Ctrl-C (or SIGTERM, as schedulers send before preempting) asks the running
+    stage to checkpoint and stop at the next step; a second Ctrl-C aborts at once."""
+    import signal
+    import threading
+
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        log("\nstopping at the next step boundary to save a checkpoint (Ctrl-C again to abort now)")
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield requested.is_set
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def data_summary(plan: Plan) -> dict:
@@ -298,6 +409,144 @@ def external_source(recipe: Recipe, name_or_path: str) -> ModelSource:
     return replace(base_source(recipe), name=name_or_path, revision=None)
 
 
+def eval_key(identity: str, seed: int | None, recipe: Recipe, setup: EvalSetup) -> str:
+    """An evaluation's identity: the model, the eval spec (tasks, data, settings, template,
+    lm-eval version), the generation seed, batching and the libraries that compute it."""
+    return digest({"model": identity, "seed": seed, "eval_spec": setup.spec_hash,
+                   "batch_size": recipe.eval.batch_size, "samples": recipe.eval.samples,
+                   "versions": library_versions()})
+
+
+def evaluate_cached(recipe: Recipe, pipeline: str, seed: int | None, identity: str | None, source: ModelSource,
+                    run: RunDir, options: RunOptions, setup: EvalSetup, tracker) -> list[dict]:
+    """Evaluate one model, or copy its evaluation from the cache (identity None: never cached)."""
+    out_dir = run.eval_dir(pipeline, seed)
+    entry = options.cache.eval_dir(eval_key(identity, seed, recipe, setup)) if identity else None
+    label = pipeline + ("" if seed is None else f" (seed {seed})")
+    if entry is not None and (entry / "eval.json").is_file():
+        options.log(f"  reuse  eval {label} from the cache")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.copytree(entry / "out", out_dir)
+        options.cache.touch(entry)
+        rows = json.loads((entry / "eval.json").read_text())["rows"]
+        rel = out_dir.relative_to(run.root)
+        return [{**row, "pipeline": pipeline, "seed": seed, "eval_spec": setup.spec_hash,
+                 "samples": str(rel / row["samples"]) if row.get("samples") else None} for row in rows]
+    rows = evaluate_source(recipe, pipeline, seed, source, run, options, setup)
+    tracker.log_eval(pipeline, seed, rows)
+    if entry is not None:
+        tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out_dir, tmp / "out")
+        rel = out_dir.relative_to(run.root)
+        stored = [{**row, "samples": str(Path(row["samples"]).relative_to(rel)) if row.get("samples") else None}
+                  for row in rows]
+        write_json_atomic(tmp / "eval.json", {"label": label, "model": identity, "rows": stored})
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)
+    return rows
+
+
+def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan, EvalSetup, dict]:
+    """Everything before training: eval tasks, data (curated, cached), compute matching, the plan."""
+    from posttrain.evaluate import task_texts
+
+    setup = prepare_eval(recipe, run, options.base_dir)
+    env = data_env(recipe, options.base_dir, cache_dir=options.cache.curated_dir(),
+                   eval_texts=lambda: task_texts(setup.refs, setup.task_dir), log=options.log)
+    data = load_stage_data(recipe, env)
+    estimates = stage_estimates(recipe, data)
+    matching = None
+    if recipe.compare is not None:
+        recipe, matching = match_compute(recipe, data, estimates)
+        estimates = stage_estimates(recipe, data)
+    plan = make_plan(recipe, env, data)
+    return plan, setup, {"estimates": estimates, "compute_match": matching}
+
+
+def stage_estimates(recipe: Recipe, data: dict[str, LoadedData]) -> dict[str, dict]:
+    """Per stage name: examples, steps and train tokens before it runs (seed-independent)."""
+    from posttrain.estimate import chat_token_counter, estimate_stage
+    from posttrain.models import apply_chat_template_choice, load_tokenizer
+
+    tokenizer = load_tokenizer(base_source(recipe))
+    apply_chat_template_choice(tokenizer, None, recipe.model.chat_template)
+    count = chat_token_counter(tokenizer)
+    used = {name for chain in recipe.pipelines.values() for name in chain}
+    return {name: estimate_stage(spec, data[f"{spec.data}:{STAGE_DATA_KIND[spec.method]}"].examples, count).as_dict()
+            for name, spec in recipe.stages.items() if name in used}
+
+
+def match_compute(recipe: Recipe, data, estimates: dict[str, dict]) -> tuple[Recipe, dict]:
+    """compare.match: tokens — give single-step pipelines the reference pipeline's train tokens."""
+    from posttrain.config import matched_pipelines
+    from posttrain.estimate import StageEstimate, match_steps
+
+    reference, matched = matched_pipelines(recipe)
+    target = sum(estimates[name]["tokens"] for name in recipe.pipelines[reference])
+    stages = dict(recipe.stages)
+    notes = {}
+    for pipeline in matched:
+        (stage_name,) = recipe.pipelines[pipeline]
+        steps = match_steps(target, StageEstimate(**estimates[stage_name]))
+        stages[stage_name] = stages[stage_name].model_copy(update={"max_steps": steps})
+        notes[pipeline] = {"stage": stage_name, "max_steps": steps, "was_steps": estimates[stage_name]["steps"],
+                           "target_tokens": target}
+    return recipe.model_copy(update={"stages": stages}), {"match": "tokens", "reference": reference,
+                                                          "pipelines": notes}
+
+
+def plan_rows(plan: Plan, cache: Cache, estimates: dict[str, dict]) -> list[dict]:
+    """The stage graph in training order: what runs, what is reused, keys and sizes."""
+    rows = []
+    for node in plan.nodes.values():
+        if cache.has_stage(node.key):
+            status = "reuse"
+        else:
+            checkpoint = cache.resume_checkpoint(node.key)
+            status = f"resume@{checkpoint.name.rsplit('-', 1)[1]}" if checkpoint else "train"
+        spec = plan.recipe.stages[node.stage]
+        rows.append({"status": status, "stage": node.stage, "method": spec.method, "seed": node.seed,
+                     "key": node.key, "after": " -> ".join(node.chain[:-1]) or "base",
+                     **estimates.get(node.stage, {})})
+    return rows
+
+
+def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
+    """The plan as text: a table of stages, then pipelines and compute matching."""
+    header = ["status", "stage", "seed", "key", "after", "examples", "steps", "~tokens"]
+    table = [[r["status"], f"{r['stage']} ({r['method']})", str(r["seed"]), r["key"][:12], r["after"],
+              f"{r.get('examples', 0):,}", f"{r.get('steps', 0):,}", f"{r.get('tokens', 0):,}"] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    todo = [r for r in rows if r["status"] != "reuse"]
+    lines.append(f"\n{len(rows)} stage runs: {len(rows) - len(todo)} reused from the cache, {len(todo)} to train "
+                 f"(~{sum(r.get('steps', 0) for r in todo):,} steps, ~{sum(r.get('tokens', 0) for r in todo):,} "
+                 "tokens)")
+    evals = len({p for p, _ in plan.finals}) - 1
+    lines.append(f"evaluations: base + {evals} pipeline(s) x {len(plan.recipe.seeds)} seed(s)"
+                 + (f" + {len(plan.recipe.external)} external" if plan.recipe.external else ""))
+    matching = info.get("compute_match")
+    if matching:
+        for pipeline, note in matching["pipelines"].items():
+            lines.append(f"compute matching: {pipeline}: {note['stage']}.max_steps = {note['max_steps']} "
+                         f"(was {note['was_steps']}) to match {matching['reference']}'s "
+                         f"~{note['target_tokens']:,} train tokens")
+    return "\n".join(lines)
+
+
+def plan_recipe(recipe: Recipe, options: RunOptions) -> tuple[list[dict], str]:
+    """What `posttrain plan` / `run --dry-run` show; loads (and curates) data, trains nothing."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        plan, _setup, info = prepare_run(recipe, options, RunDir(Path(scratch)))
+        rows = plan_rows(plan, options.cache, info["estimates"])
+        return rows, format_plan(plan, rows, info)
+
+
 def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
     """Train every pipeline (shared prefixes once), evaluate each and the base; write results."""
     from posttrain.artifacts import environment
@@ -308,28 +557,28 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
         os.environ.setdefault("TQDM_DISABLE", "1")  # datasets/TRL bars are noise in logs
     run = RunDir(options.out_dir)
     run.root.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run.root / "recipe.resolved.yaml", dump_recipe(recipe))
     write_json_atomic(run.root / "env.json", environment())
-    setup = prepare_eval(recipe, run, options.base_dir)
     wandb_spec = recipe.tracking.wandb
     tracker = Tracker(WandbSettings(**wandb_spec.model_dump()) if wandb_spec else None, run.root, recipe.name,
                       log=options.log)
 
-    from posttrain.evaluate import task_texts
-
-    env = data_env(recipe, options.base_dir, cache_dir=run.root / "data",
-                   eval_texts=lambda: task_texts(setup.refs, setup.task_dir), log=options.log)
-    plan = make_plan(recipe, env)
+    plan, setup, info = prepare_run(recipe, options, run)
+    recipe = plan.recipe  # after compute matching
+    write_text_atomic(run.root / "recipe.resolved.yaml", dump_recipe(recipe))
+    rows_of_plan = plan_rows(plan, options.cache, info["estimates"])
+    write_json_atomic(run.root / "plan.json", {"cache": str(options.cache.root), "stages": rows_of_plan,
+                                               "compute_match": info["compute_match"]})
     write_json_atomic(run.root / "data.json", data_summary(plan))
     for data in plan.data.values():
         if data.skipped:
             options.log(f"data {data.name}: skipped {len(data.skipped)} malformed rows (on_bad_rows: skip)")
-    options.log(f"plan: {len(plan.nodes)} stage runs for {len(plan.finals)} (pipeline, seed) pairs")
+    for pipeline, note in ((info["compute_match"] or {}).get("pipelines") or {}).items():
+        options.log(f"compute matching: {pipeline} trains {note['max_steps']} steps to match "
+                    f"{info['compute_match']['reference']}'s ~{note['target_tokens']:,} tokens")
     write_json_atomic(run.root / "pipelines.json", pipeline_stage_dirs(plan, run))
-    # The ETA counts only stages that train: reused ones take no time.
-    to_train = {key for key, node in plan.nodes.items()
-                if not (run.stage_dir(node.stage, node.seed, node.key) / "stage.json").is_file()}
-    options.log(f"{len(plan.nodes) - len(to_train)} stage runs reused, {len(to_train)} to train")
+    to_train = {row["key"] for row in rows_of_plan if row["status"] != "reuse"}
+    options.log(f"plan: {len(plan.nodes)} stage runs for {len(plan.finals)} (pipeline, seed) pairs; "
+                f"{len(plan.nodes) - len(to_train)} reused from {options.cache.root}, {len(to_train)} to train")
     started, trained = time.perf_counter(), 0
     for index, node in enumerate(plan.nodes.values(), 1):
         options.log(f"[stage {index}/{len(plan.nodes)}]{progress_eta(started, trained, len(to_train))}")
@@ -341,13 +590,13 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
         if node is None and seed != recipe.seeds[0]:
             continue  # an untrained model does not depend on the training seed
         eval_seed = None if node is None else seed
-        new_rows = evaluate_source(recipe, pipeline, eval_seed, source_after(plan, node, run), run, options, setup)
-        tracker.log_eval(pipeline, eval_seed, new_rows)
-        rows += new_rows
+        identity = base_key(recipe) if node is None else node.key
+        rows += evaluate_cached(recipe, pipeline, eval_seed, identity, source_after(plan, node, options.cache),
+                                run, options, setup, tracker)
     for name, model in recipe.external.items():
-        new_rows = evaluate_source(recipe, name, None, external_source(recipe, model), run, options, setup)
-        tracker.log_eval(name, None, new_rows)
-        rows += new_rows
+        # External models are named, not content-addressed (a hub id or folder can change): never cached.
+        rows += evaluate_cached(recipe, name, None, None, external_source(recipe, model), run, options, setup,
+                                tracker)
     write_text_atomic(run.results, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
     report = write_report(run.root)
     tracker.log_report(*main_table(report), run.root / "report.html")

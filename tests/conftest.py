@@ -18,3 +18,11 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own stage cache: no test reuses another's trained stages."""
+    cache = tmp_path_factory.mktemp("posttrain-cache")
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(cache))
+    return cache

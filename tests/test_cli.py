@@ -118,7 +118,10 @@ def test_run_end_to_end_then_rerun_reuses_and_report_regenerates(tmp_path, repo,
 
     rerun = runner.invoke(main, ["run", str(recipe), "--out", str(out)])
     assert rerun.exit_code == 0, rerun.output
-    assert "train  " not in rerun.output and rerun.output.count("reuse  ") == 3
+    # Every stage and every evaluation comes from the cache; only the report is written again.
+    assert "  train  " not in rerun.output and "  eval  " not in rerun.output, rerun.output
+    assert rerun.output.count("reuse  ") == 3 + 4
+    assert rows == [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
     report_files = ["report.md", "report.json", "report.html", "results.csv",
                     *(f"plots/{p.name}" for p in (out / "plots").iterdir())]

@@ -23,6 +23,27 @@ class StageContext:
     lora: Any = None          # LoraSpec or None
     show_progress: bool = False
     report_to: list[str] = field(default_factory=list)  # ["wandb"] inside a tracked stage run
+    # The engine's hooks (all optional: a bare context trains in memory, start to end).
+    dataset_dir: Path | None = None   # the rows as an on-disk Arrow dataset: TRL's maps are cached beside it
+    start_key: str | None = None      # identity of `start` (its stage key): names cached reference log-probs
+    reflogps_dir: Path | None = None  # where reference log-probs are cached (None: not cached)
+    checkpoint: "CheckpointPolicy | None" = None
+    resume_from: Path | None = None   # a checkpoint of this same stage to continue from
+    stop_requested: Any = None        # callable -> bool: stop at the next step boundary (Ctrl-C)
+
+
+@dataclass
+class CheckpointPolicy:
+    every_steps: int | None = None
+    every_minutes: float | None = None
+
+
+class StageInterrupted(Exception):
+    """Training stopped at a step boundary on request; its checkpoint is saved."""
+
+    def __init__(self, step: int, max_steps: int, checkpoint: Path | None):
+        super().__init__(f"stopped at step {step}/{max_steps}")
+        self.step, self.max_steps, self.checkpoint = step, max_steps, checkpoint
 
 
 @dataclass
@@ -76,7 +97,12 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         dataloader_num_workers=0,
         logging_steps=spec.logging_steps,
         logging_first_step=True,
+        # Checkpoints are requested by StageControl (every N steps and/or minutes, and on
+        # Ctrl-C), never by strategy; each holds optimizer, scheduler and RNG state so a
+        # resumed stage continues exactly. The two newest are kept.
         save_strategy="no",
+        save_total_limit=2,
+        save_only_model=False,
         report_to=list(ctx.report_to),
         disable_tqdm=not ctx.show_progress,
         remove_unused_columns=False,
@@ -143,6 +169,71 @@ class CostMeter:
         return False
 
 
+def train_dataset(ctx: StageContext):
+    """The stage's rows as a datasets.Dataset: memory-mapped from the cache when the
+    engine stored them there (so TRL's tokenization is cached by `datasets`), else in memory."""
+    from datasets import Dataset, load_from_disk
+
+    if ctx.dataset_dir is not None:
+        return load_from_disk(str(ctx.dataset_dir))
+    return Dataset.from_list(ctx.examples)
+
+
+def stage_control(ctx: StageContext):
+    """A TrainerCallback that saves checkpoints by the policy and stops on request."""
+    from transformers import TrainerCallback
+
+    from posttrain.cache import PROGRESS_FILE
+
+    policy = ctx.checkpoint or CheckpointPolicy()
+
+    class StageControl(TrainerCallback):
+        stopped = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = self.last_save = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            due_by_steps = policy.every_steps and state.global_step % policy.every_steps == 0
+            due_by_time = policy.every_minutes and time.monotonic() - self.last_save >= 60 * policy.every_minutes
+            if ctx.stop_requested is not None and ctx.stop_requested():
+                self.stopped = control.should_training_stop = control.should_save = True
+            elif (due_by_steps or due_by_time) and state.global_step < state.max_steps:
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            # transformers has written the checkpoint (model, optimizer, RNG, state);
+            # this marker makes it count as complete for a resume.
+            self.last_save = time.monotonic()
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / PROGRESS_FILE).write_text(json.dumps(
+                {"step": state.global_step, "wall_s": round(self.prior_wall_s + self.last_save - self.started, 2)}))
+
+    control = StageControl()
+    control.prior_wall_s = 0.0
+    if ctx.resume_from is not None:
+        progress = json.loads((Path(ctx.resume_from) / PROGRESS_FILE).read_text())
+        control.prior_wall_s = progress["wall_s"]
+    return control
+
+
+def run_training(trainer, ctx: StageContext) -> dict:
+    """Train (resuming when asked); raise StageInterrupted when stopped early on request.
+
+    Returns what the cost summary needs to know about earlier attempts.
+    """
+    from posttrain.cache import latest_checkpoint
+
+    control = stage_control(ctx)
+    trainer.add_callback(control)
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    if control.stopped and trainer.state.global_step < trainer.state.max_steps:
+        raise StageInterrupted(trainer.state.global_step, trainer.state.max_steps,
+                               latest_checkpoint(Path(trainer.args.output_dir)))
+    return {"resumed_from_step": int(ctx.resume_from.name.rsplit("-", 1)[1]) if ctx.resume_from else None,
+            "earlier_attempts_wall_s": control.prior_wall_s}
+
+
 def dataset_tokens(dataset, columns: dict[str, int]) -> int:
     """Tokens the model processes per epoch: each column's lengths times how often it is fed.
 
@@ -154,12 +245,18 @@ def dataset_tokens(dataset, columns: dict[str, int]) -> int:
 
 
 def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_columns: dict[str, int],
-           sequences_per_example: int, metric_keys: tuple[str, ...], reference_forwards: int = 0) -> StageResult:
+           sequences_per_example: int, metric_keys: tuple[str, ...], reference_forwards: int = 0,
+           attempts: dict | None = None, extra_cost: dict | None = None) -> StageResult:
     """Save the model/adapter, the trainer log, and summarise cost and final metrics.
 
     Passes count sequences: an SFT example is one sequence, a preference pair two
     (chosen and rejected). `reference_forwards` adds a frozen reference's passes.
+    A resumed stage's wall time adds the earlier attempts' time up to their last
+    checkpoint (work lost after it is not counted).
     """
+    import shutil
+
+    attempts = attempts or {}
     model_dir = ctx.out_dir / "model"
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
@@ -175,10 +272,14 @@ def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_col
         "train_tokens": round(dataset_tokens(trainer.train_dataset, token_columns) * epochs_done),
         "forward_passes": examples_seen * sequences_per_example + reference_forwards,
         "backward_passes": examples_seen * sequences_per_example,
-        "wall_s": round(meter.wall_s, 2),
+        "wall_s": round(meter.wall_s + attempts.get("earlier_attempts_wall_s", 0.0), 2),
+        "resumed_from_step": attempts.get("resumed_from_step"),
+        **(extra_cost or {}),
         "peak_memory_mb": round(meter.peak_memory_mb, 1),
         "peak_memory_kind": meter.memory_kind,
     }
+    # Checkpoints exist to resume this stage; once it is finished they are dead weight.
+    shutil.rmtree(ctx.out_dir / "trainer", ignore_errors=True)
     return StageResult(adapter=bool(ctx.lora), metrics=final_metrics(log, metric_keys), cost=cost)
 
 

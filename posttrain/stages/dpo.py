@@ -9,18 +9,85 @@ from __future__ import annotations
 
 import copy
 
-from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start,
-                                     peft_config, quiet_trainer, quiet_transformers, trainer_kwargs)
+import hashlib
+import os
+
+from posttrain.stages.common import (CostMeter, StageContext, StageResult, device, finish, load_start, peft_config,
+                                     quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
 
 DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "grad_norm")
 
 
+def pairs_digest(dataset) -> str:
+    """A content hash of tokenized pairs (prompt/chosen/rejected token ids, in order)."""
+    digest = hashlib.sha256()
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        values = dataset.data.column(column).combine_chunks()
+        digest.update(column.encode())
+        digest.update(values.value_lengths().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+        digest.update(values.flatten().to_numpy(zero_copy_only=False).astype("int64").tobytes())
+    return digest.hexdigest()
+
+
+def reflogps_key(ctx: StageContext, dataset, batch_size: int) -> str:
+    """What reference log-probs depend on: the reference model, the tokenized pairs,
+    truncation, and how they are batched and computed (padding and dtype move the last bits)."""
+    payload = [ctx.start_key, pairs_digest(dataset), ctx.spec.max_length, "keep_start", batch_size,
+               device(), ctx.start.dtype]
+    return hashlib.sha256(repr(payload).encode()).hexdigest()
+
+
+def with_ref_columns(dataset, chosen, rejected):
+    """Add cached log-probs exactly as TRL's precompute does (float32 columns)."""
+    from datasets import Dataset, Features, Value, concatenate_datasets
+
+    columns = Dataset.from_dict({"ref_chosen_logps": chosen, "ref_rejected_logps": rejected},
+                                features=Features({"ref_chosen_logps": Value("float32"),
+                                                   "ref_rejected_logps": Value("float32")}))
+    return concatenate_datasets([dataset, columns], axis=1)
+
+
+def trainer_class(ctx: StageContext):
+    """DPOTrainer, with its reference precompute cached per (reference, pairs).
+
+    TRL caches precomputed log-probs only beside one dataset fingerprint, which
+    changes with every DPOConfig setting (beta, learning rate, output dir); keyed by
+    the reference model's stage key instead, they are computed once and reused by
+    every seed with the same reference, every sweep point and every resume.
+    """
+    from trl import DPOTrainer
+
+    if ctx.reflogps_dir is None or ctx.start_key is None or not hasattr(DPOTrainer, "_precompute_ref_logps"):
+        return DPOTrainer
+
+    class CachedReferenceDPOTrainer(DPOTrainer):
+        reference_cached = False
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            import numpy as np
+
+            path = ctx.reflogps_dir / f"{reflogps_key(ctx, dataset, batch_size)}.npz"
+            if path.is_file():
+                stored = np.load(path)
+                if len(stored["chosen"]) == len(dataset):
+                    type(self).reference_cached = True
+                    return with_ref_columns(dataset, stored["chosen"], stored["rejected"])
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}-{os.getpid()}.npz")
+            np.savez(tmp, chosen=np.asarray(out["ref_chosen_logps"], dtype="float32"),
+                     rejected=np.asarray(out["ref_rejected_logps"], dtype="float32"))
+            os.replace(tmp, path)
+            return out
+
+    return CachedReferenceDPOTrainer
+
+
 def build_trainer(ctx: StageContext):
     """The DPOTrainer for this stage, before training (tests inspect its reference)."""
     quiet_transformers()
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     model, tokenizer = load_start(ctx)
     spec = ctx.spec
@@ -46,20 +113,22 @@ def build_trainer(ctx: StageContext):
         activation_offloading=False,
         dataset_num_proc=None,
     )
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
-                         train_dataset=Dataset.from_list(ctx.examples), processing_class=tokenizer,
-                         peft_config=lora)
+    trainer = trainer_class(ctx)(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset(ctx),
+                                 processing_class=tokenizer, peft_config=lora)
     return quiet_trainer(trainer, ctx), tokenizer
 
 
 def train(ctx: StageContext) -> StageResult:
     with CostMeter() as meter:
         trainer, tokenizer = build_trainer(ctx)
-        trainer.train()
+        attempts = run_training(trainer, ctx)
     # The reference scores chosen and rejected too: once per pair up front when
-    # precomputed, else alongside every policy step (with LoRA: adapter disabled).
+    # precomputed (a pipeline's cost, even when this run found them cached), else
+    # alongside every policy step (with LoRA: adapter disabled).
     pairs = len(trainer.train_dataset)
     epochs = trainer.state.epoch or 0.0
     reference_forwards = 2 * pairs if ctx.spec.precompute_ref_log_probs else round(2 * pairs * epochs)
+    cached = bool(getattr(trainer, "reference_cached", False))
     return finish(ctx, trainer, tokenizer, meter, token_columns={"prompt_ids": 2, "chosen_ids": 1, "rejected_ids": 1},
-                  sequences_per_example=2, metric_keys=DPO_METRICS, reference_forwards=reference_forwards)
+                  sequences_per_example=2, metric_keys=DPO_METRICS, reference_forwards=reference_forwards,
+                  attempts=attempts, extra_cost={"reference_logps_cached": cached})

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from posttrain.models import template_has_generation_markers
-from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start,
-                                     peft_config, quiet_trainer, quiet_transformers, trainer_kwargs)
+from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start, peft_config,
+                                     quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
 
 
 def to_prompt_completion(example: dict) -> dict:
@@ -13,18 +13,16 @@ def to_prompt_completion(example: dict) -> dict:
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def sft_dataset(examples: list[dict], tokenizer):
+def sft_dataset(dataset, tokenizer):
     """Choose how prompt tokens are masked, by what the chat template supports.
 
     With generation markers TRL masks every non-assistant token (multi-turn aware);
     otherwise the conversation before the last reply becomes the prompt and TRL's
     completion-only loss masks it.
     """
-    from datasets import Dataset
-
     if template_has_generation_markers(tokenizer):
-        return Dataset.from_list(examples), True
-    return Dataset.from_list([to_prompt_completion(e) for e in examples]), False
+        return dataset, True
+    return dataset.map(to_prompt_completion, remove_columns=dataset.column_names), False
 
 
 def build_trainer(ctx: StageContext):
@@ -33,7 +31,7 @@ def build_trainer(ctx: StageContext):
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = load_start(ctx)
-    dataset, assistant_masks = sft_dataset(ctx.examples, tokenizer)
+    dataset, assistant_masks = sft_dataset(train_dataset(ctx), tokenizer)
     spec = ctx.spec
     args = SFTConfig(
         **trainer_kwargs(ctx),
@@ -55,6 +53,6 @@ def build_trainer(ctx: StageContext):
 def train(ctx: StageContext) -> StageResult:
     with CostMeter() as meter:
         trainer, tokenizer = build_trainer(ctx)
-        trainer.train()
+        attempts = run_training(trainer, ctx)
     return finish(ctx, trainer, tokenizer, meter, token_columns={"input_ids": 1}, sequences_per_example=1,
-                  metric_keys=("loss", "mean_token_accuracy", "grad_norm"))
+                  metric_keys=("loss", "mean_token_accuracy", "grad_norm"), attempts=attempts)
