@@ -157,8 +157,9 @@ def print_plan(recipe_path: str, recipe, cache_dir: str | None, as_json: bool) -
     options = RunOptions(out_dir=Path("."), base_dir=Path(recipe_path).resolve().parent,
                          log=lambda line: click.echo(line, err=True), cache=Cache(cache_dir))
     with contextlib.redirect_stdout(sys.stderr):
-        rows, text = plan_recipe(recipe, options)
-    click.echo(json.dumps({"cache": str(options.cache.root), "stages": rows}, indent=2) if as_json else text)
+        planned = plan_recipe(recipe, options)
+    text = planned.pop("text")
+    click.echo(json.dumps(planned, indent=2) if as_json else text)
 
 
 def show_report(report_dir: Path, as_json: bool) -> None:

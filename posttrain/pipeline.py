@@ -537,14 +537,17 @@ def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
-def plan_recipe(recipe: Recipe, options: RunOptions) -> tuple[list[dict], str]:
+def plan_recipe(recipe: Recipe, options: RunOptions) -> dict:
     """What `posttrain plan` / `run --dry-run` show; loads (and curates) data, trains nothing."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         plan, _setup, info = prepare_run(recipe, options, RunDir(Path(scratch)))
         rows = plan_rows(plan, options.cache, info["estimates"])
-        return rows, format_plan(plan, rows, info)
+        return {"cache": str(options.cache.root), "stages": rows, "compute_match": info["compute_match"],
+                "pipelines": {f"{pipeline}/{seed}": node.key if node else None
+                              for (pipeline, seed), node in plan.finals.items()},
+                "text": format_plan(plan, rows, info)}
 
 
 def run_recipe(recipe: Recipe, options: RunOptions) -> Path:

@@ -248,6 +248,21 @@ def curation_table(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def compute_match_notes(runs: list[dict], names: dict) -> list[str]:
+    """What `compare: {match: tokens}` changed, from each run's plan.json."""
+    notes = []
+    for index, run in enumerate(runs):
+        path = run["dir"] / "plan.json"
+        matching = json.loads(path.read_text()).get("compute_match") if path.is_file() else None
+        for pipeline, note in ((matching or {}).get("pipelines") or {}).items():
+            reference = names.get((index, matching["reference"]), matching["reference"])
+            notes.append(f"Compute matched (compare.match: tokens): {names.get((index, pipeline), pipeline)} trains "
+                         f"{note['max_steps']:,} optimizer steps (was {note['was_steps']:,}) so that its train tokens "
+                         f"match {reference}'s estimated {note['target_tokens']:,}; the cost table shows the "
+                         "tokens actually trained.")
+    return notes
+
+
 def build_report(run_dirs: list[Path]) -> dict:
     from posttrain.stats import CI_METHOD_TEXT
 
@@ -287,6 +302,7 @@ def build_report(run_dirs: list[Path]) -> dict:
         "columns": columns, "pipelines": pipelines, "curves": curves(runs),
         "samples": side_by_side(runs, names, settings["samples"]),
         "curation": curation_summary(runs),
+        "notes": compute_match_notes(runs, names),
     }
 
 
@@ -371,6 +387,7 @@ def markdown(report: dict) -> str:
         f"Eval spec `{report['eval_spec']}` · baseline `{report['baseline']}` · {confidence}% intervals. "
         f"{report['ci_method']} Δ is the paired difference from the baseline (percentage points); "
         f"{SIGNIFICANT} marks a difference whose interval excludes zero — anything else is within the noise.\n\n",
+        *(f"> {note}\n\n" for note in report.get("notes") or []),
         "## Quality\n\n", markdown_table(*main_table(report)),
         "\n## Cost\n\n",
         "Summed over each pipeline's stages (mean over seeds; peak memory is the maximum). A stage shared by "

@@ -236,3 +236,72 @@ def test_cache_ls_rm_gc(engine_runs, tmp_path):
     assert capped.exit_code == 0
     left = json.loads(runner.invoke(main, ["cache", "ls", "--cache", str(cache), "--json"]).output)
     assert sum(e["size"] for e in left) <= 1024
+
+
+TINY3 = """
+name: tiny
+model: {name: builtin:micro-llama}
+data:
+  ins: {source: builtin:skills, limit: 64}
+  prefs: {source: builtin:skills-preferences, limit: 64}
+stages:
+  sft: {method: sft, data: ins, learning_rate: 1.0e-2, max_steps: 4, batch_size: 8, max_length: 96}
+  dpo: {method: dpo, data: prefs, learning_rate: 1.0e-3, max_steps: 2, batch_size: 8, max_length: 96}
+  orpo: {method: orpo, data: prefs, learning_rate: 1.0e-2, max_steps: 2, batch_size: 8, max_length: 96}
+pipelines:
+  sft: [sft]
+  sft+dpo: [sft, dpo]
+  orpo: [orpo]
+eval:
+  tasks: [{repo}/evals/skills_exact.yaml]
+  limit: 8
+  samples: 0
+report: {resamples: 200}
+tracking: {wandb: {mode: disabled}}
+"""
+
+
+def tiny3(tmp_path, repo, extra=""):
+    path = tmp_path / "tiny3.yaml"
+    path.write_text(textwrap.dedent(TINY3).replace("{repo}", str(repo)) + extra)
+    return path
+
+
+def plan_json(recipe, *args):
+    result = CliRunner().invoke(main, ["plan", str(recipe), "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output[result.output.index("{"):])
+
+
+def test_sweep_points_share_the_sft_prefix(tmp_path, repo):
+    plan = plan_json(tiny3(tmp_path, repo), "-o", "sweep.stages.dpo.beta=[0.05,0.1,0.3]")
+    stages = [(row["stage"], row["after"]) for row in plan["stages"]]
+    # One SFT, three DPO points after it, one ORPO: five stage runs for seven pipelines.
+    assert stages.count(("sft", "base")) == 1
+    assert sorted(s for s, after in stages if after == "sft") == ["dpo[beta=0.05]", "dpo[beta=0.1]", "dpo[beta=0.3]"]
+    assert len(plan["stages"]) == 5
+    assert sorted(plan["pipelines"]) == ["base/0", "orpo/0", "sft+dpo[beta=0.05]/0", "sft+dpo[beta=0.1]/0",
+                                         "sft+dpo[beta=0.3]/0", "sft/0"]
+
+
+def test_compute_matching_gives_orpo_the_tokens_of_sft_dpo(tmp_path, repo):
+    recipe = tiny3(tmp_path, repo, "compare: {match: tokens}\n")
+    plan = plan_json(recipe)
+    est = {row["stage"]: row for row in plan["stages"]}
+    note = plan["compute_match"]["pipelines"]["orpo"]
+    target = est["sft"]["tokens"] + est["dpo"]["tokens"]
+    assert plan["compute_match"]["reference"] == "sft+dpo" and note["target_tokens"] == target
+    per_step = est["orpo"]["tokens_per_epoch"] / est["orpo"]["steps_per_epoch"]
+    assert est["orpo"]["steps"] == note["max_steps"] > 2
+    assert abs(note["max_steps"] * per_step - target) <= per_step / 2
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    cost = {p["name"]: p["cost"] for p in report["pipelines"]}
+    assert cost["orpo"]["optimizer_steps"] == note["max_steps"]
+    # Measured tokens agree with the estimate-based match within 5%.
+    assert abs(cost["orpo"]["train_tokens"] / cost["sft+dpo"]["train_tokens"] - 1) < 0.05
+    assert any("Compute matched" in n and "orpo trains" in n for n in report["notes"])
+    assert "Compute matched" in (out / "report.md").read_text()

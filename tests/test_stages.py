@@ -129,3 +129,55 @@ def test_train_tokens_count_the_prompt_once_per_sequence():
     pairs = Dataset.from_list([{"prompt_ids": [1, 2, 3], "chosen_ids": [4], "rejected_ids": [5, 6]}])
     # DPO feeds prompt+chosen and prompt+rejected: 3+1 + 3+2 tokens.
     assert dataset_tokens(pairs, {"prompt_ids": 2, "chosen_ids": 1, "rejected_ids": 1}) == 9
+
+
+def cached_context(tmp_path, spec, name, seed=0, start_key="base-key"):
+    from posttrain.cache import save_dataset
+
+    ctx = context(tmp_path, spec, name=name)
+    data_dir = save_dataset(ctx.examples, tmp_path / "datasets" / spec.method)
+    return StageContext(name=name, spec=spec, seed=seed, start=MICRO, examples=ctx.examples, out_dir=ctx.out_dir,
+                        dataset_dir=data_dir, start_key=start_key, reflogps_dir=tmp_path / "reflogps")
+
+
+def test_tokenized_dataset_is_cached_across_seeds_and_settings(tmp_path):
+    """The rows live on disk once; TRL's tokenization map is then served from `datasets`' cache."""
+    import pyarrow as pa
+
+    from posttrain.stages.sft import build_trainer
+
+    folder = tmp_path / "datasets" / "sft"
+    build_trainer(cached_context(tmp_path, sft_spec(), "a", seed=0))
+    before = set(folder.glob("cache-*.arrow"))
+    assert before  # the first build tokenized and cached its output beside the rows
+    second, _ = build_trainer(cached_context(tmp_path, stage_spec("sft", steps=5, lr=1e-3), "b", seed=1))
+    new = set(folder.glob("cache-*.arrow")) - before
+    # Another seed and learning rate tokenize nothing again: at most a shuffle index is new.
+    for path in new:
+        with pa.memory_map(str(path)) as source:
+            assert pa.ipc.open_stream(source).schema.names == ["indices"]
+    assert len(second.train_dataset["input_ids"]) == 32
+
+
+def test_reference_logps_are_computed_once_per_reference_and_pairs(tmp_path, monkeypatch):
+    from trl import DPOTrainer
+
+    from posttrain.stages.dpo import build_trainer
+
+    calls = []
+    original = DPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    spec = stage_spec("dpo")
+    first, _ = build_trainer(cached_context(tmp_path, spec, "a"))
+    computed = len(calls)
+    assert computed > 0 and not first.reference_cached
+    other_beta = DPOStage(**{**spec.model_dump(), "beta": 0.5, "learning_rate": 1e-3})
+    second, _ = build_trainer(cached_context(tmp_path, other_beta, "b", seed=1))
+    assert len(calls) == computed and second.reference_cached
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert second.train_dataset[column] == first.train_dataset[column]
+        assert second.train_dataset.features[column] == first.train_dataset.features[column]
+    # Another reference model: computed again.
+    build_trainer(cached_context(tmp_path, spec, "c", start_key="other-reference"))
+    assert len(calls) == 2 * computed
