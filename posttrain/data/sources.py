@@ -3,7 +3,7 @@
 `builtin:` sources are generated in code (posttrain.data.builtin / .noisy);
 everything else goes through the file/hub loader in posttrain.data.io. A dataset
 may be a `mix` of others, and may be curated (posttrain.data.curate); curated sets
-are cached by content under the run directory, so curating the same way twice is
+are cached by content in posttrain's cache (`<cache>/curated`), so curating the same way twice is
 free and curating differently changes the fingerprint the stage keys hash.
 """
 
