@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from posttrain.cli import main
+from tiny_recipes import TINY, write_recipe
 
 RECIPE = """
 name: resume
@@ -238,33 +239,9 @@ def test_cache_ls_rm_gc(engine_runs, tmp_path):
     assert sum(e["size"] for e in left) <= 1024
 
 
-TINY3 = """
-name: tiny
-model: {name: builtin:micro-llama}
-data:
-  ins: {source: builtin:skills, limit: 64}
-  prefs: {source: builtin:skills-preferences, limit: 64}
-stages:
-  sft: {method: sft, data: ins, learning_rate: 1.0e-2, max_steps: 4, batch_size: 8, max_length: 96}
-  dpo: {method: dpo, data: prefs, learning_rate: 1.0e-3, max_steps: 2, batch_size: 8, max_length: 96}
-  orpo: {method: orpo, data: prefs, learning_rate: 1.0e-2, max_steps: 2, batch_size: 8, max_length: 96}
-pipelines:
-  sft: [sft]
-  sft+dpo: [sft, dpo]
-  orpo: [orpo]
-eval:
-  tasks: [{repo}/evals/skills_exact.yaml]
-  limit: 8
-  samples: 0
-report: {resamples: 200}
-tracking: {wandb: {mode: disabled}}
-"""
-
-
 def tiny3(tmp_path, repo, extra=""):
-    path = tmp_path / "tiny3.yaml"
-    path.write_text(textwrap.dedent(TINY3).replace("{repo}", str(repo)) + extra)
-    return path
+    """The shared tiny recipe (sft, sft+dpo, orpo), W&B off, plus `extra` YAML."""
+    return write_recipe(tmp_path, repo, TINY + "tracking: {wandb: {mode: disabled}}\n" + extra)
 
 
 def plan_json(recipe, *args):
