@@ -213,6 +213,7 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
         return record_stage(cache, node, run, reused=True)
     with stage_lock(cache, node, options.log):
         if cache.has_stage(node.key):  # another run finished it while we waited
+            options.log(f"  reuse  {node.stage} (seed {node.seed}) {node.key[:12]}, just trained by another run")
             return record_stage(cache, node, run, reused=True)
         recipe = plan.recipe
         spec = recipe.stages[node.stage]

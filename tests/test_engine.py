@@ -282,3 +282,22 @@ def test_compute_matching_gives_orpo_the_tokens_of_sft_dpo(tmp_path, repo):
     assert abs(cost["orpo"]["train_tokens"] / cost["sft+dpo"]["train_tokens"] - 1) < 0.05
     assert any("Compute matched" in n and "orpo trains" in n for n in report["notes"])
     assert "Compute matched" in (out / "report.md").read_text()
+
+
+def test_two_runs_at_once_train_each_stage_once(tmp_path, repo):
+    """Stages train under a per-key lock: a second run waits for, then reuses, what the first trains."""
+    recipe = tiny3(tmp_path, repo)
+    cache = tmp_path / "cache"
+    processes = [start_run(recipe, tmp_path / f"run{i}", cache) for i in range(2)]
+    logs = []
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-2000:]
+        logs.append(err)
+    trained = [line.split()[1] for log in logs for line in log.splitlines() if line.startswith("  train  ")]
+    assert sorted(trained) == ["dpo", "orpo", "sft"]
+    # Whatever one run did not train, it reused (after waiting for the other, or from the cache).
+    reused = [line.split()[1] for log in logs for line in log.splitlines() if line.startswith("  reuse  ")
+              and "eval" not in line]
+    assert sorted(reused) == ["dpo", "orpo", "sft"]
+    assert results(tmp_path / "run0") == results(tmp_path / "run1")

@@ -306,7 +306,11 @@ def quiet_trainer(trainer, ctx: StageContext):
 
 
 def quiet_transformers() -> None:
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # TRL 1.16 reads a property transformers 5 deprecated, once per DPO step: noise, not news.
+    warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
