@@ -3,8 +3,8 @@
 Tokens are counted the way a finished stage reports them (stages/common.finish):
 the sequences TRL builds from the chat template, before truncation: an SFT
 example is its whole conversation; a preference pair is prompt+chosen plus
-prompt+rejected (DPO and ORPO alike). Large datasets are estimated from an evenly
-spaced sample of rows, scaled to the whole.
+prompt+rejected (DPO and ORPO alike). Datasets over SAMPLE_ROWS rows are estimated
+from a seeded random sample of rows, scaled to the whole.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-SAMPLE_ROWS = 1000
+SAMPLE_ROWS = 2000
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,17 @@ def example_tokens(example: dict, count) -> int:
 
 
 def tokens_per_epoch(examples: list[dict], count) -> int:
+    """Every row's tokens up to SAMPLE_ROWS rows; beyond, a seeded random sample scaled up
+    (random, not every k-th row: generated and sorted data often cycle with a period)."""
     if not examples:
         return 0
-    stride = max(1, len(examples) // SAMPLE_ROWS)
-    sample = examples[::stride][:SAMPLE_ROWS]
-    sampled = sum(example_tokens(e, count) for e in sample)
-    return round(sampled * len(examples) / len(sample))
+    if len(examples) <= SAMPLE_ROWS:
+        return sum(example_tokens(e, count) for e in examples)
+    import random
+
+    picked = sorted(random.Random(0).sample(range(len(examples)), SAMPLE_ROWS))
+    sampled = sum(example_tokens(examples[i], count) for i in picked)
+    return round(sampled * len(examples) / SAMPLE_ROWS)
 
 
 def chat_token_counter(tokenizer):
@@ -64,10 +69,12 @@ def chat_token_counter(tokenizer):
     return count
 
 
-def estimate_stage(spec, examples: list[dict], count) -> StageEstimate:
+def estimate_stage(spec, examples: list[dict], count, per_epoch_tokens: int | None = None) -> StageEstimate:
+    """A stage's size; `per_epoch_tokens` reuses a count already made for the same rows."""
     per_epoch_steps = steps_per_epoch(len(examples), spec.batch_size, spec.gradient_accumulation)
     steps = total_steps(spec, len(examples))
-    per_epoch_tokens = tokens_per_epoch(examples, count)
+    if per_epoch_tokens is None:
+        per_epoch_tokens = tokens_per_epoch(examples, count)
     return StageEstimate(examples=len(examples), steps_per_epoch=per_epoch_steps, steps=steps,
                          tokens_per_epoch=per_epoch_tokens,
                          tokens=round(per_epoch_tokens * steps / per_epoch_steps))

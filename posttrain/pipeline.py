@@ -475,8 +475,15 @@ def stage_estimates(recipe: Recipe, data: dict[str, LoadedData]) -> dict[str, di
     apply_chat_template_choice(tokenizer, None, recipe.model.chat_template)
     count = chat_token_counter(tokenizer)
     used = {name for chain in recipe.pipelines.values() for name in chain}
-    return {name: estimate_stage(spec, data[f"{spec.data}:{STAGE_DATA_KIND[spec.method]}"].examples, count).as_dict()
-            for name, spec in recipe.stages.items() if name in used}
+    per_epoch: dict[str, int] = {}  # per dataset: DPO and ORPO on one dataset count it once
+    estimates = {}
+    for name, spec in recipe.stages.items():
+        if name in used:
+            key = f"{spec.data}:{STAGE_DATA_KIND[spec.method]}"
+            estimate = estimate_stage(spec, data[key].examples, count, per_epoch.get(key))
+            per_epoch[key] = estimate.tokens_per_epoch
+            estimates[name] = estimate.as_dict()
+    return estimates
 
 
 def match_compute(recipe: Recipe, data, estimates: dict[str, dict]) -> tuple[Recipe, dict]:
@@ -581,8 +588,11 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
                     f"{info['compute_match']['reference']}'s ~{note['target_tokens']:,} tokens")
     write_json_atomic(run.root / "pipelines.json", pipeline_stage_dirs(plan, run))
     to_train = {row["key"] for row in rows_of_plan if row["status"] != "reuse"}
+    resumes = [f"{row['stage']} (seed {row['seed']}) from step {row['status'].split('@')[1]}"
+               for row in rows_of_plan if row["status"].startswith("resume@")]
     options.log(f"plan: {len(plan.nodes)} stage runs for {len(plan.finals)} (pipeline, seed) pairs; "
-                f"{len(plan.nodes) - len(to_train)} reused from {options.cache.root}, {len(to_train)} to train")
+                f"{len(plan.nodes) - len(to_train)} reused from {options.cache.root}, {len(to_train)} to train"
+                + (f" (resuming {', '.join(resumes)})" if resumes else ""))
     started, trained = time.perf_counter(), 0
     for index, node in enumerate(plan.nodes.values(), 1):
         options.log(f"[stage {index}/{len(plan.nodes)}]{progress_eta(started, trained, len(to_train))}")

@@ -119,6 +119,7 @@ def test_sigkill_mid_dpo_then_rerun_resumes_dpo_and_reuses_sft(engine_runs):
     resumed_line = next(line for line in output.splitlines() if "resume from step" in line)
     resumed_step = int(resumed_line.split("resume from step ")[1].split()[0])
     assert resumed_step >= step and "dpo" in resumed_line
+    assert f"1 to train (resuming dpo (seed 0) from step {resumed_step})" in output
     dpo = stage_record(engine_runs["killed"], "dpo")
     assert dpo["cost"]["resumed_from_step"] == resumed_step and dpo["cost"]["optimizer_steps"] == 600
     # The reference log-probs of the killed attempt were cached and reused on resume.
