@@ -180,8 +180,8 @@ def entries(cache: Cache, kinds=KINDS) -> list[Entry]:
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            if path.name.startswith(".tmp-"):
-                continue
+            if path.name.startswith(".tmp-") or path.name.endswith(".curation.json"):
+                continue  # a curation report is part of its curated set's entry
             entry_kind, key = kind, path.name
             if kind == "stages" and key.startswith(PARTIAL_PREFIX):
                 entry_kind, key = "partial", key[len(PARTIAL_PREFIX):]
@@ -193,7 +193,14 @@ def entries(cache: Cache, kinds=KINDS) -> list[Entry]:
                     info["resume_step"] = checkpoint_step(ckpt) if ckpt else None
             elif kind == "evals":
                 info = read_json(path / "eval.json") or {}
-            out.append(Entry(entry_kind, key.removesuffix(".npz"), path, tree_size(path), last_used(path), info))
+            size = tree_size(path)
+            key = key.removesuffix(".npz")
+            if kind == "curated":  # <dataset>-<key>.jsonl beside its <dataset>-<key>.curation.json
+                report = path.with_suffix(".curation.json")
+                size += tree_size(report) if report.is_file() else 0
+                dataset, _, key = key.removesuffix(".jsonl").rpartition("-")
+                info = {"label": f"curated {dataset}"}
+            out.append(Entry(entry_kind, key, path, size, last_used(path), info))
     return out
 
 
@@ -222,6 +229,8 @@ def remove(entry: Entry) -> None:
         shutil.rmtree(entry.path, ignore_errors=True)
     else:
         entry.path.unlink(missing_ok=True)
+        if entry.kind == "curated":
+            entry.path.with_suffix(".curation.json").unlink(missing_ok=True)
 
 
 def age_days(entry: Entry, now: float | None = None) -> float:

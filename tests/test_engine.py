@@ -302,3 +302,18 @@ def test_two_runs_at_once_train_each_stage_once(tmp_path, repo):
               and "eval" not in line]
     assert sorted(reused) == ["dpo", "orpo", "sft"]
     assert results(tmp_path / "run0") == results(tmp_path / "run1")
+
+
+def test_cache_lists_a_curated_set_with_its_report_as_one_entry(tmp_path):
+    from posttrain.cache import Cache, entries, find, remove
+
+    curated = tmp_path / "curated"
+    curated.mkdir()
+    (curated / "clean-set-0123456789abcdef.jsonl").write_text('{"messages": []}\n' * 10)
+    (curated / "clean-set-0123456789abcdef.curation.json").write_text("{}\n")
+    (listed,) = entries(Cache(tmp_path))
+    assert (listed.kind, listed.key, listed.label) == ("curated", "0123456789abcdef", "curated clean-set")
+    assert listed.size == 17 * 10 + 3
+    (found,) = find(entries(Cache(tmp_path)), "012345")
+    remove(found)
+    assert not list(curated.iterdir())
