@@ -39,6 +39,13 @@ class RunDir:
         return self.evals / pipeline / ("base" if seed is None else f"seed{seed}")
 
 
+def content_hash(payload) -> str:
+    """SHA-256 of a JSON-able payload, independent of key order: the cache keys' hash."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write beside the target, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -224,6 +224,11 @@ def is_locked(cache: Cache, key: str) -> bool:
     return False
 
 
+def in_training(cache: Cache, entry: Entry) -> bool:
+    """A stage (or its partial dir) that a running posttrain holds the lock of: never removed."""
+    return entry.kind in ("stages", "partial") and is_locked(cache, entry.key)
+
+
 def remove(entry: Entry) -> None:
     if entry.path.is_dir():
         shutil.rmtree(entry.path, ignore_errors=True)

@@ -34,6 +34,13 @@ def user_errors(command):
     return wrapper
 
 
+override_option = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
+                               help="Override a recipe value, e.g. -o stages.dpo.beta=0.2 (repeatable).")
+cache_option = click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+                            envvar="POSTTRAIN_CACHE",
+                            help="The stage cache (default: $POSTTRAIN_CACHE, else ~/.cache/posttrain).")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="posttrain")
 def main():
@@ -48,8 +55,7 @@ def main():
 
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe value, e.g. -o stages.dpo.beta=0.2 (repeatable).")
+@override_option
 def validate(recipes, overrides):
     """Check recipes without training; list every problem with its path.
 
@@ -76,8 +82,7 @@ def validate(recipes, overrides):
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe value, e.g. -o stages.dpo.beta=0.2 (repeatable).")
+@override_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: <output.dir>/<recipe name>).")
 @click.option("--no-wandb", is_flag=True, help="Turn W&B tracking off whatever the recipe says.")
@@ -85,8 +90,7 @@ def validate(recipes, overrides):
               help="Trainer progress bars (default: on when stderr is a terminal).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines; print only the final table.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, envvar="POSTTRAIN_CACHE",
-              help="Stage cache (default: $POSTTRAIN_CACHE, else ~/.cache/posttrain).")
+@cache_option
 @click.option("--dry-run", is_flag=True, help="Print the plan (what trains, what is reused) and stop.")
 @user_errors
 def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_dir, dry_run):
@@ -128,9 +132,8 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, envvar="POSTTRAIN_CACHE",
-              help="Stage cache (default: $POSTTRAIN_CACHE, else ~/.cache/posttrain).")
+@override_option
+@cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
 def plan(recipe, overrides, cache_dir, as_json):
@@ -236,7 +239,7 @@ def data_inspect(target, dataset, fmt, samples):
 @click.option("--dataset", required=True, help="The recipe's dataset to curate.")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
               help="Curated rows (jsonl); the curation report goes beside it (.curation.json).")
-@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@override_option
 @user_errors
 def data_curate(recipe, dataset, out_file, overrides):
     """Write a recipe's curated dataset and its curation report, without training.
@@ -262,10 +265,6 @@ def cache():
       posttrain cache gc --older-than 30 --max-size 50GB
     The cache is $POSTTRAIN_CACHE, else ~/.cache/posttrain (or --cache DIR).
     """
-
-
-cache_option = click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
-                            envvar="POSTTRAIN_CACHE", help="Cache folder (default: $POSTTRAIN_CACHE, else ~/.cache/posttrain).")
 
 
 def entry_lines(items) -> list[str]:
@@ -323,7 +322,7 @@ def cache_ls(cache_dir, kind, as_json):
 @user_errors
 def cache_rm(cache_dir, keys, remove_all):
     """Remove entries by key prefix (at least 6 characters), as `cache ls` shows them."""
-    from posttrain.cache import Cache, entries, find, human_size, is_locked, remove
+    from posttrain.cache import Cache, entries, find, human_size, in_training, remove
 
     store = Cache(cache_dir)
     items = entries(store)
@@ -344,7 +343,7 @@ def cache_rm(cache_dir, keys, remove_all):
             chosen += found
         if problems:
             raise PosttrainError("cache rm: nothing removed", problems)
-    busy = [e for e in chosen if e.kind in ("stages", "partial") and is_locked(store, e.key)]
+    busy = [e for e in chosen if in_training(store, e)]
     if busy:
         raise PosttrainError("cache rm: nothing removed; a run is training "
                              + ", ".join(e.key[:12] for e in busy))
@@ -368,7 +367,7 @@ def cache_gc(cache_dir, older_than, max_size, dry_run):
     """
     import shutil
 
-    from posttrain.cache import (Cache, entries, human_size, is_locked, parse_size, remove, select_garbage,
+    from posttrain.cache import (Cache, entries, human_size, in_training, parse_size, remove, select_garbage,
                                  stale_temporaries)
 
     store = Cache(cache_dir)
@@ -378,7 +377,7 @@ def cache_gc(cache_dir, older_than, max_size, dry_run):
         raise PosttrainError(f"--max-size: {exc}") from None
     items = entries(store)
     doomed = select_garbage(items, older_than, limit,
-                            locked=lambda e: e.kind in ("stages", "partial") and is_locked(store, e.key))
+                            locked=lambda e: in_training(store, e))
     leftovers = stale_temporaries(store)
     for line in entry_lines(doomed):
         click.echo(("would remove " if dry_run else "remove ") + line)

@@ -451,7 +451,8 @@ def eval_spec_hash(refs: list[TaskRef], task_dir: Path | None, settings: dict) -
     are comparable only when their hashes agree.
     """
     import hashlib
-    import json
+
+    from posttrain.artifacts import content_hash
 
     def file_hash(path: str) -> str:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else path
@@ -475,7 +476,7 @@ def eval_spec_hash(refs: list[TaskRef], task_dir: Path | None, settings: dict) -
         modules = {str(p.relative_to(folder)): file_hash(str(p)) for p in sorted(folder.rglob("*.py"))}
         tasks.append({"name": ref.name, "config": content(config), "modules": modules})
     payload = {"tasks": tasks, "settings": settings, "lm_eval": lm_eval_version()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return content_hash(payload)[:12]
 
 
 # --------------------------------------------------------------------------- task texts

@@ -9,7 +9,6 @@ model, the seed, library versions). Pipelines sharing a prefix share its stages:
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import shutil
@@ -19,8 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from posttrain.artifacts import RunDir, library_versions, publish_dir, write_json_atomic, write_text_atomic
-from posttrain.cache import Cache, drop_incomplete_checkpoints, save_dataset
+from posttrain.artifacts import (RunDir, content_hash, library_versions, publish_dir, write_json_atomic,
+                                 write_text_atomic)
+from posttrain.cache import Cache, checkpoint_step, drop_incomplete_checkpoints, save_dataset
 from posttrain.config import Recipe, dump_recipe, pipelines_with_base, resolve_lora
 from posttrain.errors import Interrupted
 from posttrain.data.sources import DataEnv, LoadedData, fingerprint, load_data
@@ -60,13 +60,9 @@ def base_source(recipe: Recipe) -> ModelSource:
                        revision=spec.revision, chat_template=spec.chat_template)
 
 
-def digest(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def base_key(recipe: Recipe) -> str:
     """Identity of the untrained model (weights by name and revision; template and dtype)."""
-    return digest({"base_model": recipe.model.model_dump(mode="json", exclude={"lora"})})
+    return content_hash({"base_model": recipe.model.model_dump(mode="json", exclude={"lora"})})
 
 
 def stage_key(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None, data: LoadedData) -> str:
@@ -81,7 +77,7 @@ def stage_key(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None
         "seed": stage.seed if stage.seed is not None else seed,
         "versions": {k: v for k, v in library_versions().items() if k not in ("lm_eval", "wandb")},
     }
-    return digest(payload)
+    return content_hash(payload)
 
 
 def load_stage_data(recipe: Recipe, env: DataEnv) -> dict[str, LoadedData]:
@@ -227,7 +223,7 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
         write_json_atomic(partial / "pending.json", {"stage": node.stage, "method": spec.method, "seed": node.seed,
                                                      "key": node.key, "chain": node.chain})
         dataset_dir = save_dataset(node.data.examples, cache.dataset_dir(node.data.fingerprint))
-        where = f"resume from step {resume.name.rsplit('-', 1)[1]}" if resume else "train"
+        where = f"resume from step {checkpoint_step(resume)}" if resume else "train"
         options.log(f"  {where}  {node.stage} ({spec.method}, seed {node.seed}) on {len(node.data.examples)} "
                     f"examples from {' -> '.join(node.chain[:-1]) or 'base'}")
         # One W&B run per trained stage; the trainer's own callback logs its curves into it.
@@ -413,7 +409,7 @@ def external_source(recipe: Recipe, name_or_path: str) -> ModelSource:
 def eval_key(identity: str, seed: int | None, recipe: Recipe, setup: EvalSetup) -> str:
     """An evaluation's identity: the model, the eval spec (tasks, data, settings, template,
     lm-eval version), the generation seed, batching and the libraries that compute it."""
-    return digest({"model": identity, "seed": seed, "eval_spec": setup.spec_hash,
+    return content_hash({"model": identity, "seed": seed, "eval_spec": setup.spec_hash,
                    "batch_size": recipe.eval.batch_size, "samples": recipe.eval.samples,
                    "versions": library_versions()})
 
@@ -460,8 +456,7 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     estimates = stage_estimates(recipe, data)
     matching = None
     if recipe.compare is not None:
-        recipe, matching = match_compute(recipe, data, estimates)
-        estimates = stage_estimates(recipe, data)
+        recipe, estimates, matching = match_compute(recipe, data, estimates)
     plan = make_plan(recipe, env, data)
     return plan, setup, {"estimates": estimates, "compute_match": matching}
 
@@ -486,23 +481,31 @@ def stage_estimates(recipe: Recipe, data: dict[str, LoadedData]) -> dict[str, di
     return estimates
 
 
-def match_compute(recipe: Recipe, data, estimates: dict[str, dict]) -> tuple[Recipe, dict]:
-    """compare.match: tokens — give single-step pipelines the reference pipeline's train tokens."""
+def match_compute(recipe: Recipe, data: dict[str, LoadedData],
+                  estimates: dict[str, dict]) -> tuple[Recipe, dict[str, dict], dict]:
+    """compare.match: tokens — give single-step pipelines the reference pipeline's train tokens.
+
+    Returns the recipe with the matched stages' max_steps set, the estimates updated for
+    them (their per-epoch token counts are reused, not counted again), and the notes.
+    """
     from posttrain.config import matched_pipelines
-    from posttrain.estimate import StageEstimate, match_steps
+    from posttrain.estimate import StageEstimate, estimate_stage, match_steps
 
     reference, matched = matched_pipelines(recipe)
     target = sum(estimates[name]["tokens"] for name in recipe.pipelines[reference])
-    stages = dict(recipe.stages)
+    stages, estimates = dict(recipe.stages), dict(estimates)
     notes = {}
     for pipeline in matched:
         (stage_name,) = recipe.pipelines[pipeline]
-        steps = match_steps(target, StageEstimate(**estimates[stage_name]))
-        stages[stage_name] = stages[stage_name].model_copy(update={"max_steps": steps})
-        notes[pipeline] = {"stage": stage_name, "max_steps": steps, "was_steps": estimates[stage_name]["steps"],
+        before = StageEstimate(**estimates[stage_name])
+        steps = match_steps(target, before)
+        spec = stages[stage_name] = stages[stage_name].model_copy(update={"max_steps": steps})
+        examples = data[f"{spec.data}:{STAGE_DATA_KIND[spec.method]}"].examples
+        estimates[stage_name] = estimate_stage(spec, examples, None, before.tokens_per_epoch).as_dict()
+        notes[pipeline] = {"stage": stage_name, "max_steps": steps, "was_steps": before.steps,
                            "target_tokens": target}
-    return recipe.model_copy(update={"stages": stages}), {"match": "tokens", "reference": reference,
-                                                          "pipelines": notes}
+    return (recipe.model_copy(update={"stages": stages}), estimates,
+            {"match": "tokens", "reference": reference, "pipelines": notes})
 
 
 def plan_rows(plan: Plan, cache: Cache, estimates: dict[str, dict]) -> list[dict]:
@@ -513,7 +516,7 @@ def plan_rows(plan: Plan, cache: Cache, estimates: dict[str, dict]) -> list[dict
             status = "reuse"
         else:
             checkpoint = cache.resume_checkpoint(node.key)
-            status = f"resume@{checkpoint.name.rsplit('-', 1)[1]}" if checkpoint else "train"
+            status = f"resume@{checkpoint_step(checkpoint)}" if checkpoint else "train"
         spec = plan.recipe.stages[node.stage]
         rows.append({"status": status, "stage": node.stage, "method": spec.method, "seed": node.seed,
                      "key": node.key, "after": " -> ".join(node.chain[:-1]) or "base",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from posttrain.artifacts import content_hash
 from posttrain.data.builtin import BUILTIN_DATASETS
 from posttrain.data.formats import convert_row, kind_of, preference_to_instruction
 from posttrain.data.io import load_examples
@@ -126,10 +127,10 @@ def curated(name: str, examples: list[dict], curate_spec, env: DataEnv) -> tuple
     eval_texts = env.eval_texts() if (curate_spec.decontaminate and env.eval_texts) else None
     select = curate_spec.select
     scorer_name = select.scorer if select else None
-    key = hashlib.sha256(json.dumps({
+    key = content_hash({
         "input": fingerprint(examples), "spec": curate_spec.model_dump(mode="json"), "seed": env.seed,
         "eval": fingerprint([eval_texts]) if eval_texts else None, "scorer": scorer_name,
-    }, sort_keys=True).encode()).hexdigest()[:16]
+    })[:16]
     cache = env.cache_dir / f"{name}-{key}.jsonl" if env.cache_dir else None
     if cache is not None and cache.is_file() and cache.with_suffix(".curation.json").is_file():
         env.log(f"data {name}: curated set reused from {cache.name}")

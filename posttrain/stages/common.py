@@ -222,7 +222,7 @@ def run_training(trainer, ctx: StageContext) -> dict:
 
     Returns what the cost summary needs to know about earlier attempts.
     """
-    from posttrain.cache import latest_checkpoint
+    from posttrain.cache import checkpoint_step, latest_checkpoint
 
     control = stage_control(ctx)
     trainer.add_callback(control)
@@ -230,7 +230,7 @@ def run_training(trainer, ctx: StageContext) -> dict:
     if control.stopped and trainer.state.global_step < trainer.state.max_steps:
         raise StageInterrupted(trainer.state.global_step, trainer.state.max_steps,
                                latest_checkpoint(Path(trainer.args.output_dir)))
-    return {"resumed_from_step": int(ctx.resume_from.name.rsplit("-", 1)[1]) if ctx.resume_from else None,
+    return {"resumed_from_step": checkpoint_step(ctx.resume_from) if ctx.resume_from else None,
             "earlier_attempts_wall_s": control.prior_wall_s}
 
 
