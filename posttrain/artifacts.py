@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+
+from posttrain.errors import PosttrainError
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "lm_eval", "wandb")
 
@@ -19,6 +22,7 @@ class RunDir:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.area = Area(self.root)   # every write under the run directory goes through it
 
     @property
     def stages(self) -> Path:
@@ -46,23 +50,149 @@ def content_hash(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside the target, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+class PathEscape(PosttrainError):
+    """A write, rename or delete aimed outside the directory posttrain owns there."""
 
 
-def write_json_atomic(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+# What a recipe name (pipeline, stage, dataset, external, eval task) may be: it
+# becomes a path component, so it can hold no separator, no "..", no NUL, nothing
+# that a filesystem or a shell treats specially. Sweep names (`sft+dpo[beta=0.1]`,
+# `dpo[beta=1e-05,loss_type=ipo]`) fit it.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+\-=,\[\]@]*")
+NAME_MAX = 120
+NAME_RULE = (f"a name is 1-{NAME_MAX} characters from A-Z a-z 0-9 _ . + - = , [ ] @, starting with a "
+             "letter, digit or _, and without '..' (it names files)")
 
 
-def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Make a finished stage visible in one rename (replacing a stale copy)."""
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp_dir, final_dir)
+def name_problem(name) -> str | None:
+    """Why `name` cannot be used as a path component, or None when it can."""
+    if not isinstance(name, str):
+        return f"must be a string; {NAME_RULE}"
+    if not name or len(name) > NAME_MAX or ".." in name or not NAME_PATTERN.fullmatch(name):
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        return f"{shown!r} is not a valid name: {NAME_RULE}"
+    return None
+
+
+class Area:
+    """A directory posttrain owns (a run directory, the cache, a scratch dir).
+
+    Every write, rename and delete posttrain makes goes through an Area, which
+    resolves the target and refuses it (PathEscape) unless it lies strictly inside
+    the root: whatever a recipe names, nothing outside can be touched. The final
+    path component is not followed, so a symlink inside (a run's `model` link into
+    the cache) can be replaced or removed, but not written through.
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = Path(os.path.abspath(Path(root).expanduser()))
+
+    def __repr__(self) -> str:
+        return f"Area({str(self.root)!r})"
+
+    def check(self, path: Path | str, action: str = "write") -> Path:
+        """`path` made absolute (its parent resolved) if it lies inside the root."""
+        text = os.fspath(path)
+        if "\x00" in text:
+            raise PathEscape(f"refusing to {action} a path with a NUL character: {text!r}")
+        target = Path(os.path.abspath(text))
+        parent = target.parent.resolve()
+        final = parent / target.name
+        root = self.root.resolve()
+        if final == root or not final.is_relative_to(root) or target.name in ("", ".", ".."):
+            raise PathEscape(f"refusing to {action} {text}: outside {self.root}")
+        return final
+
+    def path(self, *parts: str) -> Path:
+        """root/part/part..., each part one path component (no separator, not '..')."""
+        for part in parts:
+            if not isinstance(part, str) or part in ("", ".", "..") or any(c in part for c in "/\\\x00"):
+                raise PathEscape(f"refusing to use {part!r} as a path component under {self.root}")
+        return self.check(self.root.joinpath(*parts), "use")
+
+    def mkdir(self, path: Path | str) -> Path:
+        target = self.check(path, "create")
+        target.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def write_text(self, path: Path | str, text: str) -> Path:
+        """Write beside the target, then rename: readers never see half a file. On
+        failure (disk full) the temporary file is removed and the old file stays."""
+        target = self.check(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return target
+
+    def write_json(self, path: Path | str, data) -> Path:
+        return self.write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+    def write_bytes(self, path: Path | str, data: bytes) -> Path:
+        target = self.check(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return target
+
+    def rmtree(self, path: Path | str) -> None:
+        """Remove a directory tree, a file or a symlink (not its target); missing is fine."""
+        target = self.check(path, "delete")
+        if target.is_symlink() or target.is_file():
+            target.unlink(missing_ok=True)
+        elif target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+
+    def unlink(self, path: Path | str) -> None:
+        self.check(path, "delete").unlink(missing_ok=True)
+
+    def replace(self, source: Path | str, target: Path | str) -> None:
+        os.replace(self.check(source, "move"), self.check(target, "replace"))
+
+    def publish(self, tmp_dir: Path | str, final_dir: Path | str) -> None:
+        """Make a finished directory visible in one rename (replacing a stale copy)."""
+        final = self.check(final_dir, "replace")
+        if final.exists() or final.is_symlink():
+            self.rmtree(final)
+        os.replace(self.check(tmp_dir, "move"), final)
+
+    def copytree(self, source: Path | str, target: Path | str) -> Path:
+        """Copy a tree (read from anywhere) into the area; symlinks are copied as links."""
+        final = self.check(target)
+        shutil.copytree(source, final, symlinks=True)
+        return final
+
+    def copyfile(self, source: Path | str, target: Path | str) -> Path:
+        final = self.check(target)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, final)
+        return final
+
+    def symlink(self, link: Path | str, target: Path | str) -> Path:
+        """`link` (inside the area) -> `target` (anywhere); an old link or dir there is replaced."""
+        final = self.check(link)
+        if final.is_symlink() or final.exists():
+            self.rmtree(final)
+        final.symlink_to(target, target_is_directory=Path(target).is_dir())
+        return final
+
+
+def write_text_atomic(path: Path, text: str, area: Area | None = None) -> None:
+    """Atomic write through `area` (default: the file's own folder, for a user-named output file)."""
+    (area or Area(Path(path).absolute().parent)).write_text(path, text)
+
+
+def write_json_atomic(path: Path, data, area: Area | None = None) -> None:
+    (area or Area(Path(path).absolute().parent)).write_json(path, data)
 
 
 def library_versions() -> dict[str, str]:

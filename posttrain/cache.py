@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from posttrain.artifacts import Area
 
 PARTIAL_PREFIX = ".partial-"
 PROGRESS_FILE = "posttrain_progress.json"   # written into a checkpoint once it is complete
@@ -42,6 +43,7 @@ def default_root() -> Path:
 class Cache:
     def __init__(self, root: Path | str | None = None):
         self.root = Path(root).expanduser() if root else default_root()
+        self.area = Area(self.root)   # every write and delete in the cache goes through it
 
     # ------------------------------------------------------------ stages
 
@@ -108,9 +110,10 @@ def latest_checkpoint(trainer_dir: Path) -> Path | None:
 
 
 def drop_incomplete_checkpoints(trainer_dir: Path) -> None:
+    area = Area(trainer_dir)
     for path in trainer_dir.glob("checkpoint-*"):
         if not (path / PROGRESS_FILE).is_file():
-            shutil.rmtree(path, ignore_errors=True)
+            area.rmtree(path)
 
 
 def save_dataset(examples: list[dict], target: Path) -> Path:
@@ -119,14 +122,14 @@ def save_dataset(examples: list[dict], target: Path) -> Path:
         return target
     from datasets import Dataset
 
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    area = Area(target.parent)
+    tmp = area.check(target.with_name(f".tmp-{target.name}-{os.getpid()}"))
+    area.rmtree(tmp)
     Dataset.from_list(examples).save_to_disk(str(tmp))
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.replace(tmp, target)
+        area.replace(tmp, target)
     except OSError:  # another process published it first
-        shutil.rmtree(tmp, ignore_errors=True)
+        area.rmtree(tmp)
     return target
 
 
@@ -229,13 +232,10 @@ def in_training(cache: Cache, entry: Entry) -> bool:
     return entry.kind in ("stages", "partial") and is_locked(cache, entry.key)
 
 
-def remove(entry: Entry) -> None:
-    if entry.path.is_dir():
-        shutil.rmtree(entry.path, ignore_errors=True)
-    else:
-        entry.path.unlink(missing_ok=True)
-        if entry.kind == "curated":
-            entry.path.with_suffix(".curation.json").unlink(missing_ok=True)
+def remove(cache: Cache, entry: Entry) -> None:
+    cache.area.rmtree(entry.path)
+    if entry.kind == "curated":
+        cache.area.unlink(entry.path.with_suffix(".curation.json"))
 
 
 def age_days(entry: Entry, now: float | None = None) -> float:

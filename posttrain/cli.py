@@ -348,7 +348,7 @@ def cache_rm(cache_dir, keys, remove_all):
         raise PosttrainError("cache rm: nothing removed; a run is training "
                              + ", ".join(e.key[:12] for e in busy))
     for entry in chosen:
-        remove(entry)
+        remove(store, entry)
     click.echo(f"removed {len(chosen)} entr{'y' if len(chosen) == 1 else 'ies'}, "
                f"{human_size(sum(e.size for e in chosen))}")
 
@@ -365,8 +365,6 @@ def cache_gc(cache_dir, older_than, max_size, dry_run):
 
     Entries a running posttrain is training are never removed.
     """
-    import shutil
-
     from posttrain.cache import (Cache, entries, human_size, in_training, parse_size, remove, select_garbage,
                                  stale_temporaries)
 
@@ -383,9 +381,9 @@ def cache_gc(cache_dir, older_than, max_size, dry_run):
         click.echo(("would remove " if dry_run else "remove ") + line)
     if not dry_run:
         for entry in doomed:
-            remove(entry)
+            remove(store, entry)
         for path in leftovers:
-            shutil.rmtree(path, ignore_errors=True)
+            store.area.rmtree(path)
     freed = sum(e.size for e in doomed)
     click.echo(f"{'would free' if dry_run else 'freed'} {human_size(freed)} in {len(doomed)} entries"
                + (f" and {len(leftovers)} leftovers of crashed writers" if leftovers else "")

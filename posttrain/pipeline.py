@@ -11,15 +11,13 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from posttrain.artifacts import (RunDir, content_hash, library_versions, publish_dir, write_json_atomic,
-                                 write_text_atomic)
+from posttrain.artifacts import RunDir, content_hash, library_versions
 from posttrain.cache import Cache, checkpoint_step, drop_incomplete_checkpoints, save_dataset
 from posttrain.config import Recipe, dump_recipe, pipelines_with_base, resolve_lora
 from posttrain.errors import Interrupted
@@ -158,15 +156,11 @@ def record_stage(cache: Cache, node: StageNode, run: RunDir, reused: bool) -> di
     entry = cache.stage_dir(node.key)
     cache.touch(entry)
     info = {**cache.stage_info(node.key), "cache_dir": str(entry), "reused": reused}
-    record = run.stage_dir(node.stage, node.seed, node.key)
-    record.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(record / "stage.json", info)
+    record = run.area.mkdir(run.stage_dir(node.stage, node.seed, node.key))
+    run.area.write_json(record / "stage.json", info)
     if (entry / "trainer_log.jsonl").is_file():
-        shutil.copyfile(entry / "trainer_log.jsonl", record / "trainer_log.jsonl")
-    link = record / "model"
-    if link.is_symlink() or link.exists():
-        shutil.rmtree(link) if link.is_dir() and not link.is_symlink() else link.unlink()
-    link.symlink_to(entry / "model", target_is_directory=True)
+        run.area.copyfile(entry / "trainer_log.jsonl", record / "trainer_log.jsonl")
+    run.area.symlink(record / "model", entry / "model")
     return info
 
 
@@ -216,11 +210,11 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
         partial = cache.partial_dir(node.key)
         resume = cache.resume_checkpoint(node.key)
         if resume is None:
-            shutil.rmtree(partial, ignore_errors=True)
+            cache.area.rmtree(partial)
         else:
             drop_incomplete_checkpoints(partial / "trainer")
-        partial.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(partial / "pending.json", {"stage": node.stage, "method": spec.method, "seed": node.seed,
+        cache.area.mkdir(partial)
+        cache.area.write_json(partial / "pending.json", {"stage": node.stage, "method": spec.method, "seed": node.seed,
                                                      "key": node.key, "chain": node.chain})
         dataset_dir = save_dataset(node.data.examples, cache.dataset_dir(node.data.fingerprint))
         where = f"resume from step {checkpoint_step(resume)}" if resume else "train"
@@ -253,9 +247,9 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
                 "fingerprint": node.data.fingerprint, "skipped_rows": len(node.data.skipped)},
             "cost": result.cost, "metrics": result.metrics,
         }
-        write_json_atomic(partial / "stage.json", info)
-        (partial / "pending.json").unlink(missing_ok=True)
-        publish_dir(partial, cache.stage_dir(node.key))
+        cache.area.write_json(partial / "stage.json", info)
+        cache.area.unlink(partial / "pending.json")
+        cache.area.publish(partial, cache.stage_dir(node.key))
     if stopped_after:
         record_stage(cache, node, run, reused=False)
         raise Interrupted(f"stopped after stage {node.stage} (seed {node.seed}) finished; "
@@ -358,7 +352,7 @@ def evaluate_source(recipe: Recipe, pipeline: str, seed: int | None, source: Mod
 
     spec = recipe.eval
     out_dir = run.eval_dir(pipeline, seed)
-    shutil.rmtree(out_dir, ignore_errors=True)  # one set of records per evaluation
+    run.area.rmtree(out_dir)  # one set of records per evaluation
     model, tokenizer = load_model_and_tokenizer(source, device=device())
     model.eval()
     options.log(f"  eval   {pipeline}" + ("" if seed is None else f" (seed {seed})"))
@@ -396,7 +390,7 @@ def preference_rows(model, tokenizer, pairs: list[dict], out_dir: Path, run: Run
 
     records = preference_records(model, tokenizer, pairs, batch_size)
     path = out_dir / PREFERENCE_FILE
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    run.area.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     rel = str(path.relative_to(run.root))
     return [{"task": "preferences", "metric": metric, "value": sum(r[metric] for r in records) / len(records),
              "stderr": None, "samples": rel} for metric in ("pref_acc", "margin")]
@@ -422,8 +416,8 @@ def evaluate_cached(recipe: Recipe, pipeline: str, seed: int | None, identity: s
     label = pipeline + ("" if seed is None else f" (seed {seed})")
     if entry is not None and (entry / "eval.json").is_file():
         options.log(f"  reuse  eval {label} from the cache")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.copytree(entry / "out", out_dir)
+        run.area.rmtree(out_dir)
+        run.area.copytree(entry / "out", out_dir)
         options.cache.touch(entry)
         rows = json.loads((entry / "eval.json").read_text())["rows"]
         rel = out_dir.relative_to(run.root)
@@ -433,15 +427,13 @@ def evaluate_cached(recipe: Recipe, pipeline: str, seed: int | None, identity: s
     tracker.log_eval(pipeline, seed, rows)
     if entry is not None:
         tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out_dir, tmp / "out")
+        options.cache.area.rmtree(tmp)
+        options.cache.area.copytree(out_dir, tmp / "out")
         rel = out_dir.relative_to(run.root)
         stored = [{**row, "samples": str(Path(row["samples"]).relative_to(rel)) if row.get("samples") else None}
                   for row in rows]
-        write_json_atomic(tmp / "eval.json", {"label": label, "model": identity, "rows": stored})
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(entry, ignore_errors=True)
-        os.replace(tmp, entry)
+        options.cache.area.write_json(tmp / "eval.json", {"label": label, "model": identity, "rows": stored})
+        options.cache.area.publish(tmp, entry)
     return rows
 
 
@@ -571,25 +563,25 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
         os.environ.setdefault("TQDM_DISABLE", "1")  # datasets/TRL bars are noise in logs
     run = RunDir(options.out_dir)
     run.root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run.root / "env.json", environment())
+    run.area.write_json(run.root / "env.json", environment())
     wandb_spec = recipe.tracking.wandb
     tracker = Tracker(WandbSettings(**wandb_spec.model_dump()) if wandb_spec else None, run.root, recipe.name,
                       log=options.log)
 
     plan, setup, info = prepare_run(recipe, options, run)
     recipe = plan.recipe  # after compute matching
-    write_text_atomic(run.root / "recipe.resolved.yaml", dump_recipe(recipe))
+    run.area.write_text(run.root / "recipe.resolved.yaml", dump_recipe(recipe))
     rows_of_plan = plan_rows(plan, options.cache, info["estimates"])
-    write_json_atomic(run.root / "plan.json", {"cache": str(options.cache.root), "stages": rows_of_plan,
+    run.area.write_json(run.root / "plan.json", {"cache": str(options.cache.root), "stages": rows_of_plan,
                                                "compute_match": info["compute_match"]})
-    write_json_atomic(run.root / "data.json", data_summary(plan))
+    run.area.write_json(run.root / "data.json", data_summary(plan))
     for data in plan.data.values():
         if data.skipped:
             options.log(f"data {data.name}: skipped {len(data.skipped)} malformed rows (on_bad_rows: skip)")
     for pipeline, note in ((info["compute_match"] or {}).get("pipelines") or {}).items():
         options.log(f"compute matching: {pipeline} trains {note['max_steps']} steps to match "
                     f"{info['compute_match']['reference']}'s ~{note['target_tokens']:,} tokens")
-    write_json_atomic(run.root / "pipelines.json", pipeline_stage_dirs(plan, run))
+    run.area.write_json(run.root / "pipelines.json", pipeline_stage_dirs(plan, run))
     to_train = {row["key"] for row in rows_of_plan if row["status"] != "reuse"}
     resumes = [f"{row['stage']} (seed {row['seed']}) from step {row['status'].split('@')[1]}"
                for row in rows_of_plan if row["status"].startswith("resume@")]
@@ -614,7 +606,7 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
         # External models are named, not content-addressed (a hub id or folder can change): never cached.
         rows += evaluate_cached(recipe, name, None, None, external_source(recipe, model), run, options, setup,
                                 tracker)
-    write_text_atomic(run.results, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    run.area.write_text(run.results, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
     report = write_report(run.root)
     tracker.log_report(*main_table(report), run.root / "report.html")
     return run.root

@@ -424,16 +424,17 @@ def to_csv(report: dict) -> str:
 
 def write_report(run_dir: Path, extra_runs: list[Path] = (), out_dir: Path | None = None) -> dict:
     """Write report.json/.md/.html, results.csv and plots/ for one run (or a merge of runs)."""
-    from posttrain.artifacts import write_json_atomic, write_text_atomic
+    from posttrain.artifacts import Area
     from posttrain.report_html import render_html, render_plots
 
     out_dir = Path(out_dir or run_dir)
+    area = Area(out_dir)
     report = build_report([Path(run_dir), *map(Path, extra_runs)])
-    write_json_atomic(out_dir / "report.json", report)
-    write_text_atomic(out_dir / "report.md", markdown(report))
-    write_text_atomic(out_dir / "results.csv", to_csv(report))
+    area.write_json(out_dir / "report.json", report)
+    area.write_text(out_dir / "report.md", markdown(report))
+    area.write_text(out_dir / "results.csv", to_csv(report))
     plots = render_plots(report, out_dir / "plots")
-    write_text_atomic(out_dir / "report.html", render_html(report, plots))
+    area.write_text(out_dir / "report.html", render_html(report, plots))
     return report
 
 

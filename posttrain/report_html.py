@@ -136,7 +136,14 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> None:
-    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    """Render in memory, then write atomically: a full disk never leaves a 0-byte plot."""
+    import io
+
+    from posttrain.artifacts import Area
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    Area(path.parent).write_bytes(path, buffer.getvalue())
 
 
 def _bars(report: dict, column: str, path: Path) -> bool:
@@ -623,5 +630,7 @@ def write_html_report(report: dict, out_dir: Path, plots_dir: Path | None = None
     out_dir = Path(out_dir)
     plots = render_plots(report, plots_dir or out_dir / "plots")
     path = out_dir / "report.html"
-    path.write_text(render_html(report, plots), encoding="utf-8")
+    from posttrain.artifacts import Area
+
+    Area(out_dir).write_text(path, render_html(report, plots))
     return path

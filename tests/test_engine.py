@@ -315,5 +315,5 @@ def test_cache_lists_a_curated_set_with_its_report_as_one_entry(tmp_path):
     assert (listed.kind, listed.key, listed.label) == ("curated", "0123456789abcdef", "curated clean-set")
     assert listed.size == 17 * 10 + 3
     (found,) = find(entries(Cache(tmp_path)), "012345")
-    remove(found)
+    remove(Cache(tmp_path), found)
     assert not list(curated.iterdir())
