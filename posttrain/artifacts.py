@@ -17,6 +17,10 @@ from posttrain.errors import PosttrainError
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "lm_eval", "wandb")
 
 
+MARKER = ".posttrain-run.json"   # identifies a directory posttrain made (a run, or a merged report)
+LEGACY_MARKER = "recipe.resolved.yaml"  # run directories written before the marker existed
+
+
 class RunDir:
     """runs/<name>/: recipe.resolved.yaml, env.json, stages/, evals/, results.jsonl, report.*"""
 
@@ -36,11 +40,68 @@ class RunDir:
     def results(self) -> Path:
         return self.root / "results.jsonl"
 
+    @property
+    def failed(self) -> Path:
+        """Written when a stage fails (which one, why); removed when the run completes."""
+        return self.root / "failed.json"
+
     def stage_dir(self, stage_name: str, seed: int, key: str) -> Path:
-        return self.stages / f"{stage_name}-s{seed}-{key[:12]}"
+        return self.area.path("stages", f"{stage_name}-s{seed}-{key[:12]}")
 
     def eval_dir(self, pipeline: str, seed: int | None) -> Path:
-        return self.evals / pipeline / ("base" if seed is None else f"seed{seed}")
+        return self.area.path("evals", pipeline, "base" if seed is None else f"seed{seed}")
+
+    def claim(self, recipe_name: str, force: bool = False, kind: str = "run") -> None:
+        """Make root this recipe's run directory, or refuse (never write into a user's folder).
+
+        A missing or empty directory is claimed; one holding posttrain's marker (or,
+        from before the marker, a recipe.resolved.yaml) is reused when it belongs to the
+        same recipe name, and only with `force` when it belongs to another. Anything
+        else (a file, a non-empty folder of the user's) is refused.
+        """
+        owner = directory_owner(self.root)
+        if owner == "":
+            problem = ("is not empty and is not a posttrain run directory; posttrain never writes into "
+                       "a folder of yours: choose a new or empty directory")
+            raise PosttrainError(f"{self.root}: {problem}")
+        if owner is not None and owner != recipe_name and not force:
+            raise PosttrainError(
+                f"{self.root}: is the run directory of recipe {owner!r}, not {recipe_name!r}; choose another "
+                "--out, or add --force to write this recipe's results into it")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.area.write_json(self.root / MARKER, {"recipe": recipe_name, "kind": kind})
+
+
+def directory_owner(root: Path) -> str | None:
+    """Whose directory `root` is: None (missing or empty: free), the recipe name from
+    posttrain's marker (or a legacy recipe.resolved.yaml), or "" (the user's: refuse).
+    Raises PosttrainError when root is not a directory."""
+    if not root.exists() and not root.is_symlink():
+        return None
+    if not root.is_dir():
+        raise PosttrainError(f"{root}: exists and is not a directory")
+    if not any(root.iterdir()):
+        return None
+    for marker, key in ((MARKER, "recipe"), (LEGACY_MARKER, "name")):
+        path = root / marker
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text()) if marker == MARKER else _yaml_mapping(path)
+                name = data.get(key)
+            except (OSError, ValueError, AttributeError):
+                name = None
+            return name if isinstance(name, str) and name else "?"
+    return ""
+
+
+def _yaml_mapping(path: Path) -> dict:
+    from posttrain.config import strict_yaml_load
+
+    try:
+        data, _ = strict_yaml_load(path.read_bytes(), str(path))
+    except PosttrainError as exc:
+        raise ValueError(str(exc)) from None
+    return data if isinstance(data, dict) else {}
 
 
 def content_hash(payload) -> str:

@@ -16,6 +16,16 @@ else `~/.cache/posttrain`; `posttrain run --cache DIR` overrides both):
 A stage's key hashes everything that determines its output (see
 `pipeline.stage_key`), so an entry is valid wherever it is found. Entries only
 appear complete: each is written aside and renamed into place.
+
+Entries are verified, not trusted. Stage, evaluation and dataset entries carry a
+`manifest.json` (each file's size and SHA-256, written just before the atomic
+publish). Reuse always compares sizes and hashes entries up to `HASH_LIMIT`;
+`posttrain cache verify` hashes everything. An entry that fails is reported by key
+and path, removed and made again. Entries published before manifests existed get
+a structural check (JSON parses, every safetensors file's header and tensor
+offsets match its size, zip CRCs) and are then adopted (a manifest written); those
+that fail it are retrained. Reference log-probs (`.npz`, zip CRCs) and curated sets
+(JSONL rows against the count in their report) are checked structurally.
 """
 
 from __future__ import annotations
@@ -27,10 +37,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.artifacts import Area
+from posttrain.errors import PosttrainError
 
 PARTIAL_PREFIX = ".partial-"
 PROGRESS_FILE = "posttrain_progress.json"   # written into a checkpoint once it is complete
 KINDS = ("stages", "datasets", "curated", "reflogps", "evals")
+MANIFEST = "manifest.json"                  # inside an entry: its files' sizes and SHA-256
+MANIFESTED = ("stages", "evals", "datasets")  # the kinds that carry one
+# Reuse hashes an entry when its files total at most this. SHA-256 ran at 1,456-1,532 MB/s
+# on one core of the 2-core dev machine (hashlib with SHA-NI, files in the page cache), so
+# 1 GiB costs ~0.7 s per reuse: small next to loading the model, let alone training it.
+# Bigger entries (a 7B model is ~14 GB, ~10 s) get the size check on reuse, and hashes
+# from `posttrain cache verify`.
+HASH_LIMIT = 2**30
+# What a stage.json must hold for the pipeline, `plan` and the report to use it.
+STAGE_FIELDS = {"stage": str, "seed": int, "key": str, "chain": list, "adapter": bool, "cost": dict,
+                "metrics": dict}
+
+
+class CorruptEntry(PosttrainError):
+    """A cache entry that fails its checks where it cannot be made again (e.g. read while
+    another process removes it): the message names the entry's path."""
 
 
 def default_root() -> Path:
@@ -41,9 +68,46 @@ def default_root() -> Path:
 
 
 class Cache:
-    def __init__(self, root: Path | str | None = None):
+    def __init__(self, root: Path | str | None = None, hash_limit: int = HASH_LIMIT):
         self.root = Path(root).expanduser() if root else default_root()
         self.area = Area(self.root)   # every write and delete in the cache goes through it
+        self.hash_limit = hash_limit  # reuse hashes entries up to this many bytes
+        self.verified: dict[Path, tuple] = {}  # entries hashed intact by this process: their file stats
+
+    def entry_dir(self, kind: str, key: str) -> Path:
+        """stages/<key>, evals/<key> or datasets/<key>; a key is one path component."""
+        return self.area.path(kind, key)
+
+    def verify(self, kind: str, key: str, hashes: bool | None = None) -> Verdict | None:
+        """Check an entry (None: there is none). `hashes` None: hash it if it is at most
+        `hash_limit` bytes; an entry this process already hashed is not hashed again
+        while its files' sizes and mtimes are unchanged."""
+        return verify_entry(kind, key, self.entry_dir(kind, key), hashes, self.hash_limit, self.verified)
+
+    def claim(self, kind: str, key: str, log=print, what: str = "") -> Verdict | None:
+        """The entry's verdict when it is there and intact (one from before manifests,
+        `manifest` False, is adopted: its manifest is written now). A corrupt entry is
+        reported by key and path and removed, and None returned (as for no entry), so the
+        caller makes it again. Stages: call under the key's training lock."""
+        verdict = self.verify(kind, key)
+        if verdict is None:
+            return None
+        if verdict.problems:
+            for problem in verdict.problems:
+                log(f"  corrupt cache entry {kind}/{key[:12]}{what}: {problem}")
+            self.area.rmtree(verdict.path)
+            self.verified.pop(verdict.path, None)
+            log(f"         removed {verdict.path}; {'training it again' if kind == 'stages' else 'computing it again'}")
+            return None
+        if not verdict.manifest:
+            try:
+                write_manifest(self.area, verdict.path)
+                self.verified[verdict.path] = manifest_problems(verdict.path, False)[2]
+            except OSError:
+                pass  # a read-only cache still serves; the check runs again next time
+            log(f"  adopt  cache entry {kind}/{key[:12]}{what}: published before manifests; "
+                "its structure checks out, manifest recorded")
+        return verdict
 
     # ------------------------------------------------------------ stages
 
@@ -54,15 +118,23 @@ class Cache:
         return self.root / "stages" / f"{PARTIAL_PREFIX}{key}"
 
     def has_stage(self, key: str) -> bool:
-        return (self.stage_dir(key) / "stage.json").is_file()
+        """The finished stage is there, with a manifest it matches (see `verify`). An entry
+        from before manifests or a corrupt one is False: `claim` adopts or removes it."""
+        verdict = self.verify("stages", key)
+        return verdict is not None and verdict.ok and verdict.manifest
 
     def stage_info(self, key: str) -> dict:
-        return json.loads((self.stage_dir(key) / "stage.json").read_text())
+        path = self.stage_dir(key) / "stage.json"
+        info = read_json(path)
+        problem = stage_json_problem(info, key)
+        if problem:
+            raise CorruptEntry(f"{path}: {problem}; run again to retrain it, or `posttrain cache verify --fix`")
+        return info
 
     def touch(self, path: Path) -> None:
         """Mark an entry used now: `cache gc --older-than` evicts by last use."""
         try:
-            (path / ".last_used").touch()
+            self.area.check(path / ".last_used").touch()
         except OSError:
             pass  # a read-only cache still serves
 
@@ -70,8 +142,8 @@ class Cache:
         """An inter-process lock for training `key` (another run may be training it)."""
         from filelock import FileLock
 
-        path = self.root / "locks" / f"{key}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.area.path("locks", f"{key}.lock")
+        self.area.mkdir(path.parent)
         return FileLock(str(path))
 
     def resume_checkpoint(self, key: str) -> Path | None:
@@ -116,21 +188,360 @@ def drop_incomplete_checkpoints(trainer_dir: Path) -> None:
             area.rmtree(path)
 
 
-def save_dataset(examples: list[dict], target: Path) -> Path:
-    """Rows as an Arrow dataset on disk (written aside, renamed), once per fingerprint."""
-    if (target / "dataset_info.json").is_file():
-        return target
+def save_dataset(examples: list[dict], target: Path, log=print) -> Path:
+    """Rows as an Arrow dataset on disk (written aside with a manifest, renamed), once per
+    fingerprint. A copy there is reused when it matches its manifest; a corrupt one, or
+    one from before manifests (rebuilding costs seconds), is replaced."""
+    area = Area(target.parent)
+    if target.exists() or target.is_symlink():
+        verdict = verify_entry("datasets", target.name, target)
+        if verdict is not None and verdict.ok and verdict.manifest:
+            return target
+        for problem in verdict.problems if verdict else ():
+            log(f"  corrupt cache entry datasets/{target.name[:12]}: {problem}; building it again")
+        area.rmtree(target)
     from datasets import Dataset
 
-    area = Area(target.parent)
     tmp = area.check(target.with_name(f".tmp-{target.name}-{os.getpid()}"))
     area.rmtree(tmp)
     Dataset.from_list(examples).save_to_disk(str(tmp))
+    write_manifest(area, tmp)
     try:
         area.replace(tmp, target)
     except OSError:  # another process published it first
         area.rmtree(tmp)
     return target
+
+
+# ---------------------------------------------------------------- verification
+
+
+@dataclass
+class Verdict:
+    kind: str
+    key: str
+    path: Path
+    problems: list[str]   # each "<path>: <what is wrong>"; empty when intact
+    manifest: bool        # False: published before manifests (only its structure was checked)
+    hashed: bool = False  # True: contents compared with the recorded SHA-256 (not only sizes)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def entry_files(entry: Path) -> list[str]:
+    """The files an entry's manifest covers, relative and sorted: every regular file but the
+    manifest and hidden ones (`.last_used`, temporaries)."""
+    out = []
+    for root, dirs, files in os.walk(entry):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            path = Path(root, name)
+            if not name.startswith(".") and path.is_file() and not path.is_symlink():
+                out.append(path.relative_to(entry).as_posix())
+    return sorted(name for name in out if name != MANIFEST)
+
+
+def write_manifest(area: Area, entry: Path) -> dict:
+    """Record every file's size and SHA-256 in `entry/manifest.json` (just before publishing)."""
+    files = {}
+    for rel in entry_files(entry):
+        path = entry / rel
+        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = {"format": 1, "files": files}
+    area.write_json(entry / MANIFEST, manifest)
+    return manifest
+
+
+def manifest_problem(manifest) -> str | None:
+    """Why a parsed manifest.json cannot be used (None when it can)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if manifest is None or not isinstance(files, dict):
+        return "missing, unreadable or not valid JSON with a 'files' mapping"
+    for rel, want in files.items():
+        parts = rel.split("/")
+        if rel.startswith("/") or "\\" in rel or any(part in ("", ".", "..") for part in parts):
+            return f"lists {rel!r}, a path outside the entry"
+        size, digest = (want.get("size"), want.get("sha256")) if isinstance(want, dict) else (None, None)
+        if not isinstance(size, int) or size < 0 or not isinstance(digest, str) or len(digest) != 64:
+            return f"entry for {rel!r} has no valid size and sha256"
+    return None
+
+
+def manifest_problems(entry: Path, hashes: bool | None, hash_limit: int = HASH_LIMIT,
+                      memo: dict | None = None) -> tuple[list[str], bool, tuple]:
+    """Compare an entry's files with its manifest: (problems, hashed, file stats). Sizes
+    always; SHA-256 when `hashes` (None: when the entry is at most `hash_limit` bytes),
+    unless `memo` says this process hashed the very same files (same stats) before."""
+    manifest_path = entry / MANIFEST
+    manifest = read_json(manifest_path)
+    problem = manifest_problem(manifest)
+    if problem:
+        return [f"{manifest_path}: {problem}"], False, ()
+    files, problems, stats = manifest["files"], [], []
+    for rel, want in sorted(files.items()):
+        path = entry / rel
+        try:
+            stat = path.stat()
+        except OSError:
+            problems.append(f"{path}: missing (published with {want['size']:,} bytes)")
+            continue
+        stats.append((rel, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+        if not path.is_file():
+            problems.append(f"{path}: not a file")
+        elif stat.st_size != want["size"]:
+            problems.append(f"{path}: {stat.st_size:,} bytes, published with {want['size']:,} "
+                            f"({'truncated' if stat.st_size < want['size'] else 'changed'})")
+    if hashes is None:
+        hashes = sum(want["size"] for want in files.values()) <= hash_limit
+    signature = tuple(stats)
+    if problems or not hashes or (memo is not None and memo.get(entry) == signature):
+        return problems, hashes and not problems, signature
+    for rel, want in sorted(files.items()):
+        if sha256_file(entry / rel) != want["sha256"]:
+            problems.append(f"{entry / rel}: content differs from what was published (SHA-256 mismatch)")
+    if memo is not None and not problems:
+        memo[entry] = signature
+    return problems, True, signature
+
+
+def stage_json_problem(info, key: str) -> str | None:
+    """Why a stage.json cannot be used (None when it can)."""
+    if not isinstance(info, dict):
+        return "missing, unreadable or not a JSON object"
+    wrong = [f"{name} (a {kind.__name__})" for name, kind in STAGE_FIELDS.items()
+             if not isinstance(info.get(name), kind) or (kind is int and isinstance(info.get(name), bool))]
+    if wrong:
+        return "lacks valid " + ", ".join(wrong)
+    if info["key"] != key:
+        return f"is the record of stage {info['key'][:12]}, not of {key[:12]}"
+    return None
+
+
+def eval_json_problem(info) -> str | None:
+    rows = info.get("rows") if isinstance(info, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        return "missing, unreadable or not a JSON object with a list of result rows"
+    if any(not isinstance(row.get(field), str) for row in rows for field in ("task", "metric")):
+        return "has a result row without task and metric"
+    return None
+
+
+def content_problems(kind: str, key: str, entry: Path) -> list[str]:
+    """The records an entry's users parse (stage.json, eval.json), checked for what they need."""
+    if kind == "stages":
+        problem = stage_json_problem(read_json(entry / "stage.json"), key)
+        problems = [f"{entry / 'stage.json'}: {problem}"] if problem else []
+        if not (entry / "model").is_dir():
+            problems.append(f"{entry / 'model'}: missing")
+        return problems
+    if kind == "evals":
+        problem = eval_json_problem(read_json(entry / "eval.json"))
+        problems = [f"{entry / 'eval.json'}: {problem}"] if problem else []
+        if not (entry / "out").is_dir():
+            problems.append(f"{entry / 'out'}: missing")
+        return problems
+    return []
+
+
+def verify_entry(kind: str, key: str, entry: Path, hashes: bool | None = None, hash_limit: int = HASH_LIMIT,
+                 memo: dict | None = None) -> Verdict | None:
+    """Check a stage, evaluation or dataset entry (None when there is none)."""
+    if not (entry.exists() or entry.is_symlink()):
+        return None
+    if not entry.is_dir() or entry.is_symlink():
+        return Verdict(kind, key, entry, [f"{entry}: not a directory"], manifest=False)
+    if not (entry / MANIFEST).exists():
+        # Published before manifests: the structure is all there is to check. Datasets
+        # are rebuilt instead (seconds), so they are only flagged by `manifest=False`.
+        problems = [] if kind == "datasets" else structure_problems(entry, whole=hashes is not False)
+        return Verdict(kind, key, entry, content_problems(kind, key, entry) + problems, manifest=False)
+    problems, hashed, _stats = manifest_problems(entry, hashes, hash_limit, memo)
+    return Verdict(kind, key, entry, problems + content_problems(kind, key, entry), manifest=True, hashed=hashed)
+
+
+# Bytes per element of each safetensors dtype.
+SAFETENSORS_DTYPES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                      "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole: its header must parse and its tensors must
+    exactly fill the bytes after it (a truncated file fails; content errors need hashes)."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 0 or length > size - 8:
+            return f"{size:,} bytes cannot hold the safetensors header it announces (truncated)"
+        try:
+            header = json.loads(fh.read(length))
+        except ValueError:
+            return "safetensors header is not valid JSON"
+    end = 0
+    for name, tensor in header.items() if isinstance(header, dict) else [("?", None)]:
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(offset) for offset in tensor["data_offsets"])
+            count = 1
+            for dim in tensor["shape"]:
+                count *= int(dim)
+        except (TypeError, KeyError, ValueError):
+            return f"tensor {name!r} has no valid shape and data_offsets"
+        width = SAFETENSORS_DTYPES.get(tensor.get("dtype"))
+        if begin < 0 or stop < begin or (width is not None and stop - begin != count * width):
+            return f"tensor {name!r}: data_offsets {begin}..{stop} do not fit its dtype and shape"
+        end = max(end, stop)
+    if end != size - 8 - length:
+        return (f"{size:,} bytes, its tensors need {8 + length + end:,} "
+                f"({'truncated' if end > size - 8 - length else 'trailing bytes'})")
+    return None
+
+
+def zip_problem(path: Path) -> str | None:
+    """A zip-based file (.npz, torch's .bin/.pt): every member's CRC must match."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"not a readable zip archive ({exc})"
+    return f"member {bad} fails its CRC check" if bad else None
+
+
+def json_file_problem(path: Path) -> str | None:
+    try:
+        text = path.read_bytes()
+        if path.suffix == ".jsonl":
+            for line in text.splitlines():
+                if line.strip():
+                    json.loads(line)
+        else:
+            json.loads(text)
+    except ValueError as exc:
+        return f"not valid JSON ({str(exc)[:80]})"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    return None
+
+
+def structure_problems(entry: Path, whole: bool = True) -> list[str]:
+    """What can be checked without a manifest: JSON and JSONL files parse, safetensors
+    files are whole, a sharded model's shards exist and (`whole`: reading every byte)
+    zip archives (torch's .bin) pass their CRCs."""
+    problems = []
+    for rel in entry_files(entry):
+        path = entry / rel
+        if path.suffix in (".json", ".jsonl"):
+            problem = json_file_problem(path)
+        elif path.suffix == ".safetensors":
+            problem = safetensors_problem(path)
+        elif whole and path.suffix in (".npz", ".bin", ".pt", ".pth") and path.stat().st_size > 0:
+            problem = zip_problem(path) if path.suffix != ".bin" or is_zip(path) else None
+        else:
+            problem = None
+        if problem:
+            problems.append(f"{path}: {problem}")
+        if path.name.endswith(".index.json") and not problem:
+            weight_map = (read_json(path) or {}).get("weight_map")
+            for shard in sorted(set(weight_map.values()) if isinstance(weight_map, dict) else ()):
+                if not isinstance(shard, str) or "/" in shard or not (path.parent / shard).is_file():
+                    problems.append(f"{path.parent / str(shard)}: listed in {path.name} but missing")
+    return problems
+
+
+def is_zip(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
+def reflogps_problems(path: Path) -> list[str]:
+    """A cached reference log-probs file: a whole .npz with `chosen` and `rejected`."""
+    import zipfile
+
+    problem = zip_problem(path)
+    if problem is None:
+        with zipfile.ZipFile(path) as archive:
+            if not {"chosen.npy", "rejected.npy"} <= set(archive.namelist()):
+                problem = "lacks the chosen and rejected arrays"
+    return [f"{path}: {problem}"] if problem else []
+
+
+def curated_problems(path: Path) -> list[str]:
+    """A curated set: JSONL of objects, as many rows as its curation report says."""
+    report_path = path.with_suffix(".curation.json")
+    report = read_json(report_path)
+    if not isinstance(report, dict):
+        return [f"{report_path}: missing, unreadable or not a JSON object"]
+    try:
+        rows = [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        return [f"{path}: not valid JSON lines ({str(exc)[:80]})"]
+    if not all(isinstance(row, dict) for row in rows):
+        return [f"{path}: a row is not a JSON object"]
+    expected = report.get("rows_out")
+    if isinstance(expected, int) and expected != len(rows):
+        return [f"{path}: {len(rows):,} rows, its curation report says {expected:,} (truncated?)"]
+    return []
+
+
+def check(cache: Cache, entry: Entry, hashes: bool | None = None) -> Verdict:
+    """Any listed entry checked: `hashes` False compares sizes only (and skips the files
+    without manifests that need reading whole), True hashes everything. Partial stages
+    are training state, not results: nothing to check."""
+    if entry.kind in MANIFESTED:
+        verdict = verify_entry(entry.kind, entry.key, entry.path, hashes, cache.hash_limit)
+        return verdict or Verdict(entry.kind, entry.key, entry.path, [f"{entry.path}: vanished"], manifest=False)
+    if hashes is False:
+        return Verdict(entry.kind, entry.key, entry.path, [], manifest=False)
+    if entry.kind == "reflogps":
+        return Verdict(entry.kind, entry.key, entry.path, reflogps_problems(entry.path), manifest=False)
+    if entry.kind == "curated":
+        return Verdict(entry.kind, entry.key, entry.path, curated_problems(entry.path), manifest=False)
+    return Verdict(entry.kind, entry.key, entry.path, [], manifest=False)
+
+
+@dataclass
+class Checked:
+    entry: Entry
+    verdict: Verdict
+    action: str = ""   # what --fix did: "removed", "manifest recorded", ...
+
+
+def verify_cache(cache: Cache, items: list[Entry], fix: bool = False) -> list[Checked]:
+    """`posttrain cache verify`: hash every entry in `items` (partial stages are skipped).
+
+    With `fix`, a corrupt entry is removed (made again when next needed; not while a run
+    trains it), an intact one from before manifests gets its manifest, and a dataset
+    from before manifests is removed (rebuilt in seconds when next used).
+    """
+    out = []
+    for entry in items:
+        if entry.kind == "partial":
+            continue
+        verdict, action = check(cache, entry, hashes=True), ""
+        legacy = entry.kind in MANIFESTED and not verdict.manifest
+        if fix and (verdict.problems or (legacy and entry.kind == "datasets")):
+            if in_training(cache, entry):
+                action = "kept: a run is training it"
+            else:
+                remove(cache, entry)
+                action = "removed" if verdict.problems else "removed: rebuilt when next used"
+        elif fix and legacy:
+            write_manifest(cache.area, entry.path)
+            action = "manifest recorded"
+        out.append(Checked(entry, verdict, action))
+    return out
 
 
 # ---------------------------------------------------------------- inspection and cleaning
@@ -148,10 +559,12 @@ class Entry:
     @property
     def label(self) -> str:
         if self.kind in ("stages", "partial"):
-            chain = " -> ".join(self.info.get("chain", [])) or self.info.get("stage", "?")
+            chain = self.info.get("chain")
+            chain = " -> ".join(map(str, chain)) if isinstance(chain, list) else ""
+            chain = chain or str(self.info.get("stage", "?"))
             seed = self.info.get("seed")
             return f"{chain} (seed {seed})" if seed is not None else chain
-        return self.info.get("label", "")
+        return str(self.info.get("label", ""))
 
 
 def tree_size(path: Path) -> int:
@@ -183,19 +596,19 @@ def entries(cache: Cache, kinds=KINDS) -> list[Entry]:
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            if path.name.startswith(".tmp-") or path.name.endswith(".curation.json"):
+            if is_temporary(path) or path.name.endswith(".curation.json"):
                 continue  # a curation report is part of its curated set's entry
             entry_kind, key = kind, path.name
             if kind == "stages" and key.startswith(PARTIAL_PREFIX):
                 entry_kind, key = "partial", key[len(PARTIAL_PREFIX):]
             info = {}
             if entry_kind in ("stages", "partial"):
-                info = read_json(path / "stage.json") or read_json(path / "pending.json") or {}
+                info = read_object(path / "stage.json") or read_object(path / "pending.json")
                 if entry_kind == "partial":
                     ckpt = latest_checkpoint(path / "trainer")
                     info["resume_step"] = checkpoint_step(ckpt) if ckpt else None
             elif kind == "evals":
-                info = read_json(path / "eval.json") or {}
+                info = read_object(path / "eval.json")
             size = tree_size(path)
             key = key.removesuffix(".npz")
             if kind == "curated":  # <dataset>-<key>.jsonl beside its <dataset>-<key>.curation.json
@@ -208,10 +621,17 @@ def entries(cache: Cache, kinds=KINDS) -> list[Entry]:
 
 
 def read_json(path: Path) -> dict | None:
+    """Parsed JSON (any type), or None when the file is missing, unreadable or not JSON."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return None
+
+
+def read_object(path: Path) -> dict:
+    """A JSON object from `path`, or {} (for listings, which must survive broken entries)."""
+    data = read_json(path)
+    return data if isinstance(data, dict) else {}
 
 
 def is_locked(cache: Cache, key: str) -> bool:
@@ -242,14 +662,24 @@ def age_days(entry: Entry, now: float | None = None) -> float:
     return ((now or time.time()) - entry.last_used) / 86400
 
 
+def is_temporary(path: Path) -> bool:
+    """A writer's file or folder before its rename (`.tmp-<key>-<pid>`, `.<name>.tmp`,
+    `.<key>-<pid>.npz`): every hidden name beside the entries but a partial stage."""
+    return path.name.startswith(".") and not path.name.startswith(PARTIAL_PREFIX)
+
+
 def stale_temporaries(cache: Cache, min_age_s: float = 3600) -> list[Path]:
-    """Leftovers of writers that died (`.tmp-*`), older than `min_age_s`."""
+    """Leftovers of writers that died, older than `min_age_s`."""
     now = time.time()
     out = []
     for kind in KINDS:
         folder = cache.root / kind
-        if folder.is_dir():
-            out += [p for p in folder.glob(".tmp-*") if now - p.stat().st_mtime > min_age_s]
+        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+            try:
+                if is_temporary(path) and now - path.lstat().st_mtime > min_age_s:
+                    out.append(path)
+            except OSError:
+                pass  # its writer renamed it just now
     return out
 
 
@@ -278,13 +708,15 @@ UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2
 
 
 def parse_size(text: str) -> int:
-    """'20GB', '500M', '1.5G', '1024' -> bytes (binary units)."""
+    """'20GB', '500M', '1.5G', '1024' -> bytes (binary units). No sign, exponent, nan or inf."""
+    import math
     import re
 
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?B?)\s*", text.upper())
-    if not match:
-        raise ValueError(f"not a size: {text!r} (e.g. 500MB, 20GB)")
-    return int(float(match.group(1)) * UNITS[match.group(2)])
+    size = float(match.group(1)) * UNITS[match.group(2)] if match else math.nan
+    if not math.isfinite(size) or size > 2**80:
+        raise ValueError(f"not a size: {text!r} (e.g. 500MB, 20GB, 1.5TB)")
+    return int(size)
 
 
 def human_size(size: float) -> str:

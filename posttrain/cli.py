@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from posttrain import __version__
-from posttrain.errors import PosttrainError
+from posttrain.errors import PosttrainError, environment_failure
 
 
 def user_errors(command):
@@ -26,6 +26,12 @@ def user_errors(command):
         except PosttrainError as exc:
             click.echo(f"{exc.prefix}: {exc.render()}", err=True)
             sys.exit(exc.exit_code)
+        except Exception as exc:
+            failure = environment_failure(exc)
+            if failure is None:
+                raise  # a bug: keep its traceback
+            click.echo(f"{failure.prefix}: {failure.render()}", err=True)
+            sys.exit(failure.exit_code)
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished stages and evaluations are kept in the cache; "
                        "run the same command again to continue", err=True)
@@ -56,6 +62,7 @@ def main():
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @override_option
+@user_errors
 def validate(recipes, overrides):
     """Check recipes without training; list every problem with its path.
 
@@ -65,12 +72,14 @@ def validate(recipes, overrides):
       posttrain validate recipes/quickstart.yaml -o stages.dpo.beta=0.2
     Exit code 0 when all are valid, 2 otherwise.
     """
+    from posttrain.checks import check_static
     from posttrain.config import load_recipe
 
     failed = False
     for path in recipes:
         try:
             recipe = load_recipe(path, list(overrides))
+            check_static(recipe, Path(path).resolve().parent, path)  # files, names: no heavy import
         except PosttrainError as exc:
             click.echo(exc.render(), err=True)
             failed = True
@@ -92,8 +101,10 @@ def validate(recipes, overrides):
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @cache_option
 @click.option("--dry-run", is_flag=True, help="Print the plan (what trains, what is reused) and stop.")
+@click.option("--force", is_flag=True,
+              help="Write into --out even when it is the run directory of a recipe with another name.")
 @user_errors
-def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_dir, dry_run):
+def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_dir, dry_run, force):
     """Train every pipeline of RECIPE, evaluate each and the base model, print the table.
 
     \b
@@ -104,10 +115,12 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     Finished stages and evaluations are cached by content and reused by any later run;
     an interrupted run (Ctrl-C, crash) resumes its unfinished stage from its last checkpoint.
     """
+    from posttrain.checks import check_static
     from posttrain.config import load_recipe
 
     overrides = list(overrides) + (["tracking.wandb.mode=disabled"] if no_wandb else [])
     parsed = load_recipe(recipe, overrides)  # every recipe error before any heavy import
+    check_static(parsed, Path(recipe).resolve().parent, recipe)
     if dry_run:
         return print_plan(recipe, parsed, cache_dir, as_json)
     from posttrain.cache import Cache
@@ -118,7 +131,7 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     options = RunOptions(out_dir=target, base_dir=Path(recipe).resolve().parent,
                          show_progress=(sys.stderr.isatty() and not silent) if progress is None else progress,
                          log=(lambda line: None) if silent else (lambda line: click.echo(line, err=True)),
-                         cache=Cache(cache_dir))
+                         cache=Cache(cache_dir), force=force)
     options.log(f"posttrain {__version__}: running {recipe} -> {target}")
     import contextlib
 
@@ -145,9 +158,12 @@ def plan(recipe, overrides, cache_dir, as_json):
       posttrain plan recipes/quickstart.yaml -o "sweep.stages.dpo.beta=[0.05,0.1,0.3]"
     Loads (and curates) the data to know the stage keys; trains nothing.
     """
+    from posttrain.checks import check_static
     from posttrain.config import load_recipe
 
-    print_plan(recipe, load_recipe(recipe, list(overrides)), cache_dir, as_json)
+    parsed = load_recipe(recipe, list(overrides))
+    check_static(parsed, Path(recipe).resolve().parent, recipe)  # before any heavy import
+    print_plan(recipe, parsed, cache_dir, as_json)
 
 
 def print_plan(recipe_path: str, recipe, cache_dir: str | None, as_json: bool) -> None:
@@ -200,8 +216,31 @@ def report(run_dirs, out_dir, as_json):
     if len(run_dirs) > 1 and out_dir is None:
         raise PosttrainError("merging several runs needs --out DIR (a run's own report stays as it is)")
     target = Path(out_dir or run_dirs[0])
-    write_report(Path(run_dirs[0]), [Path(d) for d in run_dirs[1:]], out_dir=target)
+    if out_dir is not None:
+        claim_report_dir(target, [Path(d) for d in run_dirs])
+    try:
+        write_report(Path(run_dirs[0]), [Path(d) for d in run_dirs[1:]], out_dir=target)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # Records that parse but do not fit together (edited or mixed by hand).
+        from posttrain.records import DAMAGED_HINT
+
+        raise PosttrainError(f"{', '.join(run_dirs)}: the run's records do not fit together "
+                             f"({type(exc).__name__}: {exc}); {DAMAGED_HINT}") from None
     show_report(target, as_json)
+
+
+def claim_report_dir(target: Path, run_dirs: list[Path]) -> None:
+    """A merged report goes into a new or empty folder, a run directory, or an earlier merge."""
+    from posttrain.artifacts import MARKER, RunDir, directory_owner
+
+    if any(target.resolve() == d.resolve() for d in run_dirs):
+        return
+    owner = directory_owner(target)
+    if owner == "":
+        raise PosttrainError(f"--out {target}: is not empty and is not a posttrain run or report directory; "
+                             "posttrain never writes into a folder of yours: choose a new or empty directory")
+    if owner is None or not (target / MARKER).is_file():
+        RunDir(target).claim(owner or "(merged report)", kind="report")
 
 
 @main.group()
@@ -261,13 +300,15 @@ def cache():
     \b
     Example:
       posttrain cache ls
+      posttrain cache verify
       posttrain cache rm 3f2a9c1b
       posttrain cache gc --older-than 30 --max-size 50GB
     The cache is $POSTTRAIN_CACHE, else ~/.cache/posttrain (or --cache DIR).
     """
 
 
-def entry_lines(items) -> list[str]:
+def entry_lines(items, corrupt=frozenset()) -> list[str]:
+    """One line per entry; `corrupt`: the paths of entries that failed their checks."""
     import time
 
     from posttrain.cache import age_days, human_size
@@ -275,7 +316,7 @@ def entry_lines(items) -> list[str]:
     now = time.time()
     lines = []
     for e in items:
-        status = ""
+        status = "CORRUPT (made again when next needed)" if e.path in corrupt else ""
         if e.kind == "partial":
             step = e.info.get("resume_step")
             status = f"resume@{step}" if step is not None else "no checkpoint"
@@ -289,24 +330,31 @@ def entry_lines(items) -> list[str]:
 @click.option("--kind", type=click.Choice(["all", "stages", "partial", "datasets", "curated", "reflogps", "evals"]),
               default="all", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Entries as JSON.")
+@user_errors
 def cache_ls(cache_dir, kind, as_json):
-    """List cache entries with size and days since last use, and totals per kind."""
+    """List cache entries with size and days since last use, and totals per kind.
+
+    Entries whose files no longer have the sizes they were published with are marked
+    CORRUPT (a quick check; `posttrain cache verify` compares hashes too).
+    """
     import json
 
-    from posttrain.cache import Cache, entries, human_size
+    from posttrain.cache import Cache, check, entries, human_size
 
     store = Cache(cache_dir)
     items = [e for e in entries(store) if kind in ("all", e.kind)]
+    problems = {e.path: check(store, e, hashes=False).problems for e in items}
     if as_json:
         click.echo(json.dumps([{"kind": e.kind, "key": e.key, "path": str(e.path), "size": e.size,
-                                "last_used": e.last_used, "label": e.label} for e in items], indent=2))
+                                "last_used": e.last_used, "label": e.label, "problems": problems[e.path]}
+                               for e in items], indent=2))
         return
     click.echo(f"cache: {store.root}")
     if not items:
         click.echo("(empty)")
         return
     click.echo(f"{'kind':<9} {'key':<12} {'size':>10}  {'unused':>7}  what")
-    for line in entry_lines(items):
+    for line in entry_lines(items, {path for path, found in problems.items() if found}):
         click.echo(line)
     totals: dict[str, int] = {}
     for e in items:
@@ -353,11 +401,103 @@ def cache_rm(cache_dir, keys, remove_all):
                f"{human_size(sum(e.size for e in chosen))}")
 
 
+@cache.command("verify")
+@cache_option
+@click.argument("keys", nargs=-1)
+@click.option("--fix", is_flag=True, help="Remove corrupt entries (made again when next needed) and record "
+              "manifests for intact entries published before manifests existed.")
+@click.option("--json", "as_json", is_flag=True, help="Every checked entry and its problems as JSON.")
+@user_errors
+def cache_verify(cache_dir, keys, fix, as_json):
+    """Check every cache entry (or those whose key starts with KEY) against its manifest.
+
+    Each file's size and SHA-256 is compared with what was recorded when the entry was
+    published; entries from before manifests get a structural check (JSON parses,
+    safetensors files are whole, zip CRCs). Every problem is printed with the entry's
+    key and the file's path. Exit status: 0 when every checked entry is intact (with
+    --fix: when every corrupt one was removed), 2 when a corrupt entry remains.
+    """
+    import json
+    import time
+
+    from posttrain.cache import Cache, entries, find, human_size, verify_cache
+
+    store = Cache(cache_dir)
+    items = entries(store)
+    if keys:
+        unknown = [key for key in keys if not find(items, key)]
+        if unknown:
+            raise PosttrainError("cache verify: nothing checked",
+                                 [f"{key}: no cache entry with this key (see `posttrain cache ls`)" for key in unknown])
+        items = [e for e in items if any(e.key.startswith(key) for key in keys)]
+    started = time.perf_counter()
+    checked = verify_cache(store, items, fix=fix)
+    seconds = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps([{"kind": c.entry.kind, "key": c.entry.key, "path": str(c.entry.path),
+                                "problems": c.verdict.problems, "manifest": c.verdict.manifest,
+                                "action": c.action} for c in checked], indent=2))
+    for c in checked if not as_json else ():
+        where = f"{c.entry.kind}/{c.entry.key[:12]} {c.entry.label}".rstrip()
+        action = f" ({c.action})" if c.action else ""
+        if c.verdict.problems:
+            click.echo(f"corrupt  {where}{action}")
+            for problem in c.verdict.problems:
+                click.echo(f"  {problem}")
+        elif c.entry.kind in ("stages", "evals", "datasets") and not c.verdict.manifest:
+            click.echo(f"no manifest  {where}: published before manifests; "
+                       + ("rebuilt when next used" if c.entry.kind == "datasets" else "its structure checks out")
+                       + action)
+    corrupt = [c for c in checked if c.verdict.problems]
+    left = [c for c in corrupt if not c.action.startswith("removed")]
+    if not as_json:
+        click.echo(f"checked {len(checked)} entries ({human_size(sum(c.entry.size for c in checked))} in "
+                   f"{seconds:.1f}s) in {store.root}: {len(checked) - len(corrupt)} intact, {len(corrupt)} corrupt"
+                   + (f", {len(corrupt) - len(left)} removed" if fix and corrupt else ""))
+    if left:
+        raise PosttrainError(f"cache verify: {len(left)} corrupt entr{'y' if len(left) == 1 else 'ies'}; "
+                             "runs retrain them; `posttrain cache verify --fix` removes them now")
+
+
+class DaysType(click.ParamType):
+    """A finite, non-negative number of days."""
+
+    name = "days"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            days = float(value)
+        except (TypeError, ValueError):
+            days = math.nan
+        if not math.isfinite(days) or days < 0:
+            self.fail(f"{value!r} is not a number of days >= 0 (e.g. 30, 0.5)", param, ctx)
+        return days
+
+
+class SizeType(click.ParamType):
+    """A size such as 500MB or 20GB (binary units), finite and not negative."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from posttrain.cache import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 @cache.command("gc")
 @cache_option
-@click.option("--older-than", "older_than", type=float, default=30.0, show_default=True,
+@click.option("--older-than", "older_than", type=DaysType(), default=30.0, show_default=True,
               help="Remove entries unused for this many days.")
-@click.option("--max-size", default=None, help="Then remove least recently used entries until the cache fits (e.g. 50GB).")
+@click.option("--max-size", type=SizeType(), default=None,
+              help="Then remove least recently used entries until the cache fits (e.g. 50GB).")
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
 @user_errors
 def cache_gc(cache_dir, older_than, max_size, dry_run):
@@ -365,16 +505,11 @@ def cache_gc(cache_dir, older_than, max_size, dry_run):
 
     Entries a running posttrain is training are never removed.
     """
-    from posttrain.cache import (Cache, entries, human_size, in_training, parse_size, remove, select_garbage,
-                                 stale_temporaries)
+    from posttrain.cache import Cache, entries, human_size, in_training, remove, select_garbage, stale_temporaries
 
     store = Cache(cache_dir)
-    try:
-        limit = parse_size(max_size) if max_size else None
-    except ValueError as exc:
-        raise PosttrainError(f"--max-size: {exc}") from None
     items = entries(store)
-    doomed = select_garbage(items, older_than, limit,
+    doomed = select_garbage(items, older_than, max_size,
                             locked=lambda e: in_training(store, e))
     leftovers = stale_temporaries(store)
     for line in entry_lines(doomed):

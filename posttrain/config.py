@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from posttrain.errors import RecipeError
+from posttrain.errors import PosttrainError, RecipeError
 
 BASE_PIPELINE = "base"
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion",
@@ -29,8 +30,34 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
               "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 
 
+# The largest whole number any setting takes. Libraries take counts and seeds as C
+# integers (torch and tokenizers overflow at 2**64, numpy seeds stop at 2**32 - 1), so
+# a larger value is a typo that would crash only after training had started.
+INT_MAX = 2**32 - 1
+# Seeds go to random, numpy, torch and transformers.set_seed: numpy takes 0..2**32 - 1.
+Seed = Annotated[int, Field(ge=0, le=INT_MAX)]
+# A name, path or id: an empty one means nothing and fails far from the recipe.
+Text = Annotated[str, Field(min_length=1)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: no float setting takes .inf or .nan (`learning_rate: .inf`
+    # passed validation, and `epochs: .inf` crashed `plan`).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _sane_values(cls, value: Any) -> Any:
+        """In every spec: every int is at most INT_MAX (see there), and no string holds a
+        NUL character (no path, id or name can; C libraries would cut it there). Keys of
+        a mapping are names: _name_problems checks them."""
+        items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, int) and not isinstance(item, bool) and abs(item) > INT_MAX:
+                raise ValueError(f"must be <= {INT_MAX} (2**32 - 1)")
+            if isinstance(item, str) and "\x00" in item:
+                raise ValueError(f"{item!r} contains a NUL character")
+        return value
 
 
 class LoraSpec(Strict):
@@ -41,7 +68,7 @@ class LoraSpec(Strict):
 
 
 class ModelSpec(Strict):
-    name: str = Field(description="builtin:<size>, a hub id, or a local directory")
+    name: Text = Field(description="builtin:<size>, a hub id, or a local directory")
     revision: str | None = None
     chat_template: Literal["chatml", "model"] = "chatml"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -89,12 +116,12 @@ class MixPart(Strict):
 
 
 class DataSpec(Strict):
-    source: str | None = Field(None, description="builtin:<name>, a local file, or a hub dataset id")
+    source: Text | None = Field(None, description="builtin:<name>, a local file, or a hub dataset id")
     mix: list[MixPart] | None = Field(None, min_length=1, description="build this dataset from others")
     size: int | None = Field(None, gt=0, description="mix: total rows (with weights)")
     curate: CurateSpec | None = None
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
-    split: str = "train"
+    split: Text = "train"
     on_bad_rows: Literal["error", "skip"] = "error"
     limit: int | None = Field(None, gt=0, description="use only the first N rows")
 
@@ -109,7 +136,8 @@ class DataSpec(Strict):
 class StageBase(Strict):
     data: str
     learning_rate: float = Field(gt=0)
-    epochs: float = Field(1.0, gt=0)
+    # Bounded so that epochs x steps per epoch stays a finite integer (1e308 overflowed `plan`).
+    epochs: float = Field(1.0, gt=0, le=100_000)
     max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
     batch_size: int = Field(8, gt=0)
     gradient_accumulation: int = Field(1, gt=0)
@@ -118,7 +146,7 @@ class StageBase(Strict):
     scheduler: Literal[SCHEDULERS] = "linear"  # type: ignore[valid-type]
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    seed: int | None = Field(None, description="default: the recipe's seed for this run")
+    seed: Seed | None = Field(None, description="default: the recipe's seed for this run")
     lora: LoraSpec | Literal[False] | None = Field(
         None, description="None: the model's LoRA setting; false: full fine-tuning")
     logging_steps: int = Field(10, gt=0)
@@ -145,7 +173,7 @@ STAGE_METHODS = ("sft", "dpo", "orpo")
 
 
 class EvalSpec(Strict):
-    tasks: list[str] = Field(min_length=1)
+    tasks: list[Text] = Field(min_length=1)
     preferences: DataSpec | None = Field(
         None, description="held-out preference pairs: how often each model prefers chosen over rejected")
     samples: int = Field(5, ge=0, description="held-out prompts shown with every pipeline's reply")
@@ -168,7 +196,9 @@ class OutputSpec(Strict):
 class ReportSpec(Strict):
     baseline: str | None = Field(None, description="default: the first trained pipeline")
     confidence: float = Field(0.95, gt=0, lt=1)
-    resamples: int = Field(2000, ge=100)
+    # stats draws (resamples x items) bootstrap weights per metric: 100,000 x 1,000
+    # items is 800 MB, a bound memory can still take.
+    resamples: int = Field(2000, ge=100, le=100_000)
 
 
 class CompareSpec(Strict):
@@ -197,13 +227,13 @@ class TrackingSpec(Strict):
 
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-    seeds: list[int] = Field([0], min_length=1)
+    seeds: list[Seed] = Field([0], min_length=1)
     model: ModelSpec
     data: dict[str, DataSpec] = Field(min_length=1)
     stages: dict[str, Stage] = Field(min_length=1)
     pipelines: dict[str, list[str]] = Field(min_length=1)
     eval: EvalSpec
-    external: dict[str, str] = Field(
+    external: dict[str, Text] = Field(
         {}, description="extra rows: name -> hub id or local model dir, evaluated with the same spec")
     output: OutputSpec = OutputSpec()
     report: ReportSpec = ReportSpec()
@@ -221,6 +251,16 @@ class Recipe(Strict):
         if sweep:
             raise ValueError("a sweep is expanded by load_recipe/validate_recipe, not by Recipe itself")
         return sweep
+
+    @field_validator("name")
+    @classmethod
+    def _path_name(cls, name: str) -> str:
+        from posttrain.artifacts import name_problem
+
+        problem = name_problem(name)  # it names the run directory
+        if problem:
+            raise ValueError(problem)
+        return name
 
     @field_validator("seeds")
     @classmethod
@@ -248,10 +288,12 @@ def _cross_problems(raw: dict):
         return value if isinstance(value, dict) else {}
 
     data, stages, pipelines = mapping("data"), mapping("stages"), mapping("pipelines")
+    yield from _name_problems(raw)
+    yield from _builtin_data_problems(raw)
     for name, stage in stages.items():
         ref = stage.get("data") if isinstance(stage, dict) else None
         if isinstance(ref, str) and data and ref not in data:
-            yield ("stages", name, "data"), f"unknown dataset {ref!r} (known: {', '.join(data)})"
+            yield ("stages", name, "data"), f"unknown dataset {ref!r} (known: {_listed(data)})"
     for name, spec in data.items():
         for i, part in enumerate((spec.get("mix") or []) if isinstance(spec, dict) else []):
             ref = part.get("data") if isinstance(part, dict) else None
@@ -262,7 +304,7 @@ def _cross_problems(raw: dict):
             continue
         for i, stage_name in enumerate(chain):
             if isinstance(stage_name, str) and stage_name not in stages:
-                yield ("pipelines", name, i), f"unknown stage {stage_name!r} (known: {', '.join(stages)})"
+                yield ("pipelines", name, i), f"unknown stage {stage_name!r} (known: {_listed(stages)})"
         if len(set(map(str, chain))) != len(chain):
             yield ("pipelines", name), "a stage appears twice"
     for name, stage in stages.items():
@@ -286,6 +328,60 @@ def _cross_problems(raw: dict):
     compare = raw.get("compare")
     if isinstance(compare, dict):
         yield from _compare_problems(compare, plan, stages)
+
+
+def _listed(names, most: int = 10) -> str:
+    """Names for a message, at most `most` of them (a 1 MB recipe may hold 50,000)."""
+    names = [str(name) for name in itertools.islice(names, most + 1)]
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+# Sections whose keys name directories and files: stages/<stage>-s<seed>-<key>,
+# evals/<pipeline>/, curated data sets, external models' eval folders.
+PATH_NAME_SECTIONS = ("data", "stages", "pipelines", "external")
+
+
+def _name_problems(raw: dict):
+    """Every name that becomes a path must be a safe path component (artifacts.name_problem)."""
+    from posttrain.artifacts import name_problem
+
+    for section in PATH_NAME_SECTIONS:
+        names = raw.get(section)
+        for name in names if isinstance(names, dict) else ():
+            problem = name_problem(name)
+            if problem:
+                yield (section, name), problem
+
+
+def _builtin_data_problems(raw: dict):
+    """A `builtin:` dataset exists, has the split named, and is in the format declared.
+
+    A misspelt split once trained on the held-out test pool; a mismatched format gave
+    a traceback. Known from posttrain.data.builtin's tables, without generating rows.
+    """
+    from posttrain.data.builtin import BUILTIN_FORMATS, BUILTIN_SPLITS
+
+    specs = [(("data", name), spec) for name, spec in _mapping(raw, "data").items()]
+    specs.append((("eval", "preferences"), _mapping(raw, "eval").get("preferences")))
+    for loc, spec in specs:
+        source = spec.get("source") if isinstance(spec, dict) else None
+        if not isinstance(source, str) or not source.startswith("builtin:"):
+            continue
+        name = source.removeprefix("builtin:")
+        if name not in BUILTIN_SPLITS:
+            yield (*loc, "source"), (f"unknown builtin dataset {source!r}; choose one of: "
+                                     + ", ".join(f"builtin:{known}" for known in BUILTIN_SPLITS))
+            continue
+        split, fmt, native = spec.get("split", "train"), spec.get("format", "auto"), BUILTIN_FORMATS[name]
+        if isinstance(split, str) and split and split not in BUILTIN_SPLITS[name]:  # "": pydantic says
+            yield (*loc, "split"), f"{source} has no split {split!r} (splits: {', '.join(BUILTIN_SPLITS[name])})"
+        if fmt in DATA_FORMATS and fmt not in ("auto", native):
+            yield (*loc, "format"), f"{source} is in the {native} format; use format: {native} (or auto)"
+
+
+def _mapping(raw: dict, key: str) -> dict:
+    value = raw.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _compare_problems(compare: dict, plan: "SweepPlan", stages: dict):
@@ -407,6 +503,8 @@ def plan_sweep(raw: dict) -> tuple[SweepPlan, list[tuple[tuple, str]]]:
         return plan, problems
     if not isinstance(sweep, dict):
         return plan, [(("sweep",), "must be a mapping of stages.<stage>.<field> to lists of values")]
+    from posttrain.artifacts import name_problem
+
     models = {"sft": SFTStage, "dpo": DPOStage, "orpo": ORPOStage}
 
     for parts, values in _flatten_sweep(sweep).items():
@@ -436,6 +534,9 @@ def plan_sweep(raw: dict) -> tuple[SweepPlan, list[tuple[tuple, str]]]:
         if not values:
             problems.append((where, "must not be empty"))
             continue
+        if len(values) > SWEEP_MAX_POINTS:  # too many whatever they are: the grid size is reported below
+            plan.axes.setdefault(stage_name, {})[field] = values
+            continue
         seen: dict[str, int] = {}
         values = list(values)
         for i, value in enumerate(values):
@@ -444,8 +545,9 @@ def plan_sweep(raw: dict) -> tuple[SweepPlan, list[tuple[tuple, str]]]:
             label = sweep_value_label(values[i])
             if label in seen:
                 problems.append(((*where, i), f"same as [{seen[label]}] ({label}); sweep distinct values"))
-            elif "/" in label:
-                problems.append(((*where, i), f"{label!r}: a swept value cannot contain '/' (it names a stage)"))
+            elif name_problem(f"{stage_name}[{field}={label}]") and not name_problem(stage_name):
+                problems.append(((*where, i), f"{label!r} cannot be part of the stage name it makes: "
+                                              + name_problem(f"{stage_name}[{field}={label}]")))
             seen.setdefault(label, i)
         # Planned even with bad values (nothing is expanded while there are problems),
         # so the names that refer to expanded pipelines are checked at the same time.
@@ -502,7 +604,20 @@ def plan_sweep(raw: dict) -> tuple[SweepPlan, list[tuple[tuple, str]]]:
         for name, _ in variants:
             if name in stages:
                 problems.append((("sweep",), f"the sweep's stage {name!r} is already a stage of the recipe"))
-    return plan, problems
+    return plan, problems + _sweep_name_problems(plan, problems)
+
+
+def _sweep_name_problems(plan: "SweepPlan", problems: list) -> list[tuple[tuple, str]]:
+    """The stage and pipeline names the sweep makes are path names too (a long grid
+    makes long names). Checked when no value was refused already (one message each)."""
+    from posttrain.artifacts import name_problem
+
+    if any(loc[:2] == ("sweep", "stages") for loc, _ in problems):
+        return []
+    made = [("stage", base, name) for base, variants in plan.variants.items() for name, _ in variants]
+    made += [("pipeline", base, name) for base, expanded in plan.pipelines.items() for name, _ in expanded]
+    return [(("sweep",), f"a {kind} the sweep makes: {name_problem(name)}")
+            for kind, base, name in made if name_problem(name) and not name_problem(base)]
 
 
 def _check_variant(model: type, stage: dict, stage_name: str, field: str, value: Any, data: dict):
@@ -560,21 +675,24 @@ def expand_sweep(raw: dict, plan: SweepPlan) -> dict:
 
 def _sweep_lines(lines: dict[tuple, int]) -> dict[tuple, int]:
     """Add each sweep key's line under its canonical path (flat and nested forms alike)."""
-    extra = {}
+    extra, canonical = {}, {}  # canonical: the key's leading names -> their canonical path
     for key, line in lines.items():
         if len(key) < 2 or key[0] != "sweep":
             continue
         n = next((i for i, part in enumerate(key) if not isinstance(part, str)), len(key))
-        parts = tuple(".".join(key[1:n]).split("."))
-        extra[("sweep", *_sweep_key(parts), *key[n:])] = line
+        if key[:n] not in canonical:
+            canonical[key[:n]] = ("sweep", *_sweep_key(tuple(".".join(key[1:n]).split("."))))
+        extra[(*canonical[key[:n]], *key[n:])] = line
     return {**extra, **lines}
 
 
 def _is_instruction_data(spec: dict) -> bool:
+    from posttrain.data.builtin import BUILTIN_FORMATS
     from posttrain.data.formats import FORMATS
 
-    if spec.get("source") == "builtin:skills":
-        return True
+    source = spec.get("source")
+    if isinstance(source, str) and source.startswith("builtin:") and source[8:] in BUILTIN_FORMATS:
+        return FORMATS[BUILTIN_FORMATS[source[8:]]] == "instruction"
     return FORMATS.get(spec.get("format", "auto")) == "instruction"
 
 
@@ -586,15 +704,16 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
-    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path.name}: not valid YAML: {exc}") from None
+        with path.open("rb") as file:  # never more than the limit, whatever the file is
+            text = file.read(YAML_MAX_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    raw, lines = strict_yaml_load(text, path.name)
     if not isinstance(raw, dict):
         raise RecipeError(f"{path.name}: a recipe is a mapping (name:, model:, data:, ...)")
     raw = apply_overrides(raw, overrides, path.name)
-    return validate_recipe(raw, path.name, line_index(text))
+    return validate_recipe(raw, path.name, lines)
 
 
 def validate_recipe(raw: dict, where: str, lines: dict[tuple, int] | None = None) -> Recipe:
@@ -604,30 +723,42 @@ def validate_recipe(raw: dict, where: str, lines: dict[tuple, int] | None = None
     Recipe returned holds the variant stages and pipelines, and `sweep` is `{}`.
     """
     lines = _sweep_lines(lines or {})
-    problems = []
-    recipe = None
+    problems: list[tuple[tuple, str]] = []
     unswept = {key: value for key, value in raw.items() if key != "sweep"}
     try:
         Recipe.model_validate(unswept)
     except ValidationError as exc:
-        problems += _pydantic_problems(exc, where, lines)
-    for loc, message in _cross_problems(raw):
-        problems.append(_place(loc, where, lines, message))
+        problems += _pydantic_problems(exc)
+    problems += _cross_problems(raw)
     if problems:
-        raise RecipeError(f"{where}: {len(problems)} problem(s)", problems)
+        raise problems_error(where, problems, lines)
     plan, _ = plan_sweep(raw)
     try:
-        recipe = Recipe.model_validate(expand_sweep(unswept, plan))
+        return Recipe.model_validate(expand_sweep(unswept, plan))
     except ValidationError as exc:  # not expected: every swept value was checked above
-        problems = _pydantic_problems(exc, where, lines)
-        raise RecipeError(f"{where}: {len(problems)} problem(s)", problems) from None
-    return recipe
+        raise problems_error(where, _pydantic_problems(exc), lines) from None
 
 
-def _pydantic_problems(exc: ValidationError, where: str, lines: dict[tuple, int]) -> list[str]:
-    return [_place(_strip_union_tags(err["loc"]), where, lines,
-                   _MESSAGES.get(err["type"], lambda e: e["msg"])(err))
-            for err in exc.errors()]
+PROBLEMS_SHOWN = 100   # a recipe with 50,000 bad entries is reported in a screenful or two
+
+
+def problems_error(where: str, problems: list, lines: dict[tuple, int] | None = None,
+                   error: type[PosttrainError] = RecipeError) -> PosttrainError:
+    """One error listing `problems`, each once and at most PROBLEMS_SHOWN of them: lines
+    of text, or (key path, message) pairs placed as `where:LINE: key.path: message`."""
+    unique = list(dict.fromkeys(problems))
+    shown = [problem if isinstance(problem, str) else _place(problem[0], where, lines or {}, problem[1])
+             for problem in unique[:PROBLEMS_SHOWN]]
+    if len(unique) > PROBLEMS_SHOWN:
+        shown.append(f"... and {len(unique) - PROBLEMS_SHOWN} more")
+    return error(f"{where}: {len(unique)} problem(s)", shown)
+
+
+def _pydantic_problems(exc: ValidationError) -> list[tuple[tuple, str]]:
+    return [(_strip_union_tags(err["loc"]), _MESSAGES.get(err["type"], lambda e: e["msg"])(err))
+            for err in exc.errors()
+            # a name that is not a string: _name_problems says so, with the naming rule
+            if not (len(err["loc"]) == 3 and err["loc"][0] in PATH_NAME_SECTIONS and err["loc"][2] == "[key]")]
 
 
 def _place(loc: tuple, where: str, lines: dict[tuple, int], message: str, dotted_path: str | None = None) -> str:
@@ -655,6 +786,8 @@ _MESSAGES = {
     "greater_than": lambda e: f"must be > {e['ctx']['gt']}",
     "greater_than_equal": lambda e: f"must be >= {e['ctx']['ge']}",
     "less_than": lambda e: f"must be < {e['ctx']['lt']}",
+    "less_than_equal": lambda e: f"must be <= {e['ctx']['le']}",
+    "finite_number": lambda e: "must be a finite number (not .inf or .nan)",
     "extra_forbidden": lambda e: "unknown key",
     "missing": lambda e: "required",
     "literal_error": lambda e: f"must be one of {e['ctx']['expected']}",
@@ -662,6 +795,7 @@ _MESSAGES = {
     "union_tag_not_found": lambda e: "missing 'method' (sft, dpo or orpo)",
     "value_error": lambda e: str(e["ctx"]["error"]),
     "too_short": lambda e: "must not be empty",
+    "string_too_short": lambda e: "must not be empty",
 }
 
 
@@ -669,56 +803,358 @@ _MESSAGES = {
 
 
 def apply_overrides(raw: dict, overrides: list[str], where: str = "recipe") -> dict:
-    """Apply `-o dotted.key=value` overrides; values are parsed as YAML (0.2, [0,1], true)."""
+    """Apply `-o dotted.key=value` overrides; values are parsed as YAML (0.2, [0,1], true).
+
+    A missing or null mapping on the way is created (`-o model.lora.r=8`); every
+    malformed override is reported, each naming itself.
+    """
     import copy
 
-    raw = copy.deepcopy(raw)
+    if not overrides:
+        return raw
+    raw = copy.deepcopy(raw)  # the caller's mapping stays as it was
     problems = []
     for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"-o {override}: expected dotted.key=value")
-            continue
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = parsed
+        problem = _apply_override(raw, override)
+        if problem:
+            problems.append(f"-o {override}: {problem}")
     if problems:
         raise RecipeError(f"{where}: bad override(s)", problems)
     return raw
 
 
-# ---------------------------------------------------------------- YAML lines
+def _apply_override(raw: dict, override: str) -> str | None:
+    """Set one override in `raw`; why it cannot be applied, or None."""
+    key, sep, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep:
+        return "expected dotted.key=value (e.g. -o stages.dpo.beta=0.2)"
+    if not all(part.strip() for part in parts):
+        return f"the key {key!r} has an empty part; expected dotted.key=value (e.g. -o stages.dpo.beta=0.2)"
+    try:
+        value, _ = strict_yaml_load(text, "value")
+    except PosttrainError as exc:
+        detail = re.sub(r"^value(:\d+)?: (not valid YAML: )?", "", (exc.problems or [str(exc)])[0].strip())
+        return f"the value is not valid YAML ({detail}); quote a string value: -o '{key}=\"...\"'"
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            kind = "a list" if isinstance(child, list) else f"{type(child).__name__} {child!r}"
+            where = ".".join(parts[:depth + 1])
+            return (f"{where} is {kind}, not a mapping: it has no key {parts[depth + 1]!r}"
+                    + (f"; set the whole list (-o '{where}=[...]')" if isinstance(child, list) else ""))
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
+# ---------------------------------------------------------------- strict YAML
+
+# Limits that keep loading (and so `validate`) fast and small on any input. Recipes are
+# a few KB, nest < 10 levels and share a block or two by alias; the limits are far above.
+YAML_MAX_BYTES = 1_000_000       # a larger file is refused unread (validate stays < 1 s)
+YAML_MAX_DEPTH = 100             # nesting levels, aliases included (libyaml's own limit: 1000)
+YAML_MAX_ALIAS_NODES = 100_000   # nodes all aliases together may add: an alias bomb is refused
+_CORE = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {_CORE + name for name in ("null", "bool", "int", "float", "str", "binary", "timestamp")}
+YamlTags = dict[str, Callable[[Any], Any]]
+
+
+class _YamlRefusal(Exception):
+    """A document strict_yaml_load stops at: (1-based line or None, message)."""
+
+    def __init__(self, line: int | None, message: str):
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+def strict_yaml_load(text: str | bytes, where: str, tags: YamlTags | None = None,
+                     error: type[PosttrainError] = RecipeError) -> tuple[Any, dict[tuple, int]]:
+    """Safe-load one YAML document strictly: (data, lines).
+
+    `lines` maps each key path (and list item) to its 1-based line, as error messages
+    want them (`recipe.yaml:12: stages.dpo.beta: ...`). Refused, with `error` naming
+    `where` and the line: text that is not UTF-8 or over YAML_MAX_BYTES, invalid YAML,
+    several documents, nesting deeper than YAML_MAX_DEPTH, aliases adding more than
+    YAML_MAX_ALIAS_NODES nodes (a "billion laughs"), an alias inside its own anchor,
+    and, all reported at once, duplicate keys (YAML would silently keep the last one).
+
+    Aliases and merge keys (`<<: *defaults`) are expanded into copies, so changing one
+    place never changes another. `tags` maps a local tag (lm-eval's `!function`) to a
+    function of the tagged value (a string, list or dict); any other tag is refused.
+    """
+    try:
+        loaded = _load_events(_yaml_text(text, where, error), tags or {})
+    except _YamlRefusal as refusal:
+        place = f"{where}:{refusal.line}" if refusal.line else where
+        raise error(f"{place}: {refusal.message}") from None
+    if loaded.problems:
+        raise problems_error(where, [f"{where}:{line}: {message}" for line, message in loaded.problems], error=error)
+    return loaded.root, dict(loaded.log)
+
+
+def _yaml_text(text: str | bytes, where: str, error: type[PosttrainError]) -> str:
+    # A str of more than YAML_MAX_BYTES characters has more bytes still: not encoded to count.
+    size = len(text) if isinstance(text, bytes) or len(text) > YAML_MAX_BYTES else len(text.encode("utf-8", "replace"))
+    if size > YAML_MAX_BYTES:
+        raise error(f"{where}: over {YAML_MAX_BYTES:,} bytes; a YAML file here is at most that")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = text.count(b"\n", 0, exc.start) + 1
+            raise error(f"{where}:{line}: not UTF-8 text (byte 0x{text[exc.start]:02x} at offset "
+                        f"{exc.start}); save the file as UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
+def _load_events(text: str, tags: YamlTags) -> "_EventLoader":
+    """Run _EventLoader over libyaml's events; refusals raise _YamlRefusal."""
+    loader = _EventLoader(tags)
+    parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    try:
+        handlers = loader.handlers
+        while not isinstance(event := parser.get_event(), yaml.StreamEndEvent):
+            handler = handlers.get(type(event))
+            if handler is not None:
+                handler(event)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = min(mark.line + 1, text.count("\n") + 1) if mark else None
+        raise _YamlRefusal(line, "not valid YAML: " + " ".join(filter(None, (exc.context, exc.problem)))) from None
+    except yaml.YAMLError as exc:  # a reader error: a character YAML does not allow
+        position = getattr(exc, "position", None)
+        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
+        raise _YamlRefusal(line, "not valid YAML: " + str(exc).splitlines()[0]) from None
+    finally:
+        parser.dispose()
+    return loader
+
+
+# PyYAML's implicit scalar types (int, float, bool, null, timestamp, merge) by first
+# character, as yaml.resolver.Resolver.resolve finds them (it is slow per call).
+_IMPLICIT = {first: [*resolvers, *yaml.resolver.Resolver.yaml_implicit_resolvers.get(None, [])]
+             for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()}
+_PENDING, _NO_KEY, _MERGE = object(), object(), object()  # key states of an open mapping
+# Numbers that mean the same to Python as to YAML 1.1 (no octal 0755, no 1_000, no 1:30).
+_PLAIN_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+_PLAIN_FLOAT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)\.[0-9]*(?:[eE][-+][0-9]+)?")
+
+
+class _Open:
+    """A list or mapping being read: its value so far and what the budgets need."""
+
+    __slots__ = ("value", "tag", "path", "line", "anchor", "log_start", "key", "key_line", "key_lines", "merges",
+                 "size", "height", "is_key")
+
+    def __init__(self, value, tag: str, path: tuple, line: int, anchor: str | None, log_start: int, is_key: bool):
+        self.value, self.tag, self.path, self.line, self.anchor = value, tag, path, line, anchor
+        self.log_start, self.is_key = log_start, is_key
+        self.key, self.key_line, self.key_lines, self.merges, self.size, self.height = _PENDING, 0, {}, [], 1, 0
+
+
+def _copied(value: Any) -> Any:
+    """A copy of loaded YAML data (lists, dicts and immutable scalars; depth is bounded)."""
+    if type(value) is dict:
+        return {key: _copied(item) for key, item in value.items()}
+    if type(value) is list:
+        return [_copied(item) for item in value]
+    return value
+
+
+class _EventLoader:
+    """Python data, its line index and its problems, in one pass over parser events.
+
+    No recursion: libyaml's parser (CSafeLoader) is fast and bounds its own nesting,
+    while PyYAML's composer recurses once per level (RecursionError near 1,000) and
+    its pure-Python parser takes minutes on 100,000 `[`. Each anchored value keeps its
+    size (values, aliases expanded) and height, so an alias is budgeted (and copied)
+    the moment it appears. Scalars and merge keys follow PyYAML's SafeLoader.
+    """
+
+    def __init__(self, tags: YamlTags):
+        self.tags = tags
+        self.constructor = yaml.constructor.SafeConstructor()
+        self.stack: list[_Open] = []
+        self.anchors: dict[str, tuple] = {}  # name -> (value, size, height, path, log slice); redefinable
+        self.log: list[tuple[tuple, int]] = []  # (key path, line), in document order
+        self.problems: list[tuple[int, str]] = []
+        self.root, self.documents, self.alias_nodes = None, 0, 0
+        self.handlers = {yaml.ScalarEvent: self.scalar, yaml.AliasEvent: self.alias,
+                         yaml.SequenceStartEvent: self.start, yaml.MappingStartEvent: self.start,
+                         yaml.SequenceEndEvent: self.end, yaml.MappingEndEvent: self.end,
+                         yaml.DocumentStartEvent: self.document}
+
+    def document(self, event) -> None:
+        self.documents += 1
+        if self.documents > 1:
+            raise _YamlRefusal(event.start_mark.line + 1, "several YAML documents (---); one is expected")
+
+    def child_path(self) -> tuple[tuple, bool]:
+        """(path of the value that starts now, whether it is a mapping key)."""
+        if not self.stack:
+            return (), False
+        parent = self.stack[-1]
+        if type(parent.value) is list:
+            return (*parent.path, len(parent.value)), False
+        if parent.key is _PENDING:
+            return parent.path, True
+        key = "<<" if parent.key is _MERGE else "?" if parent.key is _NO_KEY else parent.key
+        return (*parent.path, key), False
+
+    def scalar(self, event) -> None:
+        tag, text, line = event.tag, event.value, event.start_mark.line + 1
+        if tag is None or tag == "!":  # untagged: resolved as PyYAML's Resolver does
+            tag = _CORE + "str"
+            if event.implicit[0]:
+                for implicit_tag, regexp in _IMPLICIT.get(text[:1], ()):
+                    if regexp.match(text):
+                        tag = implicit_tag
+                        break
+        if tag == _CORE + "str":
+            value = text
+        elif tag == _CORE + "merge" and self.child_path()[1]:  # `<<` as a key
+            value = _MERGE
+        else:
+            value = self.construct(tag, text, line)
+        if event.anchor is not None:
+            self.anchors[event.anchor] = (value, 1, 0, self.child_path()[0], len(self.log), len(self.log))
+        self.attach(value, line, 1, 0)
+
+    def construct(self, tag: str, text: str, line: int) -> Any:
+        if tag == _CORE + "int" and _PLAIN_INT.fullmatch(text):
+            return int(text)  # the common forms, fast
+        if tag == _CORE + "float" and _PLAIN_FLOAT.fullmatch(text):
+            return float(text)
+        try:
+            if tag in self.tags:
+                return self.tags[tag](text)
+            if tag in _SCALAR_TAGS:
+                return self.constructor.yaml_constructors[tag](self.constructor, yaml.ScalarNode(tag, text))
+        except Exception as exc:  # noqa: BLE001 (a bad value or a tag function's error: the file's problem)
+            self.problem(line, self.child_path()[0], f"not a valid {tag.removeprefix(_CORE)}: {text!r} ({exc})")
+            return None
+        self.problem(line, self.child_path()[0], f"unsupported tag {tag!r}")
+        return text
+
+    def start(self, event) -> None:
+        line = event.start_mark.line + 1
+        if len(self.stack) >= YAML_MAX_DEPTH:
+            raise _YamlRefusal(line, f"nested more than {YAML_MAX_DEPTH} levels deep")
+        kind = "seq" if type(event) is yaml.SequenceStartEvent else "map"
+        tag = _CORE + kind if event.tag is None or event.tag == "!" else event.tag
+        path, is_key = self.child_path()
+        self.stack.append(_Open([] if kind == "seq" else {}, tag, path, line, event.anchor, len(self.log), is_key))
+
+    def end(self, event) -> None:
+        node = self.stack.pop()
+        value = self.merged(node) if node.merges else node.value
+        if node.tag in self.tags:
+            try:
+                value = self.tags[node.tag](value)
+            except Exception as exc:  # noqa: BLE001 (a tag function's error is the file's problem)
+                self.problem(node.line, node.path, f"{node.tag}: {exc}")
+        elif node.tag not in (_CORE + "seq", _CORE + "map"):
+            self.problem(node.line, node.path, f"unsupported tag {node.tag!r}")
+        if node.anchor is not None:
+            self.anchors[node.anchor] = (value, node.size, node.height + 1, node.path, node.log_start, len(self.log))
+        if node.is_key:
+            self.problem(node.line, node.path, "a key must be a plain value, not a list or a mapping")
+            value = _NO_KEY
+        self.attach(value, node.line, node.size, node.height + 1)
+
+    def merged(self, node: _Open) -> dict:
+        """A mapping with `<<` merges: explicit keys win, then the first source with the
+        key; merged keys come first, as in PyYAML. A merged key's line is the `<<`'s."""
+        merged: dict = {}
+        for value, line in node.merges:
+            sources = value if type(value) is list else [value]
+            if not all(type(source) is dict for source in sources):
+                self.problem(line, node.path, "a merge (<<) takes a mapping or a list of mappings")
+                continue
+            for source in sources:
+                for key, item in source.items():
+                    if key not in merged and key not in node.value:
+                        self.log.append(((*node.path, key), line))
+                    merged.setdefault(key, item)
+        merged.update(node.value)
+        return merged
+
+    def alias(self, event) -> None:
+        line, name = event.start_mark.line + 1, event.anchor
+        if name not in self.anchors:
+            if any(node.anchor == name for node in self.stack):
+                raise _YamlRefusal(line, f"alias *{name} is inside its own anchor &{name} (a recursive alias)")
+            raise _YamlRefusal(line, f"alias *{name} has no anchor &{name} before it")
+        value, size, height, anchor_path, log_start, log_end = self.anchors[name]
+        if len(self.stack) + height > YAML_MAX_DEPTH:
+            raise _YamlRefusal(line, f"alias *{name} nests the document more than {YAML_MAX_DEPTH} levels deep")
+        self.alias_nodes += size
+        if self.alias_nodes > YAML_MAX_ALIAS_NODES:
+            raise _YamlRefusal(line, f"aliases expand the document by more than {YAML_MAX_ALIAS_NODES:,} values "
+                                     "(an alias bomb?)")
+        path, is_key = self.child_path()
+        if is_key and type(value) in (list, dict):
+            self.problem(line, path, "a key must be a plain value, not a list or a mapping")
+            value = _NO_KEY
+        elif type(value) in (list, dict):
+            value = _copied(value)  # changing one place never changes another
+            if not path[-1:] == ("<<",):  # merged keys take the `<<` line (see merged)
+                depth = len(anchor_path)
+                self.log += [((*path, *inner[depth:]), inner_line) for inner, inner_line in self.log[log_start:log_end]]
+        self.attach(value, line, size, height)
+
+    def attach(self, value: Any, line: int, size: int, height: int) -> None:
+        """Put a finished value into the open list or mapping (or make it the root)."""
+        if not self.stack:
+            self.root = value
+            return
+        parent = self.stack[-1]
+        parent.size += size
+        if height > parent.height:
+            parent.height = height
+        if type(parent.value) is list:
+            self.log.append(((*parent.path, len(parent.value)), line))
+            parent.value.append(value)
+        elif parent.key is _PENDING:
+            parent.key, parent.key_line = self.checked_key(value, line, parent.path), line
+        else:
+            key, parent.key = parent.key, _PENDING
+            if key is _MERGE:
+                parent.merges.append((value, parent.key_line))
+            elif key is not _NO_KEY:
+                self.set_key(parent, key, value)
+
+    def checked_key(self, key: Any, line: int, path: tuple) -> Any:
+        try:
+            hash(key)
+        except TypeError:
+            self.problem(line, path, f"a key must be a plain value, not {type(key).__name__}")
+            return _NO_KEY
+        return key
+
+    def set_key(self, parent: _Open, key: Any, value: Any) -> None:
+        if key in parent.key_lines:
+            self.problem(parent.key_line, (*parent.path, key), f"duplicate key (first at line "
+                                                                f"{parent.key_lines[key]}); a key may appear once")
+            return
+        parent.key_lines[key] = parent.key_line
+        self.log.append(((*parent.path, key), parent.key_line))
+        parent.value[key] = value
+
+    def problem(self, line: int, path: tuple, message: str) -> None:
+        self.problems.append((line, f"{dotted(path) or '(top)'}: {message}"))
 
 
 def line_index(text: str) -> dict[tuple, int]:
-    """Map each key path in the YAML text to its 1-based line, for error messages."""
+    """Map each key path in the YAML text to its 1-based line; {} when it does not load."""
     try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
+        return strict_yaml_load(text, "recipe")[1]
+    except PosttrainError:
         return {}
-    lines: dict[tuple, int] = {}
-
-    def walk(node, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                child = path + (key_node.value,)
-                lines[child] = key_node.start_mark.line + 1
-                walk(value_node, child)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                lines[path + (i,)] = item.start_mark.line + 1
-                walk(item, path + (i,))
-
-    walk(root, ())
-    return lines
 
 
 def _nearest_line(loc: tuple, lines: dict[tuple, int]) -> int | None:

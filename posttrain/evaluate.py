@@ -12,18 +12,20 @@ cheap, so ``posttrain validate`` can call ``resolve_tasks`` without them.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import re
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from posttrain.artifacts import Area, name_problem
 from posttrain.errors import ModelError, RecipeError
 
 TASK_FILE_SUFFIXES = (".yaml", ".yml")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 # lm-eval's own logger names all start with "lm_eval" (lm_eval.evaluator, lm_eval.models...).
 LM_EVAL_LOGGER = "lm_eval"
 # Warnings HFLM emits every time it is given an in-memory model; expected here, so noise.
@@ -57,42 +59,59 @@ def lm_eval_version() -> str:
 
 # --------------------------------------------------------------------------- tasks
 
+def task_search_dirs(base_dir: Path) -> list[Path]:
+    """Where a relative task file is looked up: the recipe's folder, the cwd, the repo root."""
+    return [Path(base_dir), Path.cwd(), REPO_ROOT]
+
+
 def resolve_tasks(tasks: list[str], search_dirs: list[Path]) -> list[TaskRef]:
-    """Recipe ``eval.tasks`` entries -> TaskRefs.
+    """Recipe ``eval.tasks`` entries -> TaskRefs; every problem at once as a RecipeError.
+
+    See ``check_task_entries``; a problem is reported as ``eval.tasks[i]: ...``.
+    """
+    refs, problems = check_task_entries(tasks, search_dirs)
+    lines = [f"eval.tasks[{i}]: {message}" if i is not None else f"eval.tasks: {message}"
+             for i, message in problems]
+    if len(lines) == 1:
+        raise RecipeError(lines[0])
+    if lines:
+        raise RecipeError(f"{len(lines)} problems in eval.tasks", lines)
+    return refs
+
+
+def check_task_entries(tasks: list[str], search_dirs: list[Path]) -> tuple[list[TaskRef], list[tuple[int | None, str]]]:
+    """Each entry -> a TaskRef, each local task file checked whole: (refs, [(entry index, problem)]).
 
     An entry ending in ``.yaml``/``.yml`` is a local task file, looked up as given if
     absolute, else under each of ``search_dirs`` in order (recipe dir, cwd, repo root).
-    Its lm-eval name is the file's ``task:`` key. Any other entry is a registry name.
-    All problems are reported at once as a RecipeError.
+    Its lm-eval name is the file's ``task:`` key, which must be a valid name (it names
+    the task's folder in the run directory); its ``include:`` files and data files must
+    exist. Any other entry is a registry name. Reads YAML only: no lm_eval, no torch.
     """
     refs: list[TaskRef] = []
-    problems: list[str] = []
+    problems: list[tuple[int | None, str]] = []
     for i, entry in enumerate(tasks):
-        where = f"eval.tasks[{i}]"
         if not entry.lower().endswith(TASK_FILE_SUFFIXES):
             refs.append(TaskRef(name=entry))
             continue
         path = _find_task_file(entry, search_dirs)
         if path is None:
             looked = ", ".join(str(d) for d in search_dirs) if not Path(entry).is_absolute() else "-"
-            problems.append(f"{where}: task file not found: {entry} (looked in: {looked})")
+            problems.append((i, f"task file not found: {entry} (looked in: {looked})"))
             continue
         try:
             name = _read_task_name(path)
-        except ValueError as exc:
-            problems.append(f"{where}: {path}: {exc}")
+            _flatten_task_yaml(path, seen=set(), modules=[])   # includes, data files, !function names
+        except RecipeError as exc:
+            problems += [(i, problem) for problem in exc.problems or [str(exc)]]
             continue
         refs.append(TaskRef(name=name, path=path))
-    seen: dict[str, int] = {}
-    for i, ref in enumerate(refs):
+    seen: set[str] = set()
+    for ref in refs:
         if ref.name in seen:
-            problems.append(f"eval.tasks: task {ref.name!r} is listed twice")
-        seen[ref.name] = i
-    if problems:
-        if len(problems) == 1:
-            raise RecipeError(problems[0])
-        raise RecipeError(f"{len(problems)} problems in eval.tasks", problems)
-    return refs
+            problems.append((None, f"task {ref.name!r} is listed twice"))
+        seen.add(ref.name)
+    return refs, problems
 
 
 def _find_task_file(entry: str, search_dirs: list[Path]) -> Path | None:
@@ -111,24 +130,17 @@ def _read_task_name(path: Path) -> str:
     name = config.get("task")
     if not isinstance(name, str) or not name:
         # A file without `task:` is a group or a base meant for `include:`.
-        raise ValueError("no 'task:' name in the file (only single-task YAMLs are supported)")
+        raise RecipeError(f"{path}: no 'task:' name in the file (only single-task YAMLs are supported)")
+    problem = name_problem(name)   # the name becomes a folder of the run directory
+    if problem:
+        raise RecipeError(f"{path}: task: {problem}")
     return name
 
 
-# lm-eval task YAMLs may hold `!function module.fn` tags. Plain PyYAML refuses them,
+# lm-eval task YAMLs may hold `!function module.fn` tags. A safe loader refuses them,
 # so they are read into (and written back from) this small holder, untouched.
 class _FunctionTag(str):
     pass
-
-
-def _yaml_loader():
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_constructor("!function", lambda loader, node: _FunctionTag(loader.construct_scalar(node)))
-    return Loader
 
 
 def _yaml_dumper():
@@ -142,14 +154,17 @@ def _yaml_dumper():
 
 
 def _load_task_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    """A task YAML, strictly (duplicate keys, alias bombs, non-UTF-8 refused with file:line);
+    ``!function`` values kept as ``_FunctionTag`` strings. Raises RecipeError."""
+    from posttrain.config import strict_yaml_load
 
     try:
-        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader())  # noqa: S506 (SafeLoader)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"not valid YAML: {exc}") from None
+        text = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    config, _lines = strict_yaml_load(text, str(path), tags={"!function": _FunctionTag})
     if not isinstance(config, dict):
-        raise ValueError("not a YAML mapping")
+        raise RecipeError(f"{path}: not a YAML mapping")
     return config
 
 
@@ -162,47 +177,56 @@ def prepare_task_dir(refs: list[TaskRef], dest: Path) -> Path:
     ``include:`` chain merged in, and the ``.py`` modules its ``!function`` tags name
     copied beside it. Each task gets its own folder ``dest/<task>/<task>.yaml``, which
     is also the record of the exact task spec used. Returns ``dest``.
+
+    Every write and delete goes through an Area rooted at ``dest``: a task name or a
+    module path that points elsewhere is refused (PathEscape), never followed.
     """
     import yaml
 
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    Area(dest.parent).mkdir(dest)
+    area = Area(dest)
     for ref in refs:
         if ref.path is None:
             continue
-        task_dir = dest / ref.name
-        if task_dir.exists():
-            shutil.rmtree(task_dir)
-        task_dir.mkdir(parents=True)
-        config = _flatten_task_yaml(ref.path, task_dir, seen=set())
+        task_dir = area.path(ref.name)
+        area.rmtree(task_dir)
+        area.mkdir(task_dir)
+        modules: list[tuple[Path, str]] = []
+        config = _flatten_task_yaml(ref.path, seen=set(), modules=modules)
+        for source, relative in modules:
+            area.copyfile(source, task_dir / relative)
         # lm-eval's TaskManager only indexes `*.yaml` (not `.yml`), hence the suffix.
         text = yaml.dump(config, Dumper=_yaml_dumper(), sort_keys=False, allow_unicode=True)
-        (task_dir / f"{ref.name}.yaml").write_text(
-            f"# Generated by posttrain from {ref.path}; data paths made absolute.\n{text}", encoding="utf-8")
+        area.write_text(task_dir / f"{ref.name}.yaml",
+                        f"# Generated by posttrain from {ref.path}; data paths made absolute.\n{text}")
     return dest
 
 
-def _flatten_task_yaml(path: Path, task_dir: Path, seen: set[Path]) -> dict[str, Any]:
-    """Load ``path`` with its includes merged (as lm-eval merges them), paths absolute."""
+def _flatten_task_yaml(path: Path, seen: set[Path], modules: list[tuple[Path, str]]) -> dict[str, Any]:
+    """Load ``path`` with its includes merged (as lm-eval merges them), paths absolute.
+
+    Appends to ``modules`` each local ``!function`` module as (source file, path
+    relative to the YAML's folder), for the caller to copy beside the flattened YAML.
+    """
     path = path.resolve()
     if path in seen:
         raise RecipeError(f"{path}: include cycle")
     seen.add(path)
-    try:
-        config = _load_task_yaml(path)
-    except ValueError as exc:
-        raise RecipeError(f"{path}: {exc}") from None
+    config = _load_task_yaml(path)
     _absolutize_data_paths(config, path.parent)
-    _copy_function_modules(config, path.parent, task_dir)
+    modules += _function_modules(config, path)
     includes = config.pop("include", None)
     if includes is None:
         return config
     merged: dict[str, Any] = {}
     for include in includes if isinstance(includes, list) else [includes]:
+        if not isinstance(include, str):
+            raise RecipeError(f"{path}: include: expected a file name, got {include!r}")
         include_path = Path(include) if Path(include).is_absolute() else path.parent / include
         if not include_path.is_file():
             raise RecipeError(f"{path}: include not found: {include}")
-        included = _flatten_task_yaml(include_path, task_dir, seen)
+        included = _flatten_task_yaml(include_path, seen, modules)
         included.pop("task_list", None)   # as lm-eval: task_list is not inherited
         merged.update(included)
     merged.update(config)                 # the including file's keys win
@@ -242,19 +266,250 @@ def _absolutize_data_paths(config: dict[str, Any], base_dir: Path) -> None:
         config["dataset_path"] = str((base_dir / dataset_path).resolve())
 
 
-def _copy_function_modules(config: Any, base_dir: Path, task_dir: Path) -> None:
-    """Copy the local ``.py`` module of every ``!function module.fn`` beside the copy."""
+_FUNCTION_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def _function_modules(config: Any, yaml_path: Path) -> list[tuple[Path, str]]:
+    """The local ``.py`` module of every ``!function module.fn`` (lm-eval looks beside the YAML first).
+
+    A reference that is not dotted identifiers (``../x.fn``) is refused: it would name
+    a file outside the task's folder. A module not beside the YAML must be installed
+    (lm-eval imports it by name); whether it imports is checked before training.
+    """
+    found: list[tuple[Path, str]] = []
     values = config.values() if isinstance(config, dict) else config if isinstance(config, list) else []
     for value in values:
         if isinstance(value, _FunctionTag):
-            module = value.rpartition(".")[0].replace(".", "/") + ".py"
-            source = base_dir / module
-            if source.is_file():
-                target = task_dir / module
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, target)
+            if not _FUNCTION_REF.fullmatch(value):
+                raise RecipeError(f"{yaml_path}: !function {value}: expected module.function (dotted names)")
+            module = value.rpartition(".")[0]
+            relative = module.replace(".", "/") + ".py"
+            if (yaml_path.parent / relative).is_file():
+                found.append((yaml_path.parent / relative, relative))
+            elif importlib.util.find_spec(module.split(".")[0]) is None:   # finds, imports nothing
+                raise RecipeError(f"{yaml_path}: !function {value}: no {relative} beside the file, "
+                                  f"and no installed module {module.split('.')[0]!r}")
         elif isinstance(value, (dict, list)):
-            _copy_function_modules(value, base_dir, task_dir)
+            found += _function_modules(value, yaml_path)
+    return found
+
+
+# --------------------------------------------------------------------------- checks before training
+
+# Extras of lm-eval that are not task dependencies (tooling, model backends).
+_NOT_TASK_EXTRAS = {"dev", "api", "hf", "vllm", "wandb", "zeno", "trackio", "tasks", "archiver", "litellm"}
+# Import names that differ from the name pip installs.
+_DISTRIBUTION_OF = {"sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow", "Levenshtein": "python-Levenshtein",
+                    "Stemmer": "PyStemmer", "google.protobuf": "protobuf", "dotenv": "python-dotenv",
+                    "antlr4": "antlr4-python3-runtime"}
+
+
+def task_problems(refs: list[TaskRef], task_dir: Path | None,
+                  log=lambda line: None) -> list[tuple[int, str]]:
+    """What would make lm-eval fail on ``refs`` after training: ``[(index in refs, message)]``.
+
+    Registry names must exist (lm-eval's index of its ~10k task files is built only
+    when a recipe names a registry task: it costs 5-17 s); each task's ``!function``
+    modules must import (a missing package is named with the pip extra to install);
+    each task's dataset must be reachable, or cached when the Hub is off (a group's
+    members: one configuration per distinct dataset). Builds no Task object and
+    downloads no data. At most one import and one data problem per task.
+    """
+    registry = [ref.name for ref in refs if not ref.is_local]
+    index = _registry_index(registry, log) if registry else {}
+    problems: list[tuple[int, str]] = []
+    for i, ref in enumerate(refs):
+        if ref.is_local:
+            leaves = [(task_dir / ref.name / f"{ref.name}.yaml" if task_dir else ref.path, None)]
+        elif ref.name not in index:
+            problems.append((i, _unknown_task_message(ref.name, index)))
+            continue
+        else:
+            leaves = _leaf_tasks(ref.name, index)
+        problems += [(i, problem) for problem in _leaf_problems(ref.name, leaves)]
+    return problems
+
+
+def _leaf_problems(name: str, leaves: list[tuple[Path, dict | None]]) -> list[str]:
+    import_problem = data_problem = None
+    datasets_seen: set[str] = set()
+    for yaml_path, overrides in leaves:
+        if import_problem is None:
+            import_problem = _import_check(name, yaml_path)
+        if data_problem is None:
+            config = _task_config(yaml_path, overrides)
+            dataset = config.get("dataset_path")
+            if dataset not in datasets_seen:
+                datasets_seen.add(dataset)
+                data_problem = _dataset_problem(name, config)
+        if import_problem and data_problem:
+            break
+    return [problem for problem in (import_problem, data_problem) if problem]
+
+
+def _registry_index(names: list[str], log) -> dict:
+    import time
+
+    from lm_eval.tasks import TaskManager
+
+    started = time.perf_counter()
+    manager = TaskManager(include_defaults=True)
+    log(f"checks: lm-eval task index built in {time.perf_counter() - started:.1f} s "
+        f"({len(manager.all_tasks)} names; needed for {', '.join(names)})")
+    return manager.task_index
+
+
+def _unknown_task_message(name: str, index: dict) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(index), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return (f"{name!r} is not an lm-eval task, group or tag{hint} "
+            f"(a local task file must end in .yaml or .yml)")
+
+
+def _leaf_tasks(name: str, index: dict, overrides: dict | None = None,
+                depth: int = 0) -> list[tuple[Path, dict | None]]:
+    """The YAML files of the tasks a registry name stands for (a task, or a group's/tag's members)."""
+    from lm_eval.tasks._index import Kind
+
+    entry = index.get(name)
+    if entry is None or depth > 8:
+        return []
+    if entry.kind == Kind.TAG:
+        return [leaf for member in sorted(entry.tags) for leaf in _leaf_tasks(member, index, overrides, depth + 1)]
+    if entry.kind != Kind.GROUP:
+        return [(entry.yaml_path, overrides)] if entry.yaml_path else []
+    leaves = []
+    for member in (entry.cfg or {}).get("task") or []:
+        member_name = member if isinstance(member, str) else member.get("task") if isinstance(member, dict) else None
+        member_overrides = member if isinstance(member, dict) else None
+        if isinstance(member_name, str):
+            leaves += _leaf_tasks(member_name, index, member_overrides, depth + 1)
+    return leaves
+
+
+def _import_check(name: str, yaml_path: Path) -> str | None:
+    """Load the task YAML as lm-eval will, importing its ``!function`` modules; why that fails, or None."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    try:
+        load_yaml(yaml_path, resolve_func=True)
+    except ImportError as exc:
+        return _import_problem(name, exc, yaml_path)
+    except Exception as exc:  # a broken module or YAML of the task: the user's to fix
+        return f"task {name!r}: cannot load {yaml_path}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _task_config(yaml_path: Path, overrides: dict | None) -> dict:
+    """The task's settings with includes merged, ``!function`` tags left unresolved (nothing imported)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    try:
+        config = load_yaml(yaml_path, resolve_func=False)
+    except Exception:  # reported by _import_check
+        return {}
+    return {**config, **{k: v for k, v in (overrides or {}).items() if k != "task"}}
+
+
+def _import_problem(name: str, exc: ImportError, yaml_path: Path) -> str:
+    missing = _missing_module(exc)
+    if missing is None:
+        return f"task {name!r}: a module it uses does not import: {exc}"
+    return (f"task {name!r} needs the Python package {missing!r}, which is not installed; "
+            f"{install_hint(missing, yaml_path)}")
+
+
+def _missing_module(exc: BaseException | None) -> str | None:
+    """The module a (possibly wrapped) ImportError could not find."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            return exc.name
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def install_hint(module: str, yaml_path: Path | None = None) -> str:
+    """How to install ``module``: the lm-eval extra that provides it when one does, else the package."""
+    top = module.split(".")[0]
+    distribution = _DISTRIBUTION_OF.get(module, _DISTRIBUTION_OF.get(top, top))
+    candidates = sorted(extra for extra, packages in _lm_eval_extras().items()
+                        if _normalized(distribution) in packages and extra not in _NOT_TASK_EXTRAS)
+    folder = _registry_folder(yaml_path)
+    if folder is not None and _normalized(folder) in candidates:
+        candidates = [_normalized(folder)]
+    if len(candidates) == 1:
+        return f'install it with: pip install "lm-eval[{candidates[0]}]"'
+    return f"install it with: pip install {distribution}"
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _lm_eval_extras() -> dict[str, set[str]]:
+    """{extra: normalized package names} from the installed lm-eval's own metadata."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        requirements = requires("lm_eval") or []
+    except PackageNotFoundError:
+        return {}
+    extras: dict[str, set[str]] = {}
+    for requirement in requirements:
+        match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*).*extra\s*==\s*['\"]([^'\"]+)['\"]", requirement)
+        if match:
+            extras.setdefault(_normalized(match.group(2)), set()).add(_normalized(match.group(1)))
+    return extras
+
+
+def _registry_folder(yaml_path: Path | None) -> str | None:
+    """``ifeval`` for .../lm_eval/tasks/ifeval/ifeval.yaml; None for a task outside lm-eval."""
+    parts = Path(yaml_path).parts if yaml_path else ()
+    for i in range(len(parts) - 2):
+        if parts[i] == "lm_eval" and parts[i + 1] == "tasks":
+            return parts[i + 2]
+    return None
+
+
+def _dataset_problem(name: str, config: dict) -> str | None:
+    """Can ``datasets`` find the task's data (without downloading it)? Offline: is it cached?"""
+    from posttrain.models import hub_offline
+
+    path = config.get("dataset_path")
+    if not isinstance(path, str) or not path:
+        return None   # a Python task that loads its own data
+    dataset_name = config.get("dataset_name")
+    kwargs = config.get("dataset_kwargs") if isinstance(config.get("dataset_kwargs"), dict) else {}
+    # Only what locates the data; lm-eval passes the rest to load_dataset, not to the builder.
+    kwargs = {k: v for k, v in kwargs.items() if k in ("data_files", "data_dir", "revision")}
+    shown = path + (f" ({dataset_name})" if dataset_name else "")
+    try:
+        _find_dataset(path, dataset_name, kwargs)
+    except Exception as exc:  # not found, gated, not cached, bad config name, missing data files
+        # Offline, `datasets` says ConnectionError, or "Couldn't find cache" for an uncached config.
+        if hub_offline() and (isinstance(exc, ConnectionError) or "Couldn't find cache" in str(exc)):
+            loader = f"datasets.load_dataset({path!r}" + (f", {dataset_name!r}" if dataset_name else "") + ")"
+            return (f"task {name!r} needs the Hugging Face Hub (dataset {shown} is not in the local cache, "
+                    f"and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); run once online: "
+                    f"python -c \"import datasets; {loader}\" to cache it, or use a local task file")
+        return f"task {name!r}: its dataset {shown} cannot be loaded: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _find_dataset(path: str, name: str | None, kwargs: dict) -> None:
+    """Resolve a dataset's builder as ``load_dataset`` does, quietly (no data download)."""
+    import datasets
+
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)   # "Using the latest cached version..." is expected offline
+    try:
+        datasets.load_dataset_builder(path, name, **kwargs)
+    finally:
+        quiet.setLevel(level)
 
 
 # --------------------------------------------------------------------------- running
@@ -282,7 +537,7 @@ def evaluate_model(model, tokenizer, refs: list[TaskRef], *, task_dir: Path | No
         raise RecipeError("local eval tasks need a task_dir (see prepare_task_dir)")
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Area(out_dir.parent).mkdir(out_dir)
     _quiet_lm_eval()
 
     from lm_eval import simple_evaluate

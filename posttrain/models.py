@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ModelError
@@ -83,24 +84,37 @@ def build_char_tokenizer():
     return tokenizer
 
 
-def build_builtin_model(name: str, tokenizer, dtype: str = "float32"):
-    """Random-init Llama from a config; the same name always gives the same weights."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def builtin_problem(name: str) -> str | None:
+    """Why ``name`` (``builtin:<size>``) is not a builtin model, or None."""
+    if name.removeprefix("builtin:") in BUILTIN_SIZES:
+        return None
+    return f"unknown builtin model {name!r}; choose one of: " + ", ".join(f"builtin:{s}" for s in BUILTIN_SIZES)
 
-    size = name.removeprefix("builtin:")
-    if size not in BUILTIN_SIZES:
-        raise ModelError(f"unknown builtin model {name!r}; choose one of: "
-                         + ", ".join(f"builtin:{s}" for s in BUILTIN_SIZES))
-    config = LlamaConfig(
+
+def builtin_config(name: str, tokenizer):
+    """The LlamaConfig of a builtin model (its vocabulary is the tokenizer's)."""
+    from transformers import LlamaConfig
+
+    problem = builtin_problem(name)
+    if problem:
+        raise ModelError(problem)
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=BUILTIN_MAX_POSITIONS,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
-        **BUILTIN_SIZES[size],
+        **BUILTIN_SIZES[name.removeprefix("builtin:")],
     )
+
+
+def build_builtin_model(name: str, tokenizer, dtype: str = "float32"):
+    """Random-init Llama from a config; the same name always gives the same weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = builtin_config(name, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
@@ -242,3 +256,115 @@ def lora_config(lora: Any):
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- checks before training
+# Module types peft's LoRA can adapt (peft raises "Target module ... is not supported" for others).
+LORA_MODULE_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention", "Conv1D")
+SAMPLE_CONVERSATION = [
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "And 4 + 4?"},
+    {"role": "assistant", "content": "8"},
+]
+
+
+def local_model_problem(name: str) -> str | None:
+    """A model name written as a path (``/``, ``./``, ``../``, ``~``) must be a model folder.
+
+    Checked without imports; relative paths are taken from the cwd, as transformers does.
+    """
+    if not name.startswith(("/", "./", "../", "~")):
+        return None
+    path = Path(name).expanduser().absolute()
+    if not path.exists():
+        return f"local model folder not found: {path}" + ("" if Path(name).expanduser().is_absolute()
+                                                          else " (a relative path is taken from the cwd)")
+    if not path.is_dir():
+        return f"not a folder: {path} (a model is a folder with config.json and weights)"
+    if not (path / "config.json").is_file():
+        return f"not a model folder (no config.json): {path}"
+    return None
+
+
+def model_config(source: ModelSource, tokenizer=None):
+    """The model's config without its weights (builtin, local folder or hub id, cache only offline)."""
+    if is_builtin(source.name):
+        return builtin_config(source.name, tokenizer if tokenizer is not None else build_char_tokenizer())
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.name, revision=source.revision,
+                                          trust_remote_code=source.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if hub_offline() and not Path(source.name).expanduser().exists():
+            raise ModelError(
+                f"{source.name!r} is not in the local Hugging Face cache and the Hub is off (HF_HUB_OFFLINE), "
+                f"nor a local model folder; run once online `huggingface-cli download {source.name}`, "
+                "or name a local model folder") from None
+        raise ModelError(f"cannot load model {source.name!r}: {exc}") from None
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face libraries are told to stay offline."""
+    import os
+
+    return any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
+               for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def meta_model(config, trust_remote_code: bool = False):
+    """The model's module tree on the meta device: names and types, no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def lora_target_problems(model, target_modules) -> list[tuple[int | None, str]]:
+    """Which LoRA ``target_modules`` entries peft would refuse on ``model``: [(entry index, message)].
+
+    Names match as peft matches a list (the module's full name, or its last dotted
+    parts); a matched module must be a type LoRA can adapt. ``all-linear`` always fits.
+    """
+    if target_modules == "all-linear":
+        return []
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    modules = dict(model.named_modules())
+    problems: list[tuple[int | None, str]] = []
+    for i, target in enumerate(target_modules):
+        matched = [name for name in modules if name and check_target_module_exists(
+            LoraConfig(target_modules=[target]), name)]
+        if not matched:
+            problems.append((i, f"{target!r} matches no module of the model; {_module_names_hint(target, modules)}"))
+            continue
+        kinds = {type(modules[name]).__name__ for name in matched}
+        if not kinds & set(LORA_MODULE_TYPES):
+            problems.append((i, f"{target!r} matches only {', '.join(sorted(kinds))} modules, which LoRA cannot "
+                                "adapt (it adapts Linear, Embedding and Conv layers)"))
+    return problems
+
+
+def _module_names_hint(target: str, modules: dict) -> str:
+    import difflib
+
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items()
+                     if name and type(module).__name__ in LORA_MODULE_TYPES and not name.rsplit(".", 1)[-1].isdigit()})
+    close = difflib.get_close_matches(target, leaves, n=1)
+    return (f"did you mean {close[0]!r}? " if close else "") + f"LoRA-able modules: {', '.join(leaves)} (or all-linear)"
+
+
+def chat_template_problem(tokenizer, choice: str) -> str | None:
+    """Install the recipe's template choice and render a sample conversation; why it fails, or None."""
+    try:
+        apply_chat_template_choice(tokenizer, None, choice)   # also checks that EOS ends a turn
+        tokenizer.apply_chat_template(SAMPLE_CONVERSATION, tokenize=True)
+        tokenizer.apply_chat_template(SAMPLE_CONVERSATION[:1], tokenize=False, add_generation_prompt=True)
+    except ModelError as exc:
+        return str(exc)
+    except Exception as exc:  # jinja2 errors, templates that raise on a role: the user's template
+        return f"the chat template does not render a sample conversation: {type(exc).__name__}: {exc}"
+    return None

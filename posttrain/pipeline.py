@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Callable
 
 from posttrain.artifacts import RunDir, content_hash, library_versions
-from posttrain.cache import Cache, checkpoint_step, drop_incomplete_checkpoints, save_dataset
+from posttrain.cache import Cache, checkpoint_step, drop_incomplete_checkpoints, save_dataset, write_manifest
 from posttrain.config import Recipe, dump_recipe, pipelines_with_base, resolve_lora
-from posttrain.errors import Interrupted
+from posttrain.errors import DataError, Interrupted, TrainingDiverged
 from posttrain.data.sources import DataEnv, LoadedData, fingerprint, load_data
 from posttrain.samples import PREFERENCE_FILE, generated_replies, samples_file
 from posttrain.models import ModelSource
@@ -38,6 +38,7 @@ class StageNode:
     key: str
     parent: "StageNode | None"
     data: LoadedData = field(repr=False)
+    inputs: dict = field(default_factory=dict, repr=False)   # what the key hashes (stage_key_inputs)
 
     @property
     def chain(self) -> list[str]:
@@ -64,9 +65,15 @@ def base_key(recipe: Recipe) -> str:
 
 
 def stage_key(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None, data: LoadedData) -> str:
+    return content_hash(stage_key_inputs(recipe, stage_name, seed, parent_key, data))
+
+
+def stage_key_inputs(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None,
+                     data: LoadedData) -> dict:
+    """Everything a stage's key hashes; recorded in stage.json so `plan` can say what changed."""
     stage = recipe.stages[stage_name]
     lora = resolve_lora(recipe, stage)
-    payload = {
+    return {
         "parent": parent_key,
         "base_model": recipe.model.model_dump(mode="json", exclude={"lora"}),
         "stage": stage.model_dump(mode="json", exclude={"lora", "logging_steps"}),
@@ -75,16 +82,67 @@ def stage_key(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None
         "seed": stage.seed if stage.seed is not None else seed,
         "versions": {k: v for k, v in library_versions().items() if k not in ("lm_eval", "wandb")},
     }
-    return content_hash(payload)
+
+
+# What each input of a stage key is called when `plan` says why a stage trains again.
+KEY_INPUT_NAMES = {"parent": "upstream stage", "base_model": "base model", "stage": "settings", "lora": "LoRA",
+                   "data": "data fingerprint", "seed": "seed", "versions": "library versions"}
+
+
+def key_changes(before: dict, now: dict) -> list[str]:
+    """Which inputs of a stage key differ between an earlier stage and now, readably."""
+    changes = []
+    for name, label in KEY_INPUT_NAMES.items():
+        old, new = before.get(name), now.get(name)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            fields = [f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in sorted({*old, *new})
+                      if old.get(k) != new.get(k)]
+            changes.append(f"{label}: {', '.join(fields)}")
+        elif name in ("parent", "data"):
+            changes.append(f"{label} changed ({str(old)[:12]} -> {str(new)[:12]})")
+        else:
+            changes.append(f"{label}: {old} -> {new}")
+    return changes
+
+
+def why_trains(cache: Cache, node: StageNode) -> str | None:
+    """Why `node` trains although a stage of the same name and seed is in the cache:
+    the inputs of its key that changed since the most recently used such stage."""
+    from posttrain.cache import last_used, read_json
+
+    folder = cache.root / "stages"
+    candidates = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        info = read_json(entry / "stage.json") if not entry.name.startswith(".") else None
+        if isinstance(info, dict) and info.get("stage") == node.stage and info.get("seed") == node.seed:
+            candidates.append((info.get("chain") == node.chain, last_used(entry), info))
+    if not candidates:
+        return None
+    _, _, info = max(candidates, key=lambda c: (c[0], c[1]))
+    before = info.get("key_inputs")
+    if not isinstance(before, dict):
+        return f"differs from cached {str(info.get('key'))[:12]} (which predates recorded key inputs)"
+    changes = key_changes(before, node.inputs)
+    return "; ".join(changes) if changes else None
 
 
 def load_stage_data(recipe: Recipe, env: DataEnv) -> dict[str, LoadedData]:
     """Each dataset once, in the kind its stages need (preference data may feed SFT)."""
     loaded: dict[tuple[str, str], LoadedData] = {}
-    for stage in recipe.stages.values():
+    problems = []
+    for stage_name, stage in recipe.stages.items():
         want = STAGE_DATA_KIND[stage.method]
         if (stage.data, want) not in loaded:
             loaded[(stage.data, want)] = load_data(stage.data, recipe.data[stage.data], want, env)
+        data = loaded[(stage.data, want)]
+        if not data.examples:
+            after = (f" after curation (it had {data.rows_before_curation:,} rows)"
+                     if data.rows_before_curation else "")
+            problems.append(f"data.{stage.data}: no rows{after}; stages.{stage_name} has nothing to train on")
+    if problems:
+        raise DataError("nothing to train on", problems)
     return {f"{name}:{want}": data for (name, want), data in loaded.items()}
 
 
@@ -121,8 +179,9 @@ def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] |
             for stage_name in chain:
                 stage = recipe.stages[stage_name]
                 stage_data = data[f"{stage.data}:{STAGE_DATA_KIND[stage.method]}"]
-                key = stage_key(recipe, stage_name, seed, parent.key if parent else None, stage_data)
-                parent = nodes.setdefault(key, StageNode(stage_name, seed, key, parent, stage_data))
+                inputs = stage_key_inputs(recipe, stage_name, seed, parent.key if parent else None, stage_data)
+                key = content_hash(inputs)
+                parent = nodes.setdefault(key, StageNode(stage_name, seed, key, parent, stage_data, inputs))
             finals[(pipeline, seed)] = parent
     return Plan(recipe, nodes, finals, data)
 
@@ -137,6 +196,7 @@ class RunOptions:
     show_progress: bool = False
     log: Callable[[str], None] = print
     cache: Cache = field(default_factory=Cache)
+    force: bool = False                # write into the run directory of another recipe
 
 
 def source_after(plan: Plan, node: StageNode | None, cache: Cache) -> ModelSource:
@@ -195,15 +255,19 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
     complete, so a crash never leaves a half-written stage that looks finished.
     """
     from posttrain.stages import run_stage
-    from posttrain.stages.common import StageContext, StageInterrupted
+    from posttrain.stages.common import StageContext, StageDiverged, StageInterrupted
 
     cache = options.cache
     if cache.has_stage(node.key):
         options.log(f"  reuse  {node.stage} (seed {node.seed}) {node.key[:12]} from the cache")
         return record_stage(cache, node, run, reused=True)
     with stage_lock(cache, node, options.log):
-        if cache.has_stage(node.key):  # another run finished it while we waited
-            options.log(f"  reuse  {node.stage} (seed {node.seed}) {node.key[:12]}, just trained by another run")
+        # Under the lock: another run may have finished it while we waited; an entry from
+        # before manifests is adopted, a corrupt one is reported and removed (then trained).
+        verdict = cache.claim("stages", node.key, options.log, f" ({node.stage}, seed {node.seed})")
+        if verdict:
+            options.log(f"  reuse  {node.stage} (seed {node.seed}) {node.key[:12]}"
+                        + (", just trained by another run" if verdict.manifest else " from the cache"))
             return record_stage(cache, node, run, reused=True)
         recipe = plan.recipe
         spec = recipe.stages[node.stage]
@@ -216,7 +280,7 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
         cache.area.mkdir(partial)
         cache.area.write_json(partial / "pending.json", {"stage": node.stage, "method": spec.method, "seed": node.seed,
                                                      "key": node.key, "chain": node.chain})
-        dataset_dir = save_dataset(node.data.examples, cache.dataset_dir(node.data.fingerprint))
+        dataset_dir = save_dataset(node.data.examples, cache.dataset_dir(node.data.fingerprint), options.log)
         where = f"resume from step {checkpoint_step(resume)}" if resume else "train"
         options.log(f"  {where}  {node.stage} ({spec.method}, seed {node.seed}) on {len(node.data.examples)} "
                     f"examples from {' -> '.join(node.chain[:-1]) or 'base'}")
@@ -237,6 +301,11 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
                         f"stage {node.stage} (seed {node.seed}) stopped at step {exc.step}/{exc.max_steps}; "
                         f"checkpoint saved under {partial}. Run the same command again to resume it "
                         "(finished stages are reused).") from None
+                except StageDiverged as exc:
+                    # Nothing of a diverged attempt is published or resumed from: a re-run trains afresh.
+                    cache.area.rmtree(partial)
+                    raise TrainingDiverged(exc.message(ctx), stage=node.stage, seed=node.seed, key=node.key,
+                                           step=exc.step, details=exc.details()) from None
                 stopped_after = ctx.stop_requested()
         info = {
             "stage": node.stage, "method": spec.method, "seed": node.seed, "key": node.key,
@@ -245,10 +314,11 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
             "settings": spec.model_dump(mode="json"), "data": {
                 "name": node.data.name, "format": node.data.format, "examples": len(node.data.examples),
                 "fingerprint": node.data.fingerprint, "skipped_rows": len(node.data.skipped)},
-            "cost": result.cost, "metrics": result.metrics,
+            "cost": result.cost, "metrics": result.metrics, "key_inputs": node.inputs,
         }
         cache.area.write_json(partial / "stage.json", info)
         cache.area.unlink(partial / "pending.json")
+        write_manifest(cache.area, partial)  # sizes and SHA-256: reuse verifies, never trusts
         cache.area.publish(partial, cache.stage_dir(node.key))
     if stopped_after:
         record_stage(cache, node, run, reused=False)
@@ -327,10 +397,10 @@ class EvalSetup:
 
 
 def prepare_eval(recipe: Recipe, run: RunDir, base_dir: Path) -> EvalSetup:
-    from posttrain.evaluate import eval_spec_hash, prepare_task_dir, resolve_tasks
+    from posttrain.evaluate import eval_spec_hash, prepare_task_dir, resolve_tasks, task_search_dirs
     from posttrain.models import CHATML_TEMPLATE
 
-    refs = resolve_tasks(recipe.eval.tasks, [base_dir, Path.cwd(), REPO_ROOT])
+    refs = resolve_tasks(recipe.eval.tasks, task_search_dirs(base_dir))
     task_dir = prepare_task_dir(refs, run.evals / "tasks")
     pairs = []
     if recipe.eval.preferences is not None:
@@ -414,7 +484,7 @@ def evaluate_cached(recipe: Recipe, pipeline: str, seed: int | None, identity: s
     out_dir = run.eval_dir(pipeline, seed)
     entry = options.cache.eval_dir(eval_key(identity, seed, recipe, setup)) if identity else None
     label = pipeline + ("" if seed is None else f" (seed {seed})")
-    if entry is not None and (entry / "eval.json").is_file():
+    if entry is not None and options.cache.claim("evals", entry.name, options.log, f" (eval {label})"):
         options.log(f"  reuse  eval {label} from the cache")
         run.area.rmtree(out_dir)
         run.area.copytree(entry / "out", out_dir)
@@ -433,15 +503,19 @@ def evaluate_cached(recipe: Recipe, pipeline: str, seed: int | None, identity: s
         stored = [{**row, "samples": str(Path(row["samples"]).relative_to(rel)) if row.get("samples") else None}
                   for row in rows]
         options.cache.area.write_json(tmp / "eval.json", {"label": label, "model": identity, "rows": stored})
+        write_manifest(options.cache.area, tmp)
         options.cache.area.publish(tmp, entry)
     return rows
 
 
 def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan, EvalSetup, dict]:
-    """Everything before training: eval tasks, data (curated, cached), compute matching, the plan."""
+    """Everything before training: checks, eval tasks, data (curated, cached), compute matching, the plan."""
+    from posttrain.checks import check_before_training, check_static
     from posttrain.evaluate import task_texts
 
+    check_static(recipe, options.base_dir)   # again here for callers other than the CLI; milliseconds
     setup = prepare_eval(recipe, run, options.base_dir)
+    check_before_training(recipe, setup.refs, setup.task_dir, options.log)
     env = data_env(recipe, options.base_dir, cache_dir=options.cache.curated_dir(),
                    eval_texts=lambda: task_texts(setup.refs, setup.task_dir), log=options.log)
     data = load_stage_data(recipe, env)
@@ -504,14 +578,20 @@ def plan_rows(plan: Plan, cache: Cache, estimates: dict[str, dict]) -> list[dict
     """The stage graph in training order: what runs, what is reused, keys and sizes."""
     rows = []
     for node in plan.nodes.values():
-        if cache.has_stage(node.key):
+        verdict = cache.verify("stages", node.key)  # a corrupt entry is retrained, never used
+        corrupt = verdict.problems if verdict else []
+        if verdict is not None and not corrupt:
             status = "reuse"
+        elif corrupt:
+            status = "train (corrupt)"
         else:
             checkpoint = cache.resume_checkpoint(node.key)
             status = f"resume@{checkpoint_step(checkpoint)}" if checkpoint else "train"
         spec = plan.recipe.stages[node.stage]
         rows.append({"status": status, "stage": node.stage, "method": spec.method, "seed": node.seed,
                      "key": node.key, "after": " -> ".join(node.chain[:-1]) or "base",
+                     "why": ("the cached entry is corrupt: " + "; ".join(corrupt) if corrupt
+                             else why_trains(cache, node) if status == "train" else None),
                      **estimates.get(node.stage, {})})
     return rows
 
@@ -524,6 +604,9 @@ def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    for r in rows:
+        if r.get("why"):
+            lines.append(f"  why {r['stage']} (seed {r['seed']}) trains again: {r['why']}")
     todo = [r for r in rows if r["status"] != "reuse"]
     lines.append(f"\n{len(rows)} stage runs: {len(rows) - len(todo)} reused from the cache, {len(todo)} to train "
                  f"(~{sum(r.get('steps', 0) for r in todo):,} steps, ~{sum(r.get('tokens', 0) for r in todo):,} "
@@ -562,7 +645,7 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
     if not options.show_progress:
         os.environ.setdefault("TQDM_DISABLE", "1")  # datasets/TRL bars are noise in logs
     run = RunDir(options.out_dir)
-    run.root.mkdir(parents=True, exist_ok=True)
+    run.claim(recipe.name, force=options.force)
     run.area.write_json(run.root / "env.json", environment())
     wandb_spec = recipe.tracking.wandb
     tracker = Tracker(WandbSettings(**wandb_spec.model_dump()) if wandb_spec else None, run.root, recipe.name,
@@ -588,10 +671,17 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
     options.log(f"plan: {len(plan.nodes)} stage runs for {len(plan.finals)} (pipeline, seed) pairs; "
                 f"{len(plan.nodes) - len(to_train)} reused from {options.cache.root}, {len(to_train)} to train"
                 + (f" (resuming {', '.join(resumes)})" if resumes else ""))
+    for row in rows_of_plan:
+        if row.get("why"):
+            options.log(f"  {row['stage']} (seed {row['seed']}) trains again: {row['why']}")
     started, trained = time.perf_counter(), 0
     for index, node in enumerate(plan.nodes.values(), 1):
         options.log(f"[stage {index}/{len(plan.nodes)}]{progress_eta(started, trained, len(to_train))}")
-        train_node(plan, node, run, options, tracker)
+        try:
+            train_node(plan, node, run, options, tracker)
+        except TrainingDiverged as exc:
+            run.area.write_json(run.failed, exc.record())  # which stage failed, for the user and scripts
+            raise
         trained += node.key in to_train
 
     rows: list[dict] = []
@@ -609,4 +699,5 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
     run.area.write_text(run.results, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
     report = write_report(run.root)
     tracker.log_report(*main_table(report), run.root / "report.html")
+    run.area.unlink(run.failed)  # an earlier attempt's failure, fixed now
     return run.root

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-import yaml
-
-from posttrain.errors import PosttrainError
+from posttrain.errors import DataError, PosttrainError
+from posttrain.records import DAMAGED_HINT, read_json, read_jsonl
 
 COST_KEYS = ("train_tokens", "optimizer_steps", "forward_passes", "backward_passes", "wall_s", "peak_memory_mb")
 CURVE_KEYS = ("loss", "nll_loss", "log_odds_ratio", "rewards/margins", "rewards/accuracies", "mean_token_accuracy")
 NOT_COLUMNS = ("reply_tokens",)          # reported separately, no per-item records
 PREFERENCE_TASK = "preferences"
 REPORT_FILES = ("report.json", "report.md", "report.html", "results.csv")
+RESULT_TYPES = {"pipeline": str, "seed": (int, type(None)), "task": str, "metric": str,
+                "value": (int, float, type(None))}   # what every results.jsonl row holds
+RESULT_KEYS = tuple(RESULT_TYPES)
 SIGNIFICANT = "✱"
 
 
@@ -34,12 +35,31 @@ def read_rows(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "results.jsonl"
     if not path.is_file():
         raise PosttrainError(f"{run_dir}: no results.jsonl (is this a finished run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path, RESULT_KEYS)
+    if not rows:
+        raise PosttrainError(f"{path}: no result rows ({DAMAGED_HINT})")
+    for number, row in enumerate(rows, 1):
+        wrong = [key for key, types in RESULT_TYPES.items() if not isinstance(row[key], types)
+                 or isinstance(row[key], bool)]
+        if wrong:
+            raise PosttrainError(f"{path}: row {number}: wrong type for {', '.join(map(repr, wrong))} "
+                                 f"({DAMAGED_HINT})")
+    return rows
 
 
 def read_recipe(run_dir: Path) -> dict:
     path = Path(run_dir) / "recipe.resolved.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    from posttrain.config import strict_yaml_load
+
+    try:
+        recipe, _ = strict_yaml_load(path.read_bytes(), str(path), error=DataError)
+    except DataError as exc:
+        raise DataError(f"{exc} ({DAMAGED_HINT})", exc.problems) from None
+    if not isinstance(recipe, dict):
+        raise DataError(f"{path}: expected a recipe mapping ({DAMAGED_HINT})")
+    return recipe
 
 
 def load_runs(run_dirs: list[Path]) -> list[dict]:
@@ -50,7 +70,7 @@ def load_runs(run_dirs: list[Path]) -> list[dict]:
         rows = read_rows(run_dir)
         stage_map = run_dir / "pipelines.json"
         runs.append({"dir": run_dir, "rows": rows, "recipe": read_recipe(run_dir),
-                     "stages": json.loads(stage_map.read_text()) if stage_map.is_file() else {}})
+                     "stages": read_json(stage_map, default={})})
     specs = {run["dir"].name: sorted({row.get("eval_spec") for row in run["rows"]}, key=str) for run in runs}
     if len({tuple(spec) for spec in specs.values()}) > 1 or any(len(spec) > 1 for spec in specs.values()):
         raise PosttrainError(
@@ -143,7 +163,7 @@ def preference_metrics(runs: list[dict], names: dict, settings: dict) -> dict[st
 
 
 def stage_info(run_dir: Path, stage_dir: str) -> dict:
-    return json.loads((run_dir / "stages" / stage_dir / "stage.json").read_text())
+    return read_json(run_dir / "stages" / stage_dir / "stage.json")
 
 
 def pipeline_cost(run: dict, pipeline: str) -> tuple[dict, list[dict]]:
@@ -177,8 +197,7 @@ def curves(runs: list[dict]) -> list[dict]:
             info = stage_info(run["dir"], stage_dir)
             log_path = run["dir"] / "stages" / stage_dir / "trainer_log.jsonl"
             series: dict[str, list] = defaultdict(list)
-            for line in log_path.read_text().splitlines() if log_path.is_file() else []:
-                entry = json.loads(line)
+            for entry in read_jsonl(log_path) if log_path.is_file() else []:
                 for key in CURVE_KEYS:
                     if key in entry and "step" in entry:
                         series[key].append([entry["step"], entry[key]])
@@ -234,7 +253,7 @@ def report_settings(runs: list[dict], names: dict) -> dict:
 def curation_summary(runs: list[dict]) -> dict[str, dict]:
     """Per curated dataset (first run): rows in -> out, removals by reason and by eval task."""
     path = runs[0]["dir"] / "data.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = read_json(path, default={})
     return {entry["name"]: entry["curation"] for entry in data.values() if entry.get("curation")}
 
 
@@ -253,7 +272,7 @@ def compute_match_notes(runs: list[dict], names: dict) -> list[str]:
     notes = []
     for index, run in enumerate(runs):
         path = run["dir"] / "plan.json"
-        matching = json.loads(path.read_text()).get("compute_match") if path.is_file() else None
+        matching = read_json(path, default={}).get("compute_match")
         for pipeline, note in ((matching or {}).get("pipelines") or {}).items():
             reference = names.get((index, matching["reference"]), matching["reference"])
             notes.append(f"Compute matched (compare.match: tokens): {names.get((index, pipeline), pipeline)} trains "

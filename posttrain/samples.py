@@ -6,7 +6,6 @@ can be regenerated from the run directory alone.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 PREFERENCE_FILE = "preferences.jsonl"
@@ -19,7 +18,9 @@ def samples_file(eval_dir: Path, task: str) -> Path | None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from posttrain.records import read_jsonl as read_records
+
+    return read_records(path)
 
 
 def base_metric(metric: str) -> str:

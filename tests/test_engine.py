@@ -8,6 +8,7 @@ first DPO checkpoint (every 20 steps) is marked complete.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,8 +182,23 @@ def test_plan_shows_what_would_train_and_reuse(engine_runs, tmp_path):
     assert by_stage["sft"]["key"] == sft_record["key"]
     assert by_stage["sft"]["tokens"] == sft_record["cost"]["train_tokens"]
     assert by_stage["sft"]["steps"] == 5 and by_stage["dpo"]["steps"] == 600
+    # The plan says which input of the key changed since the cached stage of that name.
+    # (against the most recently used cached dpo: another test of this module may have trained one)
+    assert by_stage["sft"]["why"] is None and re.match(r"settings: beta 0\.[13] -> 0\.5", by_stage["dpo"]["why"])
     text = CliRunner().invoke(main, ["run", str(recipe), "--cache", str(cache), "--dry-run"])
     assert text.exit_code == 0 and "2 stage runs: 2 reused from the cache, 0 to train" in text.output
+
+
+def test_plan_says_a_library_upgrade_retrains_every_stage(engine_runs, monkeypatch):
+    import posttrain.pipeline as pipeline
+
+    real = pipeline.library_versions()
+    monkeypatch.setattr(pipeline, "library_versions", lambda: {**real, "trl": "99.0"})
+    result = CliRunner().invoke(main, ["plan", str(engine_runs["recipe"]), "--cache",
+                                       str(engine_runs["root"] / "cache-clean")])
+    assert result.exit_code == 0, result.output
+    assert f"why sft (seed 0) trains again: library versions: trl {real['trl']} -> 99.0" in result.output
+    assert "why dpo (seed 0) trains again: upstream stage changed" in result.output
 
 
 def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(engine_runs, tmp_path):

@@ -15,6 +15,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from posttrain.errors import DataError
+
 VOWELS = "aeiou"
 CONSONANTS = "bcdfghklmnprstvz"
 
@@ -145,10 +147,13 @@ SKILLS: dict[str, Callable[[random.Random, str, list[str]], Item]] = {
 # digits 100%, count 91%, words 65%, last 15%, first 6%, upper 0%. Three counting
 # skills it learns, plus one lookup skill it mostly does not (room to improve).
 QUICKSTART_SKILLS = ("count", "digits", "words", "last")
+SPLITS = ("train", "test")   # disjoint word pools (split_words)
 
 
 def generate_items(split: str, n: int, seed: int = 0, skills: tuple[str, ...] = QUICKSTART_SKILLS) -> list[Item]:
     """`n` items of the given split, skills in round-robin, deterministic for (split, n, seed)."""
+    if split not in SPLITS:  # any other name once silently gave the held-out test pool
+        raise ValueError(f"unknown split {split!r} (splits: {', '.join(SPLITS)})")
     train_words, test_words = split_words()
     words = train_words if split == "train" else test_words
     rng = random.Random(f"{split}-{seed}")
@@ -168,12 +173,14 @@ def _distinct_distractors(item: Item) -> Item:
 
 
 def instruction_rows(split: str = "train", n: int = 4000, seed: int = 0) -> list[dict]:
+    check_split("skills", split)
     return [{"messages": [{"role": "user", "content": item.prompt},
                           {"role": "assistant", "content": item.answer}]}
             for item in generate_items(split, n, seed)]
 
 
 def preference_rows(split: str = "train", n: int = 4000, seed: int = 1) -> list[dict]:
+    check_split("skills-preferences", split)
     return [{"prompt": [{"role": "user", "content": item.prompt}],
              "chosen": [{"role": "assistant", "content": item.answer}],
              "rejected": [{"role": "assistant", "content": item.near_miss}]}
@@ -195,8 +202,7 @@ def noisy_rows(split: str = "train") -> list[dict]:
     """Skills with realistic noise (duplicates, wrong answers, boilerplate, eval leaks)."""
     from posttrain.data.noisy import noisy_skills_rows
 
-    if split != "train":
-        raise ValueError("builtin:skills-noisy has only a train split")
+    check_split("skills-noisy", split)
     return noisy_skills_rows()
 
 
@@ -205,3 +211,15 @@ BUILTIN_DATASETS: dict[str, Callable[..., list[dict]]] = {
     "skills-preferences": preference_rows,
     "skills-noisy": noisy_rows,
 }
+# What the recipe validator checks without generating rows: each dataset's splits and
+# its rows' format (a `format:` in the recipe must be this one, or auto).
+BUILTIN_SPLITS: dict[str, tuple[str, ...]] = {
+    "skills": SPLITS, "skills-preferences": SPLITS, "skills-noisy": ("train",)}
+BUILTIN_FORMATS: dict[str, str] = {
+    "skills": "messages", "skills-preferences": "preference", "skills-noisy": "messages"}
+
+
+def check_split(dataset: str, split: str) -> None:
+    """Refuse a split `builtin:<dataset>` does not have (DataError, naming both)."""
+    if split not in BUILTIN_SPLITS[dataset]:
+        raise DataError(f"builtin:{dataset} has no split {split!r} (splits: {', '.join(BUILTIN_SPLITS[dataset])})")

@@ -76,6 +76,10 @@ def read_records(path: str | Path) -> Iterator[Record]:
     )
 
 
+# Python's json parser recurses once per level; a row nested ~1,000 levels deep is not data.
+TOO_DEEP = "nested too deeply to be a data row (JSON arrays/objects inside each other ~1,000 levels or more)"
+
+
 def _parse_line(raw: bytes) -> dict | Exception:
     try:
         text = raw.decode("utf-8")
@@ -85,6 +89,8 @@ def _parse_line(raw: bytes) -> dict | Exception:
         row = json.loads(text)
     except json.JSONDecodeError as error:
         return RowError(f"not valid JSON: {error.msg} (column {error.colno})")
+    except RecursionError:
+        return RowError(TOO_DEEP)
     return _as_object(row)
 
 
@@ -110,6 +116,8 @@ def _read_json(path: Path) -> Iterator[Record]:
     raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
         document = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise DataError(f"{path.name}: {TOO_DEEP}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         if raw.lstrip().startswith(b"{"):  # several objects, one per line: JSON lines
             return _read_json_lines(path)
@@ -167,7 +175,7 @@ def _csv_value(key: str, cell: str) -> Any:
     if key in JSON_COLUMNS and cell.lstrip()[:1] in ("[", "{"):
         try:
             value = json.loads(cell)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return cell
         return value if isinstance(value, (list, dict)) else cell
     return cell

@@ -132,10 +132,15 @@ def curated(name: str, examples: list[dict], curate_spec, env: DataEnv) -> tuple
         "eval": fingerprint([eval_texts]) if eval_texts else None, "scorer": scorer_name,
     })[:16]
     cache = env.cache_dir / f"{name}-{key}.jsonl" if env.cache_dir else None
-    if cache is not None and cache.is_file() and cache.with_suffix(".curation.json").is_file():
-        env.log(f"data {name}: curated set reused from {cache.name}")
-        rows = [json.loads(line) for line in cache.read_text().splitlines()]
-        return rows, json.loads(cache.with_suffix(".curation.json").read_text())
+    if cache is not None and cache.is_file():
+        from posttrain.cache import curated_problems
+
+        problems = curated_problems(cache)
+        if not problems:
+            env.log(f"data {name}: curated set reused from {cache.name}")
+            rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return rows, json.loads(cache.with_suffix(".curation.json").read_text(encoding="utf-8"))
+        env.log(f"data {name}: corrupt cached curated set ({problems[0]}); curating again")
     if curate_spec.decontaminate and not eval_texts:
         env.log(f"data {name}: decontaminate is on but no local eval task data to check against")
     needs_scorer = select is not None and (select.strategy == "ifd" or (select.strategy == "diverse" and scorer_name))
@@ -146,8 +151,9 @@ def curated(name: str, examples: list[dict], curate_spec, env: DataEnv) -> tuple
     summary = report.to_dict()
     env.log(f"data {name}: curated {summary['rows_in']} -> {summary['rows_out']} rows")
     if cache is not None:
-        from posttrain.artifacts import write_json_atomic, write_text_atomic
+        from posttrain.artifacts import Area
 
-        write_text_atomic(cache, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        write_json_atomic(cache.with_suffix(".curation.json"), summary)
+        area = Area(env.cache_dir)  # the cache's curated folder: nothing is written elsewhere
+        area.write_text(cache, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        area.write_json(cache.with_suffix(".curation.json"), summary)
     return rows, summary

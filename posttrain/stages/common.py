@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.artifacts import Area
 from posttrain.models import ModelSource, load_model_and_tokenizer, lora_config
 
 
@@ -44,6 +46,48 @@ class StageInterrupted(Exception):
     def __init__(self, step: int, max_steps: int, checkpoint: Path | None):
         super().__init__(f"stopped at step {step}/{max_steps}")
         self.step, self.max_steps, self.checkpoint = step, max_steps, checkpoint
+
+
+class StageDiverged(Exception):
+    """Training produced a non-finite loss or grad norm (checked every optimizer step),
+    or non-finite final weights; nothing of the stage may be published or resumed from."""
+
+    def __init__(self, step: int, max_steps: int, reason: str, last_finite: tuple[int, float] | None = None,
+                 recent: list[dict] | None = None):
+        super().__init__(f"diverged at step {step}/{max_steps}: {reason}")
+        self.step, self.max_steps, self.reason = step, max_steps, reason
+        self.last_finite = last_finite   # (step, loss) of the last step whose loss was finite
+        self.recent = list(recent or [])  # the last steps' {step, loss, grad_norm}, newest last
+
+    def details(self) -> dict:
+        """For the failure record; strict JSON, so NaN and inf are written as strings."""
+        def number(value):
+            return value if value is None or math.isfinite(value) else str(value)
+
+        return {"max_steps": self.max_steps, "reason": self.reason,
+                "last_finite_loss": ({"step": self.last_finite[0], "loss": self.last_finite[1]}
+                                     if self.last_finite else None),
+                "recent_steps": [{key: number(value) if key != "step" else value for key, value in row.items()}
+                                 for row in self.recent]}
+
+    def message(self, ctx: "StageContext") -> str:
+        """The user's message: where, what, the last finite loss, and what to change (by recipe key)."""
+        spec = ctx.spec
+        last = (f"last finite loss {self.last_finite[1]:.4g} at step {self.last_finite[0]}" if self.last_finite
+                else "no finite loss before it")
+        return (f"stage {ctx.name} (seed {ctx.seed}) diverged at step {self.step}/{self.max_steps}: {self.reason} "
+                f"({last}). Nothing of it was published or kept to resume from. Try a lower "
+                f"stages.{ctx.name}.learning_rate (now {spec.learning_rate:g}), check "
+                f"stages.{ctx.name}.max_grad_norm (now {spec.max_grad_norm:g}; smaller clips harder), "
+                f"{dtype_hint(ctx.start.dtype)}")
+
+
+def dtype_hint(dtype: str) -> str:
+    if dtype == "float16":
+        return "and model.dtype (float16 overflows past 65504: bfloat16 or float32 have the range)"
+    if dtype in ("bfloat16", "auto"):
+        return f"and model.dtype (now {dtype}: float32 rules out low-precision rounding)"
+    return f"and model.dtype (now {dtype}, already the widest)"
 
 
 @dataclass
@@ -97,6 +141,9 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         dataloader_num_workers=0,
         logging_steps=spec.logging_steps,
         logging_first_step=True,
+        # The divergence guard stops at the first non-finite loss; the filter would only
+        # replace it in the logged average by earlier losses (how "loss 0" was logged).
+        logging_nan_inf_filter=False,
         # Checkpoints are requested by StageControl (every N steps and/or minutes, and on
         # Ctrl-C), never by strategy; each holds optimizer, scheduler and RNG state so a
         # resumed stage continues exactly. The two newest are kept.
@@ -206,7 +253,7 @@ def stage_control(ctx: StageContext):
             # this marker makes it count as complete for a resume.
             self.last_save = time.monotonic()
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (folder / PROGRESS_FILE).write_text(json.dumps(
+            Area(args.output_dir).write_text(folder / PROGRESS_FILE, json.dumps(
                 {"step": state.global_step, "wall_s": round(self.prior_wall_s + self.last_save - self.started, 2)}))
 
     control = StageControl()
@@ -226,12 +273,126 @@ def run_training(trainer, ctx: StageContext) -> dict:
 
     control = stage_control(ctx)
     trainer.add_callback(control)
+    divergence_guard(trainer)
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     if control.stopped and trainer.state.global_step < trainer.state.max_steps:
         raise StageInterrupted(trainer.state.global_step, trainer.state.max_steps,
                                latest_checkpoint(Path(trainer.args.output_dir)))
     return {"resumed_from_step": checkpoint_step(ctx.resume_from) if ctx.resume_from else None,
             "earlier_attempts_wall_s": control.prior_wall_s}
+
+
+# fp16 loss scaling halves its scale on each skipped step, from 2**16: 40 skips in a row
+# have tried every scale fp16 can represent (down to 2**-24), so the overflow is not a
+# scaling problem any more but a diverged model.
+MAX_SKIPPED_IN_A_ROW = 40
+RECENT_STEPS = 10   # per-step loss and grad norm kept for the failure record
+
+
+def divergence(loss: float | None, grad_norm: float | None, loss_scaling: bool,
+               skipped_in_a_row: int = 0) -> str | None:
+    """Why an optimizer step counts as diverged, or None.
+
+    A non-finite loss always does. A non-finite grad norm does too, except under fp16
+    loss scaling (a GradScaler), which skips such a step by design and lowers its scale
+    -- unless it has skipped MAX_SKIPPED_IN_A_ROW steps in a row. None means unknown.
+    """
+    if loss is not None and not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if grad_norm is None or math.isfinite(grad_norm):
+        return None
+    if not loss_scaling:
+        return f"the gradient norm is {grad_norm}"
+    if skipped_in_a_row + 1 >= MAX_SKIPPED_IN_A_ROW:
+        return f"fp16 loss scaling skipped {skipped_in_a_row + 1} steps in a row (gradient norm {grad_norm})"
+    return None
+
+
+def host_floats(*values) -> list[float | None]:
+    """Device scalars, floats or None as floats: one host sync for all the tensors together."""
+    import torch
+
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    fetched = iter(torch.stack([t.detach().reshape(()).float().to(tensors[0].device) for t in tensors]).tolist()
+                   if tensors else [])
+    return [next(fetched) if isinstance(v, torch.Tensor) else None if v is None else float(v) for v in values]
+
+
+def last_logged_loss(log: list[dict]) -> tuple[int, float] | None:
+    """(step, loss) of the last finite loss in a trainer log (an average over its logging steps)."""
+    finite = [(entry["step"], entry["loss"]) for entry in log
+              if isinstance(entry.get("loss"), (int, float)) and math.isfinite(entry["loss"]) and "step" in entry]
+    return finite[-1] if finite else None
+
+
+def gradient_norm(model):
+    """The gradients' total norm, for a trainer that does not expose its own. It runs after
+    clipping, which keeps a non-finite norm non-finite (the gradients become NaN)."""
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def divergence_guard(trainer):
+    """Check every optimizer step's loss and grad norm; raise StageDiverged at the first
+    non-finite one, before the optimizer applies it (so no later checkpoint exists).
+
+    Composed onto the trainer, not subclassed: its `training_step` (TRL's override
+    included) is wrapped on the instance to add up the step's micro-batch losses, and
+    `_get_grad_norm`, which transformers calls once per optimizer step (clipping or not),
+    to keep the norm it already computed. Both stay device tensors until the check, one
+    host sync of two numbers per optimizer step (transformers syncs only every
+    `logging_steps`); never one per parameter.
+    """
+    from transformers import TrainerCallback
+
+    loss_scaling = bool(trainer.args.fp16) or getattr(getattr(trainer, "accelerator", None), "scaler", None) is not None
+
+    class DivergenceGuard(TrainerCallback):
+        def __init__(self):
+            self.step_loss = self.grad_norm = None   # this step's, on the device
+            self.last_finite: tuple[int, float] | None = None
+            self.recent: list[dict] = []
+            self.skipped_in_a_row = 0
+
+        def add_loss(self, loss):
+            loss = loss.detach() if hasattr(loss, "detach") else loss
+            self.step_loss = loss if self.step_loss is None else self.step_loss + loss
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            norm = self.grad_norm if self.grad_norm is not None else gradient_norm(model)
+            loss, norm = host_floats(self.step_loss, norm)
+            self.step_loss = self.grad_norm = None
+            step = state.global_step + 1
+            self.recent = (self.recent + [{"step": step, "loss": loss, "grad_norm": norm}])[-RECENT_STEPS:]
+            reason = divergence(loss, norm, loss_scaling, self.skipped_in_a_row)
+            if reason:
+                last = self.last_finite or last_logged_loss(getattr(state, "log_history", []))  # resumed: its log
+                raise StageDiverged(step, state.max_steps, reason, last, self.recent)
+            self.skipped_in_a_row = 0 if norm is None or math.isfinite(norm) else self.skipped_in_a_row + 1
+            if loss is not None:
+                self.last_finite = (step, loss)
+
+    guard = DivergenceGuard()
+    training_step = trainer.training_step
+
+    def guarded_training_step(*args, **kwargs):
+        loss = training_step(*args, **kwargs)
+        guard.add_loss(loss)
+        return loss
+
+    trainer.training_step = guarded_training_step
+    if hasattr(trainer, "_get_grad_norm"):
+        get_grad_norm = trainer._get_grad_norm
+
+        def kept_grad_norm(*args, **kwargs):
+            guard.grad_norm = get_grad_norm(*args, **kwargs)
+            return guard.grad_norm
+
+        trainer._get_grad_norm = kept_grad_norm
+    trainer.add_callback(guard)
+    return guard
 
 
 def dataset_tokens(dataset, columns: dict[str, int]) -> int:
@@ -254,16 +415,14 @@ def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_col
     A resumed stage's wall time adds the earlier attempts' time up to their last
     checkpoint (work lost after it is not counted).
     """
-    import shutil
-
+    refuse_nonfinite_weights(trainer)
     attempts = attempts or {}
+    area = Area(ctx.out_dir)
     model_dir = ctx.out_dir / "model"
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     log = trainer.state.log_history
-    with open(ctx.out_dir / "trainer_log.jsonl", "w") as fh:
-        for entry in log:
-            fh.write(json.dumps(entry) + "\n")
+    area.write_text(ctx.out_dir / "trainer_log.jsonl", "".join(json.dumps(entry) + "\n" for entry in log))
     epochs_done = trainer.state.epoch or 0.0
     examples_seen = round(len(trainer.train_dataset) * epochs_done)
     cost = {
@@ -279,8 +438,42 @@ def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_col
         "peak_memory_kind": meter.memory_kind,
     }
     # Checkpoints exist to resume this stage; once it is finished they are dead weight.
-    shutil.rmtree(ctx.out_dir / "trainer", ignore_errors=True)
+    area.rmtree(ctx.out_dir / "trainer")
     return StageResult(adapter=bool(ctx.lora), metrics=final_metrics(log, metric_keys), cost=cost)
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the parameters that hold a NaN or an infinity.
+
+    Each tensor is summed in float32 (a NaN or inf anywhere makes the sum non-finite)
+    and the sums are checked together: one host sync for the whole model, and no
+    tensor-sized temporary. A flagged tensor is confirmed element-wise (a sum can
+    overflow where every element is finite).
+    """
+    import torch
+
+    named = [(name, p.detach()) for name, p in model.named_parameters()]
+    if not named:
+        return []
+    device = named[0][1].device
+    with torch.no_grad():
+        sums = torch.stack([p.sum(dtype=torch.float32).to(device) for _, p in named])
+        if bool(torch.isfinite(sums).all()):
+            return []
+        return [name for (name, p), ok in zip(named, torch.isfinite(sums).tolist())
+                if not ok and not bool(torch.isfinite(p).all())]
+
+
+def refuse_nonfinite_weights(trainer) -> None:
+    """Raise StageDiverged if the trained model (or adapter and its base) is not finite,
+    whatever the cause: such a model must never reach the cache."""
+    bad = nonfinite_parameters(trainer.model)
+    if bad:
+        guard = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "DivergenceGuard"), None)
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise StageDiverged(trainer.state.global_step, trainer.state.max_steps,
+                            f"the trained weights are not finite ({shown})",
+                            guard.last_finite if guard else None, guard.recent if guard else None)
 
 
 def final_metrics(log: list[dict], keys: tuple[str, ...]) -> dict:

@@ -8,10 +8,11 @@ kept; with LoRA the reference is the same model with the adapter disabled.
 from __future__ import annotations
 
 import copy
-
 import hashlib
-import os
+import io
+from pathlib import Path
 
+from posttrain.artifacts import Area
 from posttrain.stages.common import (CostMeter, StageContext, StageResult, device, finish, load_start, peft_config,
                                      quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
 
@@ -68,20 +69,35 @@ def trainer_class(ctx: StageContext):
             import numpy as np
 
             path = ctx.reflogps_dir / f"{reflogps_key(ctx, dataset, batch_size)}.npz"
-            if path.is_file():
-                stored = np.load(path)
-                if len(stored["chosen"]) == len(dataset):
-                    type(self).reference_cached = True
-                    return with_ref_columns(dataset, stored["chosen"], stored["rejected"])
+            stored = load_reflogps(path)
+            if stored is not None and len(stored["chosen"]) == len(dataset):
+                type(self).reference_cached = True
+                return with_ref_columns(dataset, stored["chosen"], stored["rejected"])
             out = super()._precompute_ref_logps(dataset, name, batch_size)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}-{os.getpid()}.npz")
-            np.savez(tmp, chosen=np.asarray(out["ref_chosen_logps"], dtype="float32"),
+            buffer = io.BytesIO()
+            np.savez(buffer, chosen=np.asarray(out["ref_chosen_logps"], dtype="float32"),
                      rejected=np.asarray(out["ref_rejected_logps"], dtype="float32"))
-            os.replace(tmp, path)
+            Area(ctx.reflogps_dir).write_bytes(path, buffer.getvalue())
             return out
 
     return CachedReferenceDPOTrainer
+
+
+def load_reflogps(path: Path) -> dict | None:
+    """Cached reference log-probs, or None when absent or unreadable (then recomputed)."""
+    import zipfile
+
+    import numpy as np
+
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as stored:
+            arrays = {"chosen": stored["chosen"], "rejected": stored["rejected"]}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    finite = np.isfinite(arrays["chosen"]).all() and np.isfinite(arrays["rejected"]).all()
+    return arrays if finite and len(arrays["chosen"]) == len(arrays["rejected"]) else None
 
 
 def build_trainer(ctx: StageContext):

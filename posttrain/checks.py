@@ -1,0 +1,197 @@
+"""Check before spending: everything that can fail a run is checked before the first stage trains.
+
+Two phases, one entry point each; every problem is reported at once, each under
+its recipe key, as a RecipeError (exit 2):
+
+- ``check_static`` imports nothing heavy (no torch, transformers, lm_eval) and runs
+  in `posttrain validate` and first in `plan` and `run`: builtin model names, local
+  model folders, local data files (resolved as the data loader resolves them: from
+  the recipe's folder), local eval task files (found, strictly parsed, their ``task:``
+  a valid folder name, their includes, data files and ``!function`` modules present).
+  (Builtin dataset names, splits and formats are checked by the recipe schema.)
+- ``check_before_training`` needs the heavy libraries and runs at the start of `plan`
+  and `run`, before any data is curated or any stage trains: the model (and each
+  external model) exists, its tokenizer renders the chat template on a sample
+  conversation, LoRA ``target_modules`` exist in the model (built on the meta
+  device: no weights), and every eval task loads as lm-eval will load it (registry
+  names exist, ``!function`` modules import, task data is reachable or cached).
+
+The model and lm-eval checks live with their owners (``models``, ``evaluate``);
+this module decides what to check and names the recipe keys.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from posttrain.errors import DataError, RecipeError
+
+Problem = tuple[tuple, str]   # (recipe key path, message)
+
+
+# ---------------------------------------------------------------- static
+
+
+def check_static(recipe, base_dir: Path, recipe_file: Path | str | None = None) -> None:
+    """Raise RecipeError listing every problem found without heavy imports.
+
+    ``base_dir``: the recipe's folder (relative data paths resolve there);
+    ``recipe_file``: the recipe, to name file and line in messages.
+    """
+    from posttrain.config import problems_error
+
+    problems = static_problems(recipe, Path(base_dir))
+    if problems:
+        raise problems_error(Path(recipe_file).name if recipe_file else "recipe", problems,
+                             _line_index(recipe_file))
+
+
+def static_problems(recipe, base_dir: Path) -> list[Problem]:
+    return _model_name_problems(recipe) + _data_source_problems(recipe, base_dir) + _task_file_problems(
+        recipe, base_dir)
+
+
+def _model_name_problems(recipe) -> list[Problem]:
+    from posttrain.models import builtin_problem, is_builtin, local_model_problem
+
+    named = [(("model", "name"), recipe.model.name)]
+    named += [(("external", name), model) for name, model in recipe.external.items()]
+    problems = []
+    for loc, name in named:
+        problem = builtin_problem(name) if is_builtin(name) else local_model_problem(name)
+        if problem:
+            problems.append((loc, problem))
+    return problems
+
+
+def _data_source_problems(recipe, base_dir: Path) -> list[Problem]:
+    sources = [(("data", name, "source"), spec.source) for name, spec in recipe.data.items()]
+    if recipe.eval.preferences is not None:
+        sources.append((("eval", "preferences", "source"), recipe.eval.preferences.source))
+    problems = []
+    for loc, source in sources:
+        problem = source_problem(source, base_dir) if source is not None else None  # None: a mix
+        if problem:
+            problems.append((loc, problem))
+    return problems
+
+
+def source_problem(source: str, base_dir: Path) -> str | None:
+    """Why a local data file cannot be read, as far as that is known without reading it.
+
+    (`builtin:` names, splits and formats are checked by the recipe schema.)
+    """
+    from posttrain.data.io import DATA_SUFFIXES, _locate
+
+    if source.startswith("builtin:"):
+        return None
+    try:
+        path, _hub_id = _locate(source, base_dir)   # the loader's own resolution
+    except DataError as exc:
+        return str(exc)
+    if path is not None and path.suffix.lower() not in DATA_SUFFIXES:
+        return (f"{path}: unsupported data file type {path.suffix or '(no extension)'!r} "
+                f"(use {', '.join(DATA_SUFFIXES)})")
+    return None
+
+
+def _task_file_problems(recipe, base_dir: Path) -> list[Problem]:
+    from posttrain.evaluate import check_task_entries, task_search_dirs
+
+    _refs, problems = check_task_entries(recipe.eval.tasks, task_search_dirs(base_dir))
+    return [(("eval", "tasks") if i is None else ("eval", "tasks", i), message) for i, message in problems]
+
+
+# ---------------------------------------------------------------- before training
+
+
+def check_before_training(recipe, refs: list, task_dir: Path | None,
+                          log: Callable[[str], None] = lambda line: None) -> None:
+    """Raise RecipeError listing every problem that would stop the run after training started.
+
+    ``refs``/``task_dir``: the resolved eval tasks and their prepared folder
+    (``pipeline.prepare_eval``). Loads tokenizers and model configs, never weights.
+    """
+    started = time.perf_counter()
+    problems = model_problems(recipe) + eval_task_problems(refs, task_dir, log)
+    log(f"checks: model, tokenizer, chat template, LoRA targets and {len(refs)} eval task(s) "
+        f"checked in {time.perf_counter() - started:.1f} s")
+    if problems:
+        raise RecipeError(f"{len(problems)} problem(s) found before training (nothing was trained)",
+                          [_render(loc, message) for loc, message in problems])
+
+
+def model_problems(recipe) -> list[Problem]:
+    """The base model and each external model: exists, tokenizer and chat template; LoRA targets."""
+    from posttrain.models import ModelSource
+
+    spec = recipe.model
+    base = ModelSource(name=spec.name, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                       revision=spec.revision, chat_template=spec.chat_template)
+    problems = _source_problems(base, ("model",))
+    if not problems or problems[0][0] != ("model", "name"):
+        problems += lora_problems(recipe, base)
+    for name, model in recipe.external.items():
+        external = ModelSource(name=model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                               chat_template=spec.chat_template)
+        problems += _source_problems(external, ("external", name))
+    return problems
+
+
+def _source_problems(source, loc: tuple) -> list[Problem]:
+    """The model exists (its config loads; builtin names were checked statically) and its
+    tokenizer renders the chat template."""
+    from posttrain.errors import ModelError
+    from posttrain.models import chat_template_problem, is_builtin, load_tokenizer, model_config
+
+    name_loc = loc + ("name",) if loc == ("model",) else loc
+    try:
+        if not is_builtin(source.name):
+            model_config(source)   # first: says clearly when a hub model is not cached offline
+        tokenizer = load_tokenizer(source)
+    except ModelError as exc:
+        return [(name_loc, str(exc))]
+    problem = chat_template_problem(tokenizer, source.chat_template)
+    return [(("model", "chat_template") if loc == ("model",) else loc, problem)] if problem else []
+
+
+def lora_problems(recipe, source) -> list[Problem]:
+    """Each LoRA spec's target_modules (the model's, each stage's own) against the model's modules."""
+    from posttrain.models import lora_target_problems, meta_model, model_config
+
+    specs = [(("model", "lora"), recipe.model.lora)]
+    specs += [(("stages", name, "lora"), stage.lora) for name, stage in recipe.stages.items()]
+    specs = [(loc, lora) for loc, lora in specs if lora and lora.target_modules != "all-linear"]
+    if not specs:
+        return []
+    model = meta_model(model_config(source), trust_remote_code=source.trust_remote_code)
+    return [(loc + ("target_modules",) + ((i,) if i is not None else ()), message)
+            for loc, lora in specs for i, message in lora_target_problems(model, lora.target_modules)]
+
+
+def eval_task_problems(refs: list, task_dir: Path | None, log: Callable[[str], None]) -> list[Problem]:
+    from posttrain.evaluate import task_problems
+
+    return [(("eval", "tasks", i), message) for i, message in task_problems(refs, task_dir, log)]
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _render(loc: tuple, message: str) -> str:
+    from posttrain.config import dotted
+
+    return f"{dotted(loc)}: {message}"
+
+
+def _line_index(recipe_file: Path | str | None) -> dict:
+    from posttrain.config import line_index
+
+    if recipe_file is None:
+        return {}
+    try:
+        return line_index(Path(recipe_file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return {}

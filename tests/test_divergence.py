@@ -1,0 +1,294 @@
+"""Divergence stops the stage: a non-finite loss or grad norm ends it at that step, the
+run exits 3 naming stage, seed and step, nothing of it is published or resumed from,
+failed.json says which stage failed, and non-finite weights never reach the cache.
+
+NaNs are injected (a callback fills the embedding with NaN before a chosen step) so
+each case is deterministic and a few steps long; one case diverges for real (float16
+weights at learning rate 1e3, NaN from step 2 as a reviewer saw it).
+"""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import TrainerCallback
+
+from posttrain.cli import main
+from posttrain.config import ORPOStage, SFTStage
+from posttrain.data.builtin import instruction_rows, preference_rows
+from posttrain.models import ModelSource
+from posttrain.stages import common, run_stage
+from posttrain.stages.common import (MAX_SKIPPED_IN_A_ROW, StageContext, StageDiverged, divergence,
+                                     divergence_guard, nonfinite_parameters)
+from tiny_recipes import write_recipe
+
+NAN, INF = float("nan"), float("inf")
+
+RECIPE = """
+name: diverge
+model: {name: builtin:micro-llama}
+data:
+  ins: {source: builtin:skills, limit: 32}
+  prefs: {source: builtin:skills-preferences, limit: 32}
+stages:
+  sft: {method: sft, data: ins, learning_rate: 1.0e-2, max_steps: 4, batch_size: 8, max_length: 96}
+  dpo: {method: dpo, data: prefs, learning_rate: 1.0e-3, max_steps: 4, batch_size: 8, max_length: 96}
+  orpo: {method: orpo, data: prefs, learning_rate: 1.0e-2, max_steps: 4, batch_size: 8, max_length: 96}
+pipelines:
+  PIPELINES
+eval:
+  tasks: [{repo}/evals/skills_exact.yaml]
+  limit: 4
+  samples: 0
+output: {checkpoint_steps: 1}
+report: {resamples: 100}
+tracking: {wandb: {mode: disabled}}
+"""
+PIPELINES = {"sft": "sft: [sft]", "dpo": "sft+dpo: [sft, dpo]", "orpo": "orpo: [orpo]"}
+
+
+class PoisonBefore(TrainerCallback):
+    """Fill the first weight (the embedding) with NaN just before optimizer step `step`."""
+
+    def __init__(self, step: int | None):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                next(model.parameters()).fill_(NAN)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.step is None:  # after the last step: only the final-weights check can see it
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = NAN
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """poison(method, step): the trainers of that method get NaN weights before `step`."""
+    real = common.divergence_guard
+
+    def arm(method: str, step: int | None):
+        def guard_and_poison(trainer):
+            if method in type(trainer).__name__.lower():
+                trainer.add_callback(PoisonBefore(step))
+            return real(trainer)
+
+        monkeypatch.setattr(common, "divergence_guard", guard_and_poison)
+
+    return arm
+
+
+def cache_entries(cache, stage):
+    """(published stage dirs, partial dirs) of `stage` in the cache."""
+    published = [p.parent for p in cache.glob("stages/*/stage.json")
+                 if json.loads(p.read_text())["stage"] == stage]
+    partial = [p for p in cache.glob("stages/.partial-*")
+               if not (p / "pending.json").is_file() or json.loads((p / "pending.json").read_text())["stage"] == stage]
+    return published, partial
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def tiny_context(tmp_path, spec, dtype="float32"):
+    rows = instruction_rows("train", 32) if spec.method == "sft" else preference_rows("train", 32)
+    out = tmp_path / "stage"
+    out.mkdir()
+    return StageContext(name="stage", spec=spec, seed=0, start=ModelSource(name="builtin:micro-llama", dtype=dtype),
+                        examples=rows, out_dir=out)
+
+
+# ---------------------------------------------------------------- the rule
+
+
+@pytest.mark.parametrize("loss, grad_norm, loss_scaling, skipped, diverged", [
+    (1.5, 2.0, False, 0, None),
+    (NAN, 2.0, False, 0, "the loss is nan"),
+    (INF, 2.0, False, 0, "the loss is inf"),
+    (1.5, NAN, False, 0, "the gradient norm is nan"),
+    (1.5, INF, False, 0, "the gradient norm is inf"),
+    # fp16 loss scaling skips an overflowing step by design: not a divergence ...
+    (1.5, INF, True, 0, None),
+    (1.5, NAN, True, MAX_SKIPPED_IN_A_ROW - 2, None),
+    # ... unless it skips every scale fp16 has, or the loss itself is not finite.
+    (1.5, INF, True, MAX_SKIPPED_IN_A_ROW - 1, f"skipped {MAX_SKIPPED_IN_A_ROW} steps in a row"),
+    (NAN, INF, True, 0, "the loss is nan"),
+    (None, None, False, 0, None),
+])
+def test_which_steps_count_as_diverged(loss, grad_norm, loss_scaling, skipped, diverged):
+    reason = divergence(loss, grad_norm, loss_scaling, skipped)
+    assert reason == diverged if diverged is None else diverged in reason
+
+
+def fake_trainer(losses, fp16=False):
+    """What divergence_guard touches on a trainer, without one: no `_get_grad_norm`."""
+    callbacks = []
+    trainer = SimpleNamespace(args=SimpleNamespace(fp16=fp16), accelerator=SimpleNamespace(scaler=None),
+                              training_step=lambda: torch.tensor(losses.pop(0)), add_callback=callbacks.append)
+    return trainer, callbacks
+
+
+def step_with_gradient(trainer, guard, step, grad_value):
+    model = torch.nn.Linear(2, 1)
+    model.weight.grad = torch.full_like(model.weight, grad_value)
+    trainer.training_step()
+    guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=step - 1, max_steps=9), None, model=model)
+
+
+def test_guard_computes_the_norm_itself_when_the_trainer_keeps_none():
+    trainer, callbacks = fake_trainer([2.0, 1.0])
+    guard = divergence_guard(trainer)
+    assert callbacks == [guard]
+    step_with_gradient(trainer, guard, 1, 0.5)
+    with pytest.raises(StageDiverged) as caught:
+        step_with_gradient(trainer, guard, 2, NAN)
+    exc = caught.value
+    assert (exc.step, exc.reason, exc.last_finite) == (2, "the gradient norm is nan", (1, 2.0))
+
+
+def test_after_a_resume_the_last_finite_loss_comes_from_the_restored_log():
+    trainer, _ = fake_trainer([NAN])
+    guard = divergence_guard(trainer)
+    trainer.training_step()
+    log = [{"loss": 4.2, "step": 10}, {"loss": 3.9, "step": 20}, {"loss": NAN, "step": 25}, {"train_runtime": 1.0}]
+    state = SimpleNamespace(global_step=30, max_steps=40, log_history=log)
+    with pytest.raises(StageDiverged) as caught:
+        guard.on_pre_optimizer_step(None, state, None, model=None)
+    assert (caught.value.step, caught.value.last_finite) == (31, (20, 3.9))
+
+
+def test_fp16_guard_lets_a_skipped_step_pass_and_stops_on_a_nan_loss():
+    trainer, _ = fake_trainer([2.0, 1.5, NAN], fp16=True)
+    guard = divergence_guard(trainer)
+    step_with_gradient(trainer, guard, 1, INF)   # GradScaler skips this step: training goes on
+    step_with_gradient(trainer, guard, 2, 0.5)
+    with pytest.raises(StageDiverged, match="the loss is nan"):
+        step_with_gradient(trainer, guard, 3, 0.5)
+
+
+# ---------------------------------------------------------------- final weights
+
+
+def test_final_weight_check_names_nan_and_inf_tensors_only():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    assert nonfinite_parameters(model) == []
+    with torch.no_grad():
+        model[0].bias[1] = NAN
+        model[2].weight[0, 0] = -INF
+        model[1].weight.fill_(3e38)  # finite, though its float32 sum overflows
+    assert nonfinite_parameters(model) == ["0.bias", "2.weight"]
+
+
+def test_nan_weights_after_the_last_step_are_never_saved(tmp_path, poison):
+    poison("sft", None)
+    ctx = tiny_context(tmp_path, SFTStage(method="sft", data="d", learning_rate=1e-2, max_steps=2, batch_size=8,
+                                          max_length=96))
+    with pytest.raises(StageDiverged, match=r"at step 2/2: the trained weights are not finite \(model.embed_tokens"):
+        run_stage(ctx)
+    assert not (ctx.out_dir / "model").exists()
+
+
+def test_learning_rate_1e3_in_float16_stops_at_step_2(tmp_path):
+    """For real: float16 weights (no loss scaling) overflow at the first update of 1e3."""
+    ctx = tiny_context(tmp_path, ORPOStage(method="orpo", data="d", learning_rate=1e3, max_steps=6, batch_size=8,
+                                           max_length=96), dtype="float16")
+    with pytest.raises(StageDiverged) as caught:
+        run_stage(ctx)
+    exc = caught.value
+    assert (exc.step, exc.reason, exc.last_finite[0]) == (2, "the loss is nan", 1)
+    assert [row["step"] for row in exc.recent] == [1, 2]
+    assert "model.dtype (float16 overflows" in exc.message(ctx)
+    assert not (ctx.out_dir / "model").exists()
+
+
+def test_orpo_drops_pairs_whose_prompt_fills_max_length():
+    """TRL's ORPO kept them with an empty completion: loss 0/0 = NaN, every weight NaN after."""
+    from datasets import Dataset
+
+    from posttrain.stages.orpo import trained_pairs
+
+    pairs = Dataset.from_dict({"chosen_labels": [[-100, 5], [-100, -100], [-100, 7], [1]],
+                               "rejected_labels": [[-100, 3], [-100, 4], [-100, -100], [2]]})
+    assert trained_pairs(pairs).tolist() == [True, False, False, True]
+    assert trained_pairs(pairs.select([3, 1, 0])).tolist() == [True, False, True]
+
+
+def test_orpo_with_a_prompt_longer_than_max_length_trains_finite(tmp_path):
+    # One of the 32 pairs tiny_context trains on has a 100-token prompt.
+    ctx = tiny_context(tmp_path, ORPOStage(method="orpo", data="d", learning_rate=1e-2, max_steps=4, batch_size=8,
+                                           max_length=96))
+    result = run_stage(ctx)
+    assert result.cost["dropped_pairs"] == 1 and result.cost["examples_seen"] == 31
+
+
+# ---------------------------------------------------------------- posttrain run
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+def test_diverging_stage_stops_run_exits_3_and_publishes_nothing(tmp_path, repo, poison, method):
+    recipe = write_recipe(tmp_path, repo, RECIPE.replace("PIPELINES", PIPELINES[method]))
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    poison(method, 3)
+    result = invoke("run", recipe, "--out", out, "--cache", cache)
+
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    assert (f"error: stage {method} (seed 0) diverged at step 3/4: the loss is nan (last finite loss "
+            in result.output and "at step 2)" in result.output and f"stages.{method}.learning_rate" in result.output)
+    published, partial = cache_entries(cache, method)
+    assert published == [] and partial == []  # checkpoints 1 and 2 went with the attempt
+    if method == "dpo":
+        assert len(cache_entries(cache, "sft")[0]) == 1  # the finished upstream stage is kept
+    failed = json.loads((out / "failed.json").read_text())
+    assert (failed["stage"], failed["seed"], failed["step"], failed["reason"]) == (method, 0, 3, "the loss is nan")
+    assert len(failed["key"]) == 64 and failed["message"] in result.output
+    assert [row["step"] for row in failed["recent_steps"]] == [1, 2, 3] and failed["recent_steps"][-1]["loss"] == "nan"
+    assert not (out / "results.jsonl").exists()
+
+    plan = invoke("plan", recipe, "--cache", cache, "--json")
+    statuses = {row["stage"]: row["status"] for row in json.loads(plan.output[plan.output.index("{"):])["stages"]}
+    assert statuses[method] == "train"  # not resumed from the diverged attempt's checkpoints
+
+
+def test_rerun_after_divergence_trains_afresh_and_clears_failed_json(tmp_path, repo, poison, monkeypatch):
+    recipe = write_recipe(tmp_path, repo, RECIPE.replace("PIPELINES", PIPELINES["sft"]))
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    poison("sft", 2)
+    assert invoke("run", recipe, "--out", out, "--cache", cache).exit_code == 3
+    assert (out / "failed.json").is_file()
+    monkeypatch.undo()  # the cause is fixed
+
+    result = invoke("run", recipe, "--out", out, "--cache", cache)
+    assert result.exit_code == 0, result.output
+    assert "  train  sft" in result.output and "resume" not in result.output
+    assert not (out / "failed.json").exists()
+    assert len(cache_entries(cache, "sft")[0]) == 1 and (out / "results.jsonl").is_file()
+
+
+def test_the_stage_tracking_run_sees_the_failure(tmp_path, repo, poison, monkeypatch):
+    from contextlib import contextmanager
+
+    from posttrain.tracking import Tracker
+
+    ended = []
+
+    @contextmanager
+    def stage(self, name, method, seed, config):
+        try:
+            yield []
+        except BaseException as exc:
+            ended.append((name, type(exc).__name__))
+            raise
+        ended.append((name, None))
+
+    monkeypatch.setattr(Tracker, "stage", stage)  # Tracker.stage marks its W&B run failed on an exception
+    recipe = write_recipe(tmp_path, repo, RECIPE.replace("PIPELINES", PIPELINES["orpo"]))
+    poison("orpo", 1)
+    result = invoke("run", recipe, "--out", tmp_path / "run", "--cache", tmp_path / "cache")
+    assert result.exit_code == 3 and "diverged at step 1/4: the loss is nan (no finite loss before it)" in result.output
+    assert ended == [("orpo", "TrainingDiverged")]

@@ -1,0 +1,311 @@
+"""Check before spending: what `validate` (no heavy import) and `plan`/`run` (before any
+stage trains) catch, each problem under its recipe key, exit 2, nothing trained or touched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from posttrain.artifacts import PathEscape
+from posttrain.cli import main
+from posttrain.evaluate import TaskRef, check_task_entries, install_hint, prepare_task_dir, task_problems
+
+RECIPE = """
+name: pre
+model: {{name: builtin:micro-llama{lora}}}
+data:
+  ins: {{source: {source}, limit: 32}}
+stages:
+  sft: {{method: sft, data: ins, learning_rate: 1.0e-2, max_steps: 2, batch_size: 8, max_length: 64{stage_lora}}}
+pipelines:
+  sft: [sft]
+eval:
+  tasks: {tasks}
+  limit: 4
+"""
+
+TASK = """
+task: {name}
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: rows.jsonl}}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{a}}}}"
+"""
+
+
+def write(tmp_path, tasks, source="builtin:skills", lora="", stage_lora=""):
+    path = tmp_path / "pre.yaml"
+    path.write_text(RECIPE.format(tasks=json.dumps(tasks), source=source, lora=lora, stage_lora=stage_lora))
+    return path
+
+
+def task_file(folder, file_name, name, extra=""):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rows.jsonl").write_text('{"q": "1+1", "a": "2"}\n')
+    path = folder / file_name
+    path.write_text(TASK.format(name=name) + textwrap.dedent(extra))
+    return path
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+@pytest.fixture
+def victim(tmp_path):
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("keep me")
+    return folder
+
+
+def assert_untouched(victim):
+    assert [p.name for p in victim.iterdir()] == ["precious.txt"]
+    assert (victim / "precious.txt").read_text() == "keep me"
+
+
+def assert_nothing_trained(cache):
+    assert not list(cache.glob("stages/*")), "a stage was trained"
+
+
+# ---------------------------------------------------------------- validate (static)
+
+
+def test_validate_reports_every_file_problem_at_once_without_heavy_imports(tmp_path, repo):
+    task_file(tmp_path / "evals", "bad_data.yaml", "bad_data").write_text(
+        TASK.format(name="bad_data").replace("rows.jsonl", "absent.jsonl"))
+    recipe = write(tmp_path, ["evals/bad_data.yaml", "evals/nope.yaml", str(repo / "evals/skills_mc.yaml")],
+                   source="data/missing.jsonl")
+    code = ("import sys; from click.testing import CliRunner; from posttrain.cli import main; "
+            f"r = CliRunner().invoke(main, ['validate', {str(recipe)!r}]); print(r.output); print(r.exit_code); "
+            "print(sorted(m for m in ('torch', 'transformers', 'lm_eval', 'datasets', 'peft') if m in sys.modules))")
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path).stdout
+    assert time.perf_counter() - started < 5
+    lines = out.strip().splitlines()
+    assert lines[-2:] == ["2", "[]"], out
+    assert f"pre.yaml:5: data.ins.source: data file not found: {tmp_path / 'data/missing.jsonl'}" in out
+    assert "pre.yaml:11: eval.tasks[0]:" in out and "data file not found: absent.jsonl" in out
+    assert "eval.tasks[1]: task file not found: evals/nope.yaml" in out
+
+
+def test_validate_reports_unknown_builtin_model_and_missing_model_folders(tmp_path, repo, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # transformers takes a relative model path from the cwd
+    (tmp_path / "not-a-model").mkdir()
+    recipe = write(tmp_path, [str(repo / "evals/skills_mc.yaml")])
+    recipe.write_text(recipe.read_text().replace("builtin:micro-llama", "builtin:nano-llama")
+                      + "external: {mine: ./no-such-model, empty: ./not-a-model}\n")
+    result = invoke("validate", recipe)
+    assert result.exit_code == 2
+    assert "pre.yaml:3: model.name: unknown builtin model 'builtin:nano-llama'" in result.output
+    assert (f"external.mine: local model folder not found: {tmp_path / 'no-such-model'} "
+            "(a relative path is taken from the cwd)") in result.output
+    assert f"external.empty: not a model folder (no config.json): {tmp_path / 'not-a-model'}" in result.output
+
+
+# ---------------------------------------------------------------- task names that are paths
+
+
+def test_task_name_that_is_a_path_is_refused_by_validate_plan_and_run(tmp_path, victim, isolated_cache):
+    task_file(tmp_path / "evals", "evil.yaml", "../../victim")
+    recipe = write(tmp_path, ["evals/evil.yaml"])
+    for args in (["validate", recipe], ["plan", recipe], ["run", recipe, "--out", tmp_path / "run"],
+                 ["run", recipe, "--dry-run"]):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert "eval.tasks[0]:" in result.output and "task: '../../victim' is not a valid name" in result.output
+        assert_untouched(victim)
+    assert not (tmp_path / "run").exists()
+    assert_nothing_trained(isolated_cache)
+
+
+@pytest.mark.parametrize("name", ["../victim", "/abs/victim", "a/b", "..", "ok\x00no"])
+def test_task_names_that_are_not_folder_names_are_reported(tmp_path, name):
+    path = task_file(tmp_path, "t.yaml", "x")
+    path.write_text(path.read_text().replace("task: x", f"task: {json.dumps(name)}"))
+    refs, problems = check_task_entries([str(path)], [tmp_path])
+    assert refs == [] and len(problems) == 1
+    assert problems[0][0] == 0 and "is not a valid name" in problems[0][1]
+
+
+def test_prepare_task_dir_writes_and_deletes_only_inside_its_folder(tmp_path, victim):
+    source = task_file(tmp_path / "evals", "t.yaml", "x")
+    for name in ("../victim", str(victim), "../../" + victim.name):
+        with pytest.raises(PathEscape):
+            prepare_task_dir([TaskRef(name=name, path=source)], tmp_path / "run" / "evals" / "tasks")
+        assert_untouched(victim)
+    bad_function = task_file(tmp_path / "evals2", "f.yaml", "f", "process_docs: !function ../victim/precious.fn\n")
+    _, problems = check_task_entries([str(bad_function)], [tmp_path])
+    assert "!function ../victim/precious.fn: expected module.function" in problems[0][1]
+
+
+# ---------------------------------------------------------------- heavy checks in plan / run
+
+
+def test_registry_tasks_misspelt_offline_or_missing_extra_fail_in_plan(tmp_path, monkeypatch, isolated_cache):
+    """One plan, three registry problems (~10 s: lm-eval's task index is built once)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty-datasets-cache"))
+    monkeypatch.setitem(sys.modules, "langdetect", None)   # ifeval's extra, missing whatever is installed
+    for module in [m for m in sys.modules if m.startswith("lm_eval.tasks.ifeval")]:
+        monkeypatch.delitem(sys.modules, module)
+    recipe = write(tmp_path, ["arc_eazy", "arc_easy", "ifeval"])
+    started = time.perf_counter()
+    result = invoke("plan", recipe)
+    seconds = time.perf_counter() - started
+    assert result.exit_code == 2, result.output
+    out = result.output
+    assert "eval.tasks[0]: 'arc_eazy' is not an lm-eval task, group or tag; did you mean 'arc_easy'" in out
+    assert ("eval.tasks[1]: task 'arc_easy' needs the Hugging Face Hub (dataset allenai/ai2_arc (ARC-Easy) "
+            "is not in the local cache") in out
+    assert "eval.tasks[2]: task 'ifeval' needs the Python package 'langdetect'" in out
+    assert 'pip install "lm-eval[ifeval]"' in out
+    assert "lm-eval task index built in" in out
+    assert_nothing_trained(isolated_cache)
+    print(f"plan with registry checks: {seconds:.1f} s")
+
+
+def test_local_task_with_missing_dependency_fails_in_plan_naming_the_extra(tmp_path, monkeypatch, isolated_cache):
+    monkeypatch.setitem(sys.modules, "langdetect", None)
+    uses = "process_docs: !function helpers.process\n"
+    evals = tmp_path / "evals"
+    task_file(evals, "lang.yaml", "lang", uses)
+    (evals / "helpers.py").write_text("import langdetect\n\n\ndef process(ds):\n    return ds\n")
+    task_file(evals / "other", "other.yaml", "other", uses)
+    (evals / "other" / "helpers.py").write_text("import posttrain_no_such_package.sub\n\n\ndef process(ds):\n"
+                                                "    return ds\n")
+    result = invoke("plan", write(tmp_path, ["evals/lang.yaml", "evals/other/other.yaml"]))
+    assert result.exit_code == 2, result.output
+    assert ("eval.tasks[0]: task 'lang' needs the Python package 'langdetect', which is not installed; "
+            'install it with: pip install "lm-eval[ifeval]"') in result.output
+    assert ("eval.tasks[1]: task 'other' needs the Python package 'posttrain_no_such_package', which is not "
+            "installed; install it with: pip install posttrain_no_such_package") in result.output
+    assert_nothing_trained(isolated_cache)
+
+
+def test_bad_lora_targets_fail_at_the_start_of_run_naming_the_key(tmp_path, repo, isolated_cache):
+    recipe = write(tmp_path, [str(repo / "evals/skills_mc.yaml")],
+                   lora=", lora: {r: 4, alpha: 8, target_modules: [q_proj, q_projj]}",
+                   stage_lora=", lora: {r: 4, alpha: 8, target_modules: [input_layernorm]}")
+    out = tmp_path / "run"
+    result = invoke("run", recipe, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert "model.lora.target_modules[1]: 'q_projj' matches no module of the model; did you mean 'q_proj'?" \
+        in result.output
+    assert "model.lora.target_modules[0]" not in result.output
+    assert ("stages.sft.lora.target_modules[0]: 'input_layernorm' matches only LlamaRMSNorm modules, "
+            "which LoRA cannot adapt") in result.output
+    assert_nothing_trained(isolated_cache)
+    assert not (out / "stages").exists() or not list((out / "stages").iterdir())
+
+
+def test_lora_targets_that_exist_and_all_linear_pass(tmp_path):
+    from posttrain.models import build_char_tokenizer, builtin_config, lora_target_problems, meta_model
+
+    model = meta_model(builtin_config("builtin:micro-llama", build_char_tokenizer()))
+    assert next(model.parameters()).is_meta
+    assert lora_target_problems(model, "all-linear") == []
+    assert lora_target_problems(model, ["q_proj", "v_proj", "mlp.down_proj", "lm_head"]) == []
+    assert [i for i, _ in lora_target_problems(model, ["q_proj", "attn.q_proj"])] == [1]
+
+
+def test_hub_model_not_cached_offline_fails_in_plan(tmp_path, repo, isolated_cache):
+    recipe = write(tmp_path, [str(repo / "evals/skills_mc.yaml")])
+    recipe.write_text(recipe.read_text().replace("builtin:micro-llama", "someorg/not-cached-model"))
+    result = invoke("plan", recipe)
+    assert result.exit_code == 2, result.output
+    assert ("model.name: 'someorg/not-cached-model' is not in the local Hugging Face cache and the Hub is off "
+            "(HF_HUB_OFFLINE)") in result.output
+    assert_nothing_trained(isolated_cache)
+
+
+def test_chat_template_that_does_not_render_is_reported():
+    from posttrain.models import build_char_tokenizer, chat_template_problem
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = "{{ raise_exception('System role not supported') }}"
+    assert "does not render a sample conversation" in chat_template_problem(tokenizer, "model")
+    assert chat_template_problem(build_char_tokenizer(), "chatml") is None
+
+
+# ---------------------------------------------------------------- task data reachable / cached
+
+
+@pytest.fixture
+def cached_hub_dataset(tmp_path, monkeypatch):
+    """`someorg/tinyset` (config `cfg1`) in a datasets cache, laid out as a hub download leaves it."""
+    import datasets
+    from datasets.packaged_modules.json.json import Json
+
+    cache = tmp_path / "datasets-cache"
+    rows = tmp_path / "hub-rows.jsonl"
+    rows.write_text('{"q": "1+1", "a": "2"}\n')
+    Json(cache_dir=str(tmp_path / "build"), dataset_name="tinyset", config_name="cfg1",
+         data_files={"test": str(rows)}).download_and_prepare()
+    built = next((tmp_path / "build" / "tinyset").glob("cfg1-*/0.0.0"))
+    target = cache / "someorg___tinyset" / "cfg1" / "0.0.0" / built.parent.name.split("-")[-1]
+    target.parent.mkdir(parents=True)
+    built.rename(target)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    return cache
+
+
+def test_task_data_on_the_hub_is_checked_against_the_cache_offline(tmp_path, cached_hub_dataset):
+    refs = []
+    for name, config in (("cached", "cfg1"), ("uncached", "cfg2"), ("unknown", None)):
+        path = task_file(tmp_path / name, "t.yaml", name)
+        text = path.read_text().replace("dataset_path: json", "dataset_path: someorg/tinyset" if name != "unknown"
+                                        else "dataset_path: someorg/other")
+        path.write_text(text.replace("dataset_kwargs: {data_files: {test: rows.jsonl}}",
+                                     f"dataset_name: {config}" if config else ""))
+        refs.append(TaskRef(name=name, path=path))
+    problems = dict(task_problems(refs, task_dir=None))
+    assert 0 not in problems, problems[0]
+    assert problems[1].startswith("task 'uncached' needs the Hugging Face Hub (dataset someorg/tinyset (cfg2) "
+                                  "is not in the local cache")
+    assert "datasets.load_dataset('someorg/tinyset', 'cfg2')" in problems[1]
+    assert problems[2].startswith("task 'unknown' needs the Hugging Face Hub (dataset someorg/other")
+
+
+def test_install_hint_names_the_lm_eval_extra_or_the_package():
+    ifeval_yaml = "/x/site-packages/lm_eval/tasks/ifeval/ifeval.yaml"
+    for module in ("langdetect", "immutabledict"):
+        assert install_hint(module) == 'install it with: pip install "lm-eval[ifeval]"'
+    assert install_hint("nltk", ifeval_yaml) == 'install it with: pip install "lm-eval[ifeval]"'
+    assert install_hint("nltk") == "install it with: pip install nltk"   # in two extras: the package
+    assert install_hint("antlr4") == 'install it with: pip install "lm-eval[math]"'   # import name != package
+    assert install_hint("sklearn.metrics") == "install it with: pip install scikit-learn"
+    assert install_hint("some_unknown_mod") == "install it with: pip install some_unknown_mod"
+
+
+def test_task_yaml_is_loaded_strictly(tmp_path):
+    duplicate = task_file(tmp_path / "a", "dup.yaml", "dup", "test_split: train\n")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("task: bomb\na: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                    + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+                              f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+                              f"*{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9)))
+    started = time.perf_counter()
+    _, problems = check_task_entries([str(duplicate), str(bomb)], [tmp_path])
+    assert time.perf_counter() - started < 1
+    assert problems[0] == (0, f"{duplicate}:9: test_split: duplicate key (first at line 5); a key may appear once")
+    assert problems[1][0] == 1 and "alias bomb" in problems[1][1]
+
+
+def test_function_module_that_is_neither_beside_the_task_nor_installed_is_reported(tmp_path):
+    path = task_file(tmp_path, "t.yaml", "t", "process_docs: !function helperz.process\n")
+    _, problems = check_task_entries([str(path)], [tmp_path])
+    assert problems == [(0, f"{path}: !function helperz.process: no helperz.py beside the file, "
+                            "and no installed module 'helperz'")]
