@@ -95,7 +95,7 @@ def directory_owner(root: Path) -> str | None:
 
 
 def _yaml_mapping(path: Path) -> dict:
-    from posttrain.config import strict_yaml_load
+    from posttrain.recipe.yamlfile import strict_yaml_load
 
     try:
         data, _ = strict_yaml_load(path.read_bytes(), str(path))

@@ -40,7 +40,7 @@ def check_static(recipe, base_dir: Path, recipe_file: Path | str | None = None) 
     ``base_dir``: the recipe's folder (relative data paths resolve there);
     ``recipe_file``: the recipe, to name file and line in messages.
     """
-    from posttrain.config import problems_error
+    from posttrain.recipe.yamlfile import problems_error
 
     problems = static_problems(recipe, Path(base_dir))
     if problems:
@@ -181,13 +181,13 @@ def eval_task_problems(refs: list, task_dir: Path | None, log: Callable[[str], N
 
 
 def _render(loc: tuple, message: str) -> str:
-    from posttrain.config import dotted
+    from posttrain.recipe.yamlfile import dotted
 
     return f"{dotted(loc)}: {message}"
 
 
 def _line_index(recipe_file: Path | str | None) -> dict:
-    from posttrain.config import line_index
+    from posttrain.recipe.yamlfile import line_index
 
     if recipe_file is None:
         return {}

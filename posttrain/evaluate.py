@@ -156,7 +156,7 @@ def _yaml_dumper():
 def _load_task_yaml(path: Path) -> dict[str, Any]:
     """A task YAML, strictly (duplicate keys, alias bombs, non-UTF-8 refused with file:line);
     ``!function`` values kept as ``_FunctionTag`` strings. Raises RecipeError."""
-    from posttrain.config import strict_yaml_load
+    from posttrain.recipe.yamlfile import strict_yaml_load
 
     try:
         text = path.read_bytes()

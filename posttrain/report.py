@@ -51,7 +51,7 @@ def read_recipe(run_dir: Path) -> dict:
     path = Path(run_dir) / "recipe.resolved.yaml"
     if not path.is_file():
         return {}
-    from posttrain.config import strict_yaml_load
+    from posttrain.recipe.yamlfile import strict_yaml_load
 
     try:
         recipe, _ = strict_yaml_load(path.read_bytes(), str(path), error=DataError)

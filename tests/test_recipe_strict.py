@@ -18,9 +18,10 @@ from pydantic import BaseModel
 
 from posttrain import config
 from posttrain.artifacts import Area
-from posttrain.config import (INT_MAX, YAML_MAX_ALIAS_NODES, YAML_MAX_BYTES, Recipe, dotted, line_index,
-                              load_recipe, strict_yaml_load, validate_recipe)
+from posttrain.config import INT_MAX, Recipe, load_recipe, validate_recipe
 from posttrain.errors import DataError, PosttrainError, RecipeError
+from posttrain.recipe import yamlfile
+from posttrain.recipe.yamlfile import YAML_MAX_ALIAS_NODES, YAML_MAX_BYTES, dotted, line_index, strict_yaml_load
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -224,7 +225,7 @@ def test_a_megabyte_of_bad_entries_is_validated_quickly_and_reported_briefly(tmp
     problems = problems_of(path)
     assert time.process_time() - start < 5  # about 0.5 s; a quadratic step would take minutes
     assert problems[0] == "recipe.yaml: 60000 problem(s)"
-    assert len(problems) == 1 + config.PROBLEMS_SHOWN + 1 and problems[-1] == "... and 59900 more"
+    assert len(problems) == 1 + yamlfile.PROBLEMS_SHOWN + 1 and problems[-1] == "... and 59900 more"
     assert problems[1] == "recipe.yaml:10: pipelines.p0[0]: unknown stage 'x0' (known: sft, dpo)"
 
 

@@ -1,0 +1,1 @@
+"""The recipe: strict YAML loading (yamlfile); schema, sweeps and loading move here from config.py."""
