@@ -25,7 +25,7 @@ class RunDir:
     """runs/<name>/: recipe.resolved.yaml, env.json, stages/, evals/, results.jsonl, report.*"""
 
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = Path(os.path.abspath(root))  # absolute: paths under it compare whatever the cwd
         self.area = Area(self.root)   # every write under the run directory goes through it
 
     @property
@@ -152,24 +152,42 @@ class Area:
         return f"Area({str(self.root)!r})"
 
     def check(self, path: Path | str, action: str = "write") -> Path:
-        """`path` made absolute (its parent resolved) if it lies inside the root."""
+        """`path`, absolute, if it lies strictly inside the root and no folder between the
+        root and it is a symbolic link (a link planted inside a run directory or the cache
+        must not lead a write outside). The final component itself is not followed."""
         text = os.fspath(path)
         if "\x00" in text:
             raise PathEscape(f"refusing to {action} a path with a NUL character: {text!r}")
-        target = Path(os.path.abspath(text))
-        parent = target.parent.resolve()
-        final = parent / target.name
-        root = self.root.resolve()
-        if final == root or not final.is_relative_to(root) or target.name in ("", ".", ".."):
+        target = Path(os.path.abspath(text))  # ".." removed lexically
+        real_root = self.root.resolve()
+        for root in (self.root, real_root):
+            if target.is_relative_to(root) and target != root:
+                parts = target.relative_to(root).parts
+                break
+        else:
             raise PathEscape(f"refusing to {action} {text}: outside {self.root}")
-        return final
+        folder = real_root
+        for part in parts[:-1]:
+            folder = folder / part
+            if folder.is_symlink():
+                raise PathEscape(f"refusing to {action} {text}: {folder} is a symbolic link "
+                                 "(posttrain never writes through links inside its folders)")
+        return real_root.joinpath(*parts)
 
     def path(self, *parts: str) -> Path:
         """root/part/part..., each part one path component (no separator, not '..')."""
         for part in parts:
             if not isinstance(part, str) or part in ("", ".", "..") or any(c in part for c in "/\\\x00"):
                 raise PathEscape(f"refusing to use {part!r} as a path component under {self.root}")
-        return self.check(self.root.joinpath(*parts), "use")
+        self.check(self.root.joinpath(*parts), "use")
+        return self.root.joinpath(*parts)
+
+    def child(self, folder: Path | str, name: str) -> Path:
+        """folder/name, where `name` must be one path component (a task or pipeline name)."""
+        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\x00"):
+            raise PathEscape(f"refusing to use {name!r} as a path component under {folder}")
+        self.check(Path(folder) / name, "use")
+        return Path(folder) / name
 
     def mkdir(self, path: Path | str) -> Path:
         target = self.check(path, "create")
@@ -179,16 +197,7 @@ class Area:
     def write_text(self, path: Path | str, text: str) -> Path:
         """Write beside the target, then rename: readers never see half a file. On
         failure (disk full) the temporary file is removed and the old file stays."""
-        target = self.check(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return target
+        return self.write_bytes(path, text.encode("utf-8"))
 
     def write_json(self, path: Path | str, data) -> Path:
         return self.write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -196,9 +205,13 @@ class Area:
     def write_bytes(self, path: Path | str, data: bytes) -> Path:
         target = self.check(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
+        # A fresh, exclusive temporary name: never an existing file or a planted link.
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
         try:
-            tmp.write_bytes(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -233,10 +246,8 @@ class Area:
         return final
 
     def copyfile(self, source: Path | str, target: Path | str) -> Path:
-        final = self.check(target)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, final)
-        return final
+        """Copy a file's bytes (read from anywhere) atomically into the area."""
+        return self.write_bytes(target, Path(source).read_bytes())
 
     def symlink(self, link: Path | str, target: Path | str) -> Path:
         """`link` (inside the area) -> `target` (anywhere); an old link or dir there is replaced."""

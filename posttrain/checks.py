@@ -15,6 +15,9 @@ its recipe key, as a RecipeError (exit 2):
   conversation, LoRA ``target_modules`` exist in the model (built on the meta
   device: no weights), and every eval task loads as lm-eval will load it (registry
   names exist, ``!function`` modules import, task data is reachable or cached).
+- ``check_max_lengths`` runs once the data is loaded, still before any stage trains: a
+  stage whose every row its ``max_length`` leaves nothing to train is refused; one that
+  loses some rows has them counted in the log.
 
 The model and lm-eval checks live with their owners (``models``, ``evaluate``);
 this module decides what to check and names the recipe keys.
@@ -175,6 +178,96 @@ def eval_task_problems(refs: list, task_dir: Path | None, log: Callable[[str], N
     from posttrain.evaluate import task_problems
 
     return [(("eval", "tasks", i), message) for i, message in task_problems(refs, task_dir, log)]
+
+
+# ---------------------------------------------------------------- once the data is loaded
+
+
+def check_max_lengths(recipe, data: dict, log: Callable[[str], None] = lambda line: None) -> None:
+    """Raise RecipeError naming ``stages.<name>.max_length`` for every stage whose rows
+    max_length would all drop (nothing to train: the stage would fail once its upstream
+    stages had trained); log how many rows each other stage drops.
+
+    ``data``: the loaded stage data (``pipeline.load_stage_data``), keyed
+    ``<dataset>:<instruction|preference>``. Runs in `plan` and `run` before any stage trains.
+    """
+    problems, notes = max_length_problems(recipe, data)
+    for note in notes:
+        log(note)
+    if problems:
+        raise RecipeError(f"{len(problems)} problem(s) found before training (nothing was trained)",
+                          [_render(loc, message) for loc, message in problems])
+
+
+def max_length_problems(recipe, data: dict, tokenizer=None) -> tuple[list[Problem], list[str]]:
+    """(problems of stages whose every row is dropped, a note per stage that drops some).
+
+    Each used stage's rows are measured with estimate.first_trained_position (all rows
+    up to estimate.SAMPLE_ROWS, a seeded sample beyond), once per dataset and method.
+    """
+    from posttrain.estimate import first_trained_position, measured_rows, prompt_fill
+    from posttrain.models import template_has_generation_markers
+
+    tokenizer = tokenizer or _recipe_tokenizer(recipe)
+    assistant_masks = template_has_generation_markers(tokenizer)   # as stages/sft.py decides
+    used = {name for chain in recipe.pipelines.values() for name in chain}
+    positions: dict[tuple[str, str], list[int]] = {}
+    problems: list[Problem] = []
+    notes: list[str] = []
+    for name, spec in recipe.stages.items():
+        if name not in used:
+            continue
+        kind = "instruction" if spec.method == "sft" else "preference"
+        examples = data[f"{spec.data}:{kind}"].examples
+        add_bos = spec.method == "orpo" and getattr(tokenizer, "bos_token_id", None) is not None
+        key = (f"{spec.data}:{kind}", add_bos)   # DPO and ORPO share a count unless ORPO adds a BOS
+        if key not in positions:
+            positions[key] = [first_trained_position(examples[i], tokenizer, assistant_masks=assistant_masks,
+                                                     add_bos=add_bos)
+                              for i in measured_rows(len(examples))]
+        fill = prompt_fill(positions[key], len(examples), spec.max_length)
+        if fill.all_dropped:
+            problems.append((("stages", name, "max_length"), _all_dropped_message(spec, kind, fill)))
+        elif fill.dropped:
+            notes.append(_dropped_note(name, spec, kind, fill))
+    return problems, notes
+
+
+def _recipe_tokenizer(recipe):
+    """The tokenizer every stage trains with: the base model's, with the recipe's chat template."""
+    from posttrain.models import ModelSource, apply_chat_template_choice, load_tokenizer
+
+    spec = recipe.model
+    tokenizer = load_tokenizer(ModelSource(name=spec.name, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                                           revision=spec.revision, chat_template=spec.chat_template))
+    apply_chat_template_choice(tokenizer, None, spec.chat_template)
+    return tokenizer
+
+
+def _unit(kind: str) -> str:
+    return "conversation" if kind == "instruction" else "pair"
+
+
+def _what_fills(kind: str) -> str:
+    return ("the prompt before the first reply fills max_length" if kind == "instruction"
+            else "the prompt alone fills max_length")
+
+
+def _all_dropped_message(spec, kind: str, fill) -> str:
+    counted = (f"every one of the {fill.rows:,} {_unit(kind)}s" if fill.measured == fill.rows
+               else f"every one of the {fill.measured:,} {_unit(kind)}s sampled (of {fill.rows:,})")
+    return (f"{counted} of data {spec.data!r} would be dropped before training: {_what_fills(kind)} "
+            f"({spec.max_length} tokens; the shortest such prompt takes {fill.shortest}), leaving nothing to "
+            f"train on. Raise max_length above {fill.shortest} (a reply needs tokens of its own too)")
+
+
+def _dropped_note(name: str, spec, kind: str, fill) -> str:
+    share = f"{100 * fill.dropped / fill.measured:.1f}%"
+    counted = (f"{fill.dropped:,} of {fill.rows:,} {_unit(kind)}s ({share})" if fill.measured == fill.rows
+               else f"about {fill.dropped_rows:,} of {fill.rows:,} {_unit(kind)}s ({share} of "
+                    f"{fill.measured:,} sampled)")
+    return (f"stages.{name}: {counted} will be dropped before training: {_what_fills(kind)} "
+            f"({spec.max_length} tokens)")
 
 
 # ---------------------------------------------------------------- messages

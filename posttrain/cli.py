@@ -128,10 +128,12 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
 
     target = Path(out_dir) if out_dir else Path(parsed.output.dir) / parsed.name
     silent = quiet or as_json
+    store = Cache(cache_dir)
+    store.ensure()  # a --cache that is a folder of the user's is refused before anything is written
     options = RunOptions(out_dir=target, base_dir=Path(recipe).resolve().parent,
                          show_progress=(sys.stderr.isatty() and not silent) if progress is None else progress,
                          log=(lambda line: None) if silent else (lambda line: click.echo(line, err=True)),
-                         cache=Cache(cache_dir), force=force)
+                         cache=store, force=force)
     options.log(f"posttrain {__version__}: running {recipe} -> {target}")
     import contextlib
 
@@ -173,8 +175,10 @@ def print_plan(recipe_path: str, recipe, cache_dir: str | None, as_json: bool) -
     from posttrain.cache import Cache
     from posttrain.pipeline import RunOptions, plan_recipe
 
+    store = Cache(cache_dir)
+    store.ensure()  # plan writes into the cache too (curated sets)
     options = RunOptions(out_dir=Path("."), base_dir=Path(recipe_path).resolve().parent,
-                         log=lambda line: click.echo(line, err=True), cache=Cache(cache_dir))
+                         log=lambda line: click.echo(line, err=True), cache=store)
     with contextlib.redirect_stdout(sys.stderr):
         planned = plan_recipe(recipe, options)
     text = planned.pop("text")
@@ -216,8 +220,7 @@ def report(run_dirs, out_dir, as_json):
     if len(run_dirs) > 1 and out_dir is None:
         raise PosttrainError("merging several runs needs --out DIR (a run's own report stays as it is)")
     target = Path(out_dir or run_dirs[0])
-    if out_dir is not None:
-        claim_report_dir(target, [Path(d) for d in run_dirs])
+    claim_report_dir(target, [Path(d) for d in run_dirs])
     try:
         write_report(Path(run_dirs[0]), [Path(d) for d in run_dirs[1:]], out_dir=target)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -233,9 +236,12 @@ def claim_report_dir(target: Path, run_dirs: list[Path]) -> None:
     """A merged report goes into a new or empty folder, a run directory, or an earlier merge."""
     from posttrain.artifacts import MARKER, RunDir, directory_owner
 
-    if any(target.resolve() == d.resolve() for d in run_dirs):
-        return
     owner = directory_owner(target)
+    if any(target.resolve() == d.resolve() for d in run_dirs):
+        if not owner:  # a run's own report is rewritten only in a folder posttrain made
+            raise PosttrainError(f"{target}: is not a posttrain run directory (no {MARKER} or recipe.resolved.yaml);"
+                                 " posttrain never writes into a folder of yours")
+        return
     if owner == "":
         raise PosttrainError(f"--out {target}: is not empty and is not a posttrain run or report directory; "
                              "posttrain never writes into a folder of yours: choose a new or empty directory")
@@ -373,6 +379,7 @@ def cache_rm(cache_dir, keys, remove_all):
     from posttrain.cache import Cache, entries, find, human_size, in_training, remove
 
     store = Cache(cache_dir)
+    store.ensure(create=False)  # never delete from a folder of the user's
     items = entries(store)
     if remove_all:
         chosen = items
@@ -423,6 +430,8 @@ def cache_verify(cache_dir, keys, fix, as_json):
     from posttrain.cache import Cache, entries, find, human_size, verify_cache
 
     store = Cache(cache_dir)
+    if fix:
+        store.ensure(create=False)  # never delete from a folder of the user's
     items = entries(store)
     if keys:
         unknown = [key for key in keys if not find(items, key)]
@@ -508,6 +517,8 @@ def cache_gc(cache_dir, older_than, max_size, dry_run):
     from posttrain.cache import Cache, entries, human_size, in_training, remove, select_garbage, stale_temporaries
 
     store = Cache(cache_dir)
+    if not dry_run:
+        store.ensure(create=False)  # never delete from a folder of the user's
     items = entries(store)
     doomed = select_garbage(items, older_than, max_size,
                             locked=lambda e: in_training(store, e))

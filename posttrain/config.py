@@ -65,7 +65,18 @@ class LoraSpec(Strict):
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    # An empty list passed validate and plan, then peft refused it once training started.
+    target_modules: Union[Literal["all-linear"], Annotated[list[Text], Field(min_length=1)]] = "all-linear"
+
+    @field_validator("target_modules", mode="wrap")
+    @classmethod
+    def _targets(cls, value: Any, handler) -> Any:
+        """One message for both shapes (pydantic would report each union member apart)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("must be all-linear or a non-empty list of module names "
+                             "(e.g. [q_proj, v_proj])") from None
 
 
 class ModelSpec(Strict):
@@ -151,6 +162,18 @@ class StageBase(Strict):
     lora: LoraSpec | Literal[False] | None = Field(
         None, description="None: the model's LoRA setting; false: full fine-tuning")
     logging_steps: int = Field(10, gt=0)
+
+    @field_validator("lora", mode="wrap")
+    @classmethod
+    def _lora(cls, value: Any, handler) -> Any:
+        """Errors under the key the user wrote (`stages.sft.lora.r`), not once per union
+        member (`lora.LoraSpec.r` beside `lora.literal[False]`)."""
+        if isinstance(value, dict):
+            return LoraSpec.model_validate(value)
+        if value is None or value is False or isinstance(value, LoraSpec):
+            return handler(value)
+        raise ValueError("must be a mapping of LoRA settings ({r: 16, alpha: 32, target_modules: all-linear}), "
+                         "false (full fine-tuning) or null (the model's setting)")
 
 
 class SFTStage(StageBase):
@@ -317,9 +340,14 @@ def _cross_problems(raw: dict):
     plan, problems = plan_sweep(raw)
     yield from problems
     final = list(plan.chain_of)  # the pipeline names after the sweep
+    if pipelines.get(BASE_PIPELINE, []) != []:  # `base: []` (the untrained model alone) is that row itself
+        yield ("pipelines", BASE_PIPELINE), (f"{BASE_PIPELINE!r} is reserved for the untrained model's row "
+                                             "(and its evals/base folder; `base: []` evaluates it alone); "
+                                             "choose another pipeline name")
     for name in mapping("external"):
         if name in final or name == BASE_PIPELINE:
             yield ("external", name), "name already used by a pipeline"
+    yield from _case_problems(raw, plan)
     baseline = mapping("report").get("baseline")
     if isinstance(baseline, str) and baseline:
         if baseline in plan.pipelines:
@@ -352,6 +380,36 @@ def _name_problems(raw: dict):
             problem = name_problem(name)
             if problem:
                 yield (section, name), problem
+
+
+def _case_problems(raw: dict, plan: "SweepPlan"):
+    """Names of one kind that differ only in letter case (stages `SFT` and `sft`) name the
+    same files on case-insensitive filesystems (macOS, Windows): refused wherever the run goes.
+
+    Kinds: datasets (curated sets), stages (stage folders; the sweep's variants too), and
+    pipelines with `external` rows and `base` (evals/<name>/ folders; the sweep's too).
+    """
+    stages, pipelines = _mapping(raw, "stages"), _mapping(raw, "pipelines")   # dicts: `in` is O(1)
+    made_stages = [name for variants in plan.variants.values() for name, _ in variants if name not in stages]
+    made_pipelines = [name for name in plan.chain_of if name not in pipelines]
+    groups = [  # (where, name, what it is), one group per folder namespace
+        [(("data", name), name, "dataset") for name in _mapping(raw, "data")],
+        [(("stages", name), name, "stage") for name in stages] + [(("sweep",), name, "stage") for name in made_stages],
+        [(None, BASE_PIPELINE, "row of the untrained model")]
+        + [(("pipelines", name), name, "pipeline") for name in pipelines]
+        + [(("sweep",), name, "pipeline") for name in made_pipelines]
+        + [(("external", name), name, "external model") for name in _mapping(raw, "external")],
+    ]
+    for named in groups:
+        first: dict[str, tuple[str, str]] = {}
+        for loc, name, what in named:
+            if not isinstance(name, str):
+                continue
+            earlier, earlier_what = first.setdefault(name.casefold(), (name, what))
+            if earlier != name and loc is not None:
+                made = f"the sweep's {what} " if loc == ("sweep",) else ""
+                yield loc, (f"{made}{name!r} and the {earlier_what} {earlier!r} differ only in letter case: on "
+                            "case-insensitive filesystems (macOS, Windows) they name the same files; rename one")
 
 
 def _builtin_data_problems(raw: dict):
@@ -703,8 +761,9 @@ def _is_instruction_data(spec: dict) -> bool:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; raise RecipeError listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise RecipeError(f"recipe not found: {path}" if not path.exists()
+                          else f"{path}: not a regular file (a recipe is a YAML file)")
     try:
         with path.open("rb") as file:  # never more than the limit, whatever the file is
             text = file.read(YAML_MAX_BYTES + 1)
@@ -792,7 +851,8 @@ def apply_overrides(raw: dict, overrides: list[str], where: str = "recipe") -> d
     for override in overrides:
         problem = _apply_override(raw, override)
         if problem:
-            problems.append(f"-o {override}: {problem}")
+            shown = override if len(override) <= 200 else f"{override[:100]}... ({len(override):,} characters)"
+            problems.append(f"-o {shown}: {problem}")
     if problems:
         raise RecipeError(f"{where}: bad override(s)", problems)
     return raw
@@ -809,7 +869,7 @@ def _apply_override(raw: dict, override: str) -> str | None:
     try:
         value, _ = strict_yaml_load(text, "value")
     except PosttrainError as exc:
-        detail = re.sub(r"^value(:\d+)?: (not valid YAML: )?", "", (exc.problems or [str(exc)])[0].strip())
+        detail = re.sub(r"^value(:\d+)?: (not valid YAML: |\(top\): )?", "", (exc.problems or [str(exc)])[0].strip())
         return f"the value is not valid YAML ({detail}); quote a string value: -o '{key}=\"...\"'"
     node = raw
     for depth, part in enumerate(parts[:-1]):

@@ -168,7 +168,7 @@ def _load_task_yaml(path: Path) -> dict[str, Any]:
     return config
 
 
-def prepare_task_dir(refs: list[TaskRef], dest: Path) -> Path:
+def prepare_task_dir(refs: list[TaskRef], dest: Path, area: Area | None = None) -> Path:
     """Copy the local task YAMLs into ``dest`` so they work from any cwd.
 
     lm-eval resolves ``dataset_kwargs.data_files`` (and a local ``dataset_path``)
@@ -178,18 +178,19 @@ def prepare_task_dir(refs: list[TaskRef], dest: Path) -> Path:
     copied beside it. Each task gets its own folder ``dest/<task>/<task>.yaml``, which
     is also the record of the exact task spec used. Returns ``dest``.
 
-    Every write and delete goes through an Area rooted at ``dest``: a task name or a
-    module path that points elsewhere is refused (PathEscape), never followed.
+    Every write and delete goes through ``area`` (the run directory's; default: one
+    rooted at ``dest``'s parent): a task name or a module path that points elsewhere,
+    or a link planted inside, is refused (PathEscape), never followed.
     """
     import yaml
 
     dest = Path(dest)
-    Area(dest.parent).mkdir(dest)
-    area = Area(dest)
+    area = area or Area(dest.parent)
+    area.mkdir(dest)
     for ref in refs:
         if ref.path is None:
             continue
-        task_dir = area.path(ref.name)
+        task_dir = area.child(dest, ref.name)
         area.rmtree(task_dir)
         area.mkdir(task_dir)
         modules: list[tuple[Path, str]] = []
@@ -236,13 +237,24 @@ def _flatten_task_yaml(path: Path, seen: set[Path], modules: list[tuple[Path, st
 def _absolute(value: str, base_dir: Path) -> str:
     """A local relative path -> absolute (YAML folder first, then cwd); URLs untouched."""
     if "://" in value or Path(value).expanduser().is_absolute():
-        return value
+        return _readable_data_path(value, base_dir)
     for base in (base_dir, Path.cwd()):
         if (base / value).exists():
-            return str((base / value).resolve())
+            return _readable_data_path(str((base / value).resolve()), base_dir)
     if any(ch in value for ch in "*?["):  # a glob pattern: taken relative to the YAML
         return str(base_dir.resolve() / value)
     raise RecipeError(f"{base_dir}: data file not found: {value} (relative to the task YAML or the cwd)")
+
+
+def _readable_data_path(value: str, base_dir: Path) -> str:
+    """`value`, unless it names a FIFO or a device (lm-eval would block or read forever)."""
+    from posttrain.data.io import not_regular_file
+
+    path = Path(value).expanduser()
+    problem = not_regular_file(path) if "://" not in value and path.exists() and not path.is_dir() else None
+    if problem:
+        raise RecipeError(f"{base_dir}: data file {problem}")
+    return value
 
 
 def _absolutize_data_paths(config: dict[str, Any], base_dir: Path) -> None:

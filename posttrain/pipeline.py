@@ -272,7 +272,7 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
         recipe = plan.recipe
         spec = recipe.stages[node.stage]
         partial = cache.partial_dir(node.key)
-        resume = cache.resume_checkpoint(node.key)
+        resume = cache.resume_checkpoint(node.key, options.log)  # a damaged checkpoint is skipped, said so
         if resume is None:
             cache.area.rmtree(partial)
         else:
@@ -401,7 +401,7 @@ def prepare_eval(recipe: Recipe, run: RunDir, base_dir: Path) -> EvalSetup:
     from posttrain.models import CHATML_TEMPLATE
 
     refs = resolve_tasks(recipe.eval.tasks, task_search_dirs(base_dir))
-    task_dir = prepare_task_dir(refs, run.evals / "tasks")
+    task_dir = prepare_task_dir(refs, run.evals / "tasks", run.area)
     pairs = []
     if recipe.eval.preferences is not None:
         pairs = load_data("eval.preferences", recipe.eval.preferences, "preference", base_dir).examples
@@ -423,6 +423,7 @@ def evaluate_source(recipe: Recipe, pipeline: str, seed: int | None, source: Mod
     spec = recipe.eval
     out_dir = run.eval_dir(pipeline, seed)
     run.area.rmtree(out_dir)  # one set of records per evaluation
+    run.area.mkdir(out_dir)   # (lm-eval writes into it: created here, through the guard)
     model, tokenizer = load_model_and_tokenizer(source, device=device())
     model.eval()
     options.log(f"  eval   {pipeline}" + ("" if seed is None else f" (seed {seed})"))
@@ -510,16 +511,18 @@ def evaluate_cached(recipe: Recipe, pipeline: str, seed: int | None, identity: s
 
 def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan, EvalSetup, dict]:
     """Everything before training: checks, eval tasks, data (curated, cached), compute matching, the plan."""
-    from posttrain.checks import check_before_training, check_static
+    from posttrain.checks import check_before_training, check_max_lengths, check_static
     from posttrain.evaluate import task_texts
 
     check_static(recipe, options.base_dir)   # again here for callers other than the CLI; milliseconds
+    options.cache.ensure()  # (the CLI did already) a folder of the user's is never written into
     setup = prepare_eval(recipe, run, options.base_dir)
     check_before_training(recipe, setup.refs, setup.task_dir, options.log)
     env = data_env(recipe, options.base_dir, cache_dir=options.cache.curated_dir(),
                    eval_texts=lambda: task_texts(setup.refs, setup.task_dir), log=options.log)
     data = load_stage_data(recipe, env)
     estimates = stage_estimates(recipe, data)
+    check_max_lengths(recipe, data, options.log)   # no stage whose max_length leaves nothing to train
     matching = None
     if recipe.compare is not None:
         recipe, estimates, matching = match_compute(recipe, data, estimates)

@@ -44,7 +44,24 @@ def read_rows(run_dir: Path) -> list[dict]:
         if wrong:
             raise PosttrainError(f"{path}: row {number}: wrong type for {', '.join(map(repr, wrong))} "
                                  f"({DAMAGED_HINT})")
+        samples = row.get("samples")
+        if samples is not None and not _inside(run_dir, samples):
+            raise PosttrainError(f"{path}: row {number}: 'samples' must be a file inside the run directory, "
+                                 f"not {samples!r} ({DAMAGED_HINT})")
     return rows
+
+
+def _inside(run_dir: Path, relative) -> bool:
+    """A records path the report may read: relative, and inside the run directory."""
+    from posttrain.artifacts import Area, PathEscape
+
+    if not isinstance(relative, str) or Path(relative).is_absolute():
+        return False
+    try:
+        Area(run_dir).check(Path(run_dir) / relative, "read")
+    except PathEscape:
+        return False
+    return True
 
 
 def read_recipe(run_dir: Path) -> dict:

@@ -97,8 +97,10 @@ def render_plots(report: dict, out_dir: Path) -> dict[str, Path]:
     """
     import matplotlib.style
 
+    from posttrain.artifacts import Area
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Area(out_dir.parent).mkdir(out_dir)
     plots: dict[str, Path] = {}
     used: set[str] = set()
 
@@ -136,14 +138,15 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> None:
-    """Render in memory, then write atomically: a full disk never leaves a 0-byte plot."""
+    """Render in memory, then write atomically: a full disk never leaves a 0-byte plot.
+    The guard's root is the report folder, so a link planted at plots/ is not followed."""
     import io
 
     from posttrain.artifacts import Area
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    Area(path.parent).write_bytes(path, buffer.getvalue())
+    Area(path.parent.parent).write_bytes(path, buffer.getvalue())
 
 
 def _bars(report: dict, column: str, path: Path) -> bool:

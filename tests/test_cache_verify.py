@@ -256,8 +256,8 @@ def test_listing_survives_any_broken_record(tmp_path):
     for n, text in enumerate(['[1, 2]', '{"chain": 5, "seed": null}', '"x"', "\xff"]):
         entry = fake_stage(cache, f"{n}" * 64)
         (entry / "stage.json").write_text(text)
-    (tmp_path / "evals" / "e").mkdir(parents=True)
-    (tmp_path / "evals" / "e" / "eval.json").write_text("[")
+    (tmp_path / "evals" / ("e" * 64)).mkdir(parents=True)
+    (tmp_path / "evals" / ("e" * 64) / "eval.json").write_text("[")
     runner = CliRunner()
     for command in (["cache", "ls"], ["cache", "ls", "--json"], ["cache", "gc", "--dry-run"]):
         result = runner.invoke(main, [*command, "--cache", str(tmp_path)])
@@ -356,3 +356,354 @@ def test_cache_rm_with_odd_keys_removes_nothing(tmp_path, key):
     result = CliRunner().invoke(main, ["cache", "rm", "--cache", str(cache.root), key])
     assert result.exit_code == 2 and "nothing removed" in result.output, result.output
     assert entry.is_dir() and neighbour.is_dir()
+
+
+# ---------------------------------------------------------------- a folder of the user's
+
+USER_FILES = {  # what a user keeps in a folder that --cache or POSTTRAIN_CACHE was pointed at
+    "stages/mywork/thesis.tex": "\\documentclass{article}",
+    "stages/.notes": "hidden, old: not a leftover of posttrain's",
+    "evals/results/r.csv": "a,b\n1,2\n",
+    "curated/notes.jsonl": '{"note": 1}\n',
+    "curated/notes-0123456789abcdef.txt": "almost a curated set",
+    "reflogps/x.npz": "not posttrain's",
+    "datasets/photos/cat.jpg": "jpeg",
+    "datasets/.tmp-photos-12": "old and hidden",
+    "locks/mine.lock": "mine",
+    "todo.txt": "buy milk",
+}
+
+
+def plant_user_folder(root, files=USER_FILES):
+    import os
+
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    for path in root.rglob("*"):
+        os.utime(path, (1e9, 1e9))  # 2001: older than any --older-than
+
+
+def tree(root):
+    """Every path under root with its bytes (or link target): what must not change."""
+    return {str(p.relative_to(root)): (p.readlink() if p.is_symlink() else p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("command", [["cache", "rm", "--all"], ["cache", "gc", "--older-than", "0", "--max-size", "0"],
+                                     ["cache", "verify", "--fix"], ["cache", "rm", "0123456789abcdef"]])
+def test_cache_commands_refuse_a_folder_of_the_users(tmp_path, command):
+    plant_user_folder(tmp_path / "P")
+    before = tree(tmp_path / "P")
+    result = CliRunner().invoke(main, [*command, "--cache", str(tmp_path / "P")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"{tmp_path / 'P'}: is not empty and is not a posttrain cache" in result.output, result.output
+    assert tree(tmp_path / "P") == before  # nothing removed, no marker written
+
+
+def test_run_and_plan_refuse_a_folder_of_the_users(tmp_path, repo, monkeypatch):
+    plant_user_folder(tmp_path / "P")
+    before = tree(tmp_path / "P")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(textwrap.dedent(RECIPE).replace("{repo}", str(repo)))
+    for args in (["run", str(recipe), "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "P")],
+                 ["run", str(recipe), "--out", str(tmp_path / "run"), "--dry-run", "--cache", str(tmp_path / "P")],
+                 ["plan", str(recipe), "--cache", str(tmp_path / "P")]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "is not empty and is not a posttrain cache" in result.output, result.output
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "P"))  # the environment variable, same rule
+    result = CliRunner().invoke(main, ["plan", str(recipe)])
+    assert result.exit_code == 2 and "POSTTRAIN_CACHE" in result.output, result.output
+    assert tree(tmp_path / "P") == before and not (tmp_path / "run").exists()
+
+
+def test_only_names_of_posttrains_shape_are_entries(tmp_path):
+    """A marked cache that also holds the user's files: every command touches only entries."""
+    import os
+
+    from posttrain.cache import CACHE_MARKER
+
+    cache = Cache(tmp_path / "P")
+    cache.ensure()
+    plant_user_folder(cache.root)
+    user = tree(cache.root)
+    stage = fake_stage(cache, "a" * 64)
+    corrupt = fake_stage(cache, "b" * 64)
+    truncate(corrupt / "model" / "model.safetensors")
+    leftover = cache.root / "evals" / f".tmp-{'c' * 64}-123"
+    leftover.mkdir()
+    os.utime(leftover, (1e9, 1e9))
+    assert {e.key for e in entries(cache)} == {"a" * 64, "b" * 64}
+    runner = CliRunner()
+    fixed = runner.invoke(main, ["cache", "verify", "--fix", "--cache", str(cache.root)])
+    assert fixed.exit_code == 0 and "checked 2 entries" in fixed.output and not corrupt.exists(), fixed.output
+    gc = runner.invoke(main, ["cache", "gc", "--older-than", "0", "--max-size", "0", "--cache", str(cache.root)])
+    assert gc.exit_code == 0 and "1 leftovers" in gc.output and not stage.exists() and not leftover.exists()
+    fake_stage(cache, "d" * 64)
+    gone = runner.invoke(main, ["cache", "rm", "--all", "--cache", str(cache.root)])
+    assert gone.exit_code == 0 and "removed 1 entry" in gone.output, gone.output
+    left = tree(cache.root)
+    assert {rel: data for rel, data in left.items() if rel in user} == user
+    assert set(left) - set(user) - {CACHE_MARKER} <= {"stages"}  # the stages folder fake_stage made
+
+
+@pytest.mark.parametrize("kind,name,entry", [
+    ("stages", "a" * 64, True), ("stages", ".partial-" + "a" * 64, True), ("stages", "A" * 64, False),
+    ("stages", "a" * 63, False), ("stages", "a" * 65, False), ("stages", "mywork", False),
+    ("stages", ".partial-mywork", False), ("evals", "0" * 64, True), ("evals", ".partial-" + "0" * 64, False),
+    ("datasets", "f" * 64, True), ("datasets", "photos", False), ("reflogps", "c" * 64 + ".npz", True),
+    ("reflogps", "x.npz", False), ("reflogps", "c" * 64, False), ("curated", "ins-0123456789abcdef.jsonl", True),
+    ("curated", "a-b.c-0123456789abcdef.jsonl", True), ("curated", "notes.jsonl", False),
+    ("curated", "..-0123456789abcdef.jsonl", False), (".", "a" * 64, False), ("locks", "a" * 64, False),
+    ("curated", ".hidden-0123456789abcdef.jsonl", False), ("curated", "ins-0123456789ABCDEF.jsonl", False),
+])
+def test_entry_name_shapes(kind, name, entry):
+    from posttrain.cache import entry_name_ok
+
+    assert entry_name_ok(kind, name) is entry
+
+
+@pytest.mark.parametrize("kind,name,temporary", [
+    ("evals", f".tmp-{'a' * 64}-77", True), ("datasets", f".tmp-{'a' * 64}-1", True),
+    ("reflogps", f".{'a' * 64}.npz.tmp", True), ("reflogps", f".{'a' * 64}.npz.4242.tmp", True),
+    ("reflogps", f".{'a' * 64}-99.npz", True), ("curated", ".ins-0123456789abcdef.jsonl.tmp", True),
+    ("curated", ".ins-0123456789abcdef.curation.json.12.tmp", True),
+    ("datasets", ".tmp-photos-12", False), ("stages", ".notes", False), ("stages", ".tmp", False),
+    ("evals", ".x.tmp", False), ("evals", f".tmp-.partial-{'a' * 64}-1", False), ("stages", ".git", False),
+])
+def test_only_posttrains_leftovers_are_temporaries(kind, name, temporary):
+    from posttrain.cache import is_temporary
+
+    assert is_temporary(kind, name) is temporary
+
+
+def test_a_cache_from_before_the_marker_is_adopted(tmp_path):
+    from posttrain.cache import CACHE_MARKER
+
+    cache = Cache(tmp_path / "old")
+    entry = fake_stage(cache, "a" * 64)
+    (cache.root / "todo.txt").write_text("the user's")  # beside posttrain-shaped entries: still adopted
+    runner = CliRunner()
+    dry = runner.invoke(main, ["cache", "gc", "--dry-run", "--older-than", "0", "--cache", str(cache.root)])
+    assert dry.exit_code == 0 and not (cache.root / CACHE_MARKER).exists()  # a dry run writes nothing
+    result = runner.invoke(main, ["cache", "rm", "a" * 8, "--cache", str(cache.root)])
+    assert result.exit_code == 0 and not entry.exists(), result.output
+    assert (cache.root / CACHE_MARKER).is_file() and (cache.root / "todo.txt").is_file()
+    for layout in ("empty", "folders"):  # a new or empty folder, or posttrain's folders only
+        root = tmp_path / layout
+        root.mkdir()
+        if layout == "folders":
+            (root / "stages").mkdir()
+            (root / "locks").mkdir()
+        Cache(root).ensure()
+        assert (root / CACHE_MARKER).is_file()
+    Cache(tmp_path / "new" / "cache").ensure()
+    assert (tmp_path / "new" / "cache" / CACHE_MARKER).is_file()
+    Cache(tmp_path / "missing").ensure(create=False)  # rm, gc: nothing to remove, nothing made
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(Exception, match="exists and is not a directory"):
+        Cache(tmp_path / "file").ensure()
+
+
+# ---------------------------------------------------------------- links planted in the cache
+
+
+def test_touch_replaces_a_planted_last_used_link(tmp_path):
+    import os
+
+    cache = Cache(tmp_path / "cache")
+    entry = fake_stage(cache, "a" * 64)
+    missing, existing = tmp_path / "created-outside", tmp_path / "kept-outside"
+    existing.write_text("mine")
+    os.utime(existing, (1e9, 1e9))
+    for target in (missing, existing):
+        marker = entry / ".last_used"
+        marker.unlink(missing_ok=True)
+        marker.symlink_to(target)
+        cache.touch(entry)
+        assert marker.is_file() and not marker.is_symlink()
+    assert not missing.exists() and existing.read_text() == "mine" and existing.stat().st_mtime == 1e9
+    cache.touch(cache.stage_dir("9" * 64))  # no such entry: nothing created
+    assert not cache.stage_dir("9" * 64).exists()
+
+
+def test_locks_never_follow_a_planted_link(tmp_path):
+    from posttrain.cache import is_locked
+
+    cache = Cache(tmp_path / "cache")
+    cache.ensure()
+    assert not is_locked(cache, "a" * 64) and not (cache.root / "locks").exists()  # asking writes nothing
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (cache.root / "locks").mkdir()
+    (cache.root / "locks" / f"{'a' * 64}.lock").symlink_to(victim)
+    with cache.lock("a" * 64):
+        assert is_locked(Cache(cache.root), "a" * 64)
+    assert victim.read_text() == "precious" and not (cache.root / "locks" / f"{'a' * 64}.lock").is_symlink()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    import shutil as sh
+
+    sh.rmtree(cache.root / "locks")
+    (cache.root / "locks").symlink_to(outside, target_is_directory=True)
+    with cache.lock("b" * 64):
+        pass
+    assert not list(outside.iterdir()) and (cache.root / "locks").is_dir()
+    assert not (cache.root / "locks").is_symlink()
+    with pytest.raises(Exception, match="not a cache key"):
+        cache.lock("../../x")
+
+
+# ---------------------------------------------------------------- adoption checks the weights
+
+
+def safetensors_with(values: bytes, dtype: str, count: int) -> bytes:
+    head = json.dumps({"w": {"dtype": dtype, "shape": [count], "data_offsets": [0, len(values)]}}).encode()
+    return struct.pack("<Q", len(head)) + head + values
+
+
+@pytest.mark.parametrize("dtype,bad", [
+    ("F32", struct.pack("<f", float("nan"))), ("F32", struct.pack("<f", float("-inf"))),
+    ("F16", struct.pack("<e", float("inf"))), ("F16", struct.pack("<H", 0x7E01)),
+    ("BF16", struct.pack("<H", 0x7FC0)), ("BF16", struct.pack("<H", 0xFF80)),
+    ("F64", struct.pack("<d", float("nan"))), ("F8_E5M2", b"\x7f"), ("F8_E4M3", b"\xff"),
+])
+def test_non_finite_weights_are_found_in_every_float_dtype(tmp_path, dtype, bad):
+    from posttrain.cache import nonfinite_problem
+
+    width = len(bad)
+    finite = {1: b"\x3c", 2: struct.pack("<H", 0x3C00 if dtype == "F16" else 0x3F80)}.get(width)
+    finite = finite or (struct.pack("<f", 1.5) if width == 4 else struct.pack("<d", -2.0))
+    count = 3 * 2**20 // width  # several chunks; the bad value in the last one
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(safetensors_with(finite * (count - 1) + bad, dtype, count))
+    assert safetensors_problem(path) is None
+    assert "holds NaN or infinite values" in nonfinite_problem(path)
+    path.write_bytes(safetensors_with(finite * count, dtype, count))
+    assert nonfinite_problem(path) is None
+    path.write_bytes(safetensors_with(b"\xff" * width * 4, "I32" if width == 4 else "U8", 4 * width // 4
+                                      if width == 4 else 4 * width))
+    assert nonfinite_problem(path) is None  # integers are never "non-finite"
+
+
+def test_adoption_refuses_nan_weights_written_in_place(tmp_path):
+    cache = Cache(tmp_path / "cache")
+    entry = fake_stage(cache, "a" * 64, manifest=False)
+    model = entry / "model" / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-4:] = struct.pack("<f", float("nan"))  # same size: only the weights tell
+    model.write_bytes(bytes(data))
+    assert safetensors_problem(model) is None
+    lines = []
+    assert cache.claim("stages", "a" * 64, lines.append) is None
+    assert f"{model}: tensor 'b' (F32) holds NaN or infinite values" in lines[0] and not entry.exists()
+    entry = fake_stage(cache, "a" * 64, manifest=False)
+    (entry / "model" / "model.safetensors").write_bytes(bytes(data))
+    listing = CliRunner().invoke(main, ["cache", "ls", "--cache", str(cache.root)])
+    assert listing.exit_code == 0 and "CORRUPT" not in listing.output  # ls reads no weights
+    fixed = CliRunner().invoke(main, ["cache", "verify", "--fix", "--cache", str(cache.root)])
+    assert fixed.exit_code == 0 and "holds NaN" in fixed.output and "(removed)" in fixed.output
+    assert not entry.exists()
+    entry = fake_stage(cache, "a" * 64, manifest=False)  # finite: adopted as before
+    assert cache.claim("stages", "a" * 64, lines.append) and cache.has_stage("a" * 64)
+
+
+def test_nan_model_without_manifest_is_retrained_not_adopted(copy, tmp_path):
+    data = bytearray(copy["model"].read_bytes())
+    data[-2:] = struct.pack("<H", 0x7FC0)  # a NaN in the last (bf16 or the high half of an f32) value
+    copy["model"].write_bytes(bytes(data))
+    (copy["stage"] / MANIFEST).unlink()
+    plan = CliRunner().invoke(main, ["plan", str(copy["recipe"]), "--cache", str(copy["cache"]), "--json"])
+    (row,) = json.loads(plan.stdout)["stages"]
+    assert row["status"] == "train (corrupt)" and "NaN" in row["why"], row
+    result = run(copy["recipe"], tmp_path / "again", copy["cache"])
+    assert result.exit_code == 0 and "holds NaN or infinite values" in result.output, result.output
+    assert "adopt" not in result.output and "train  sft" in result.output
+    assert Cache(copy["cache"]).has_stage(copy["key"])
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+
+def fake_checkpoint(trainer, step, damaged=False):
+    folder = trainer / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    weights = safetensors_bytes({"a": 10})
+    (folder / "model.safetensors").write_bytes(weights[:-7] if damaged else weights)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (folder / "posttrain_progress.json").write_text(json.dumps({"step": step, "wall_s": 1.0}))
+    return folder
+
+
+def test_latest_checkpoint_skips_a_damaged_one(tmp_path):
+    import io
+
+    from posttrain.cache import drop_incomplete_checkpoints, latest_checkpoint
+
+    trainer = tmp_path / "trainer"
+    first, second = fake_checkpoint(trainer, 2), fake_checkpoint(trainer, 4)
+    assert latest_checkpoint(trainer) == second
+    third = fake_checkpoint(trainer, 6, damaged=True)
+    lines = []
+    assert latest_checkpoint(trainer, lines.append) == second
+    assert f"damaged checkpoint {third}: " in lines[0] and "truncated" in lines[0]
+    (second / "trainer_state.json").write_text("{")
+    assert latest_checkpoint(trainer) == first
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("data.pkl", b"x" * 1000)
+    (first / "optimizer.pt").write_bytes(buffer.getvalue()[:-30])  # truncated: no central directory
+    assert latest_checkpoint(trainer) is None
+    assert latest_checkpoint(trainer, crc_limit=0) is None  # large checkpoints: the directory check still runs
+    (first / "optimizer.pt").write_bytes(buffer.getvalue())
+    assert latest_checkpoint(trainer) == first
+    drop_incomplete_checkpoints(trainer)  # before resuming from `first`: the damaged newer ones go
+    assert first.is_dir() and not second.exists() and not third.exists()
+
+
+def test_plan_and_run_skip_a_damaged_checkpoint(copy, tmp_path, monkeypatch):
+    """A real stage stopped at step 3 (checkpoints 2 and 3), its newest checkpoint truncated:
+    plan shows the resume that will happen, the run resumes from step 2 without a traceback."""
+    from contextlib import contextmanager
+
+    import posttrain.pipeline as pipeline
+
+    shutil.rmtree(copy["stage"])
+    calls = []
+
+    @contextmanager
+    def stop_at_step_3(log):
+        yield lambda: calls.append(1) or len(calls) >= 3
+
+    monkeypatch.setattr(pipeline, "stop_on_signals", stop_at_step_3)
+    stopped = run(copy["recipe"], tmp_path / "stopped", copy["cache"], "-o", "output.checkpoint_steps=1")
+    assert stopped.exit_code == 130, stopped.output
+    monkeypatch.undo()
+    trainer = Cache(copy["cache"]).partial_dir(copy["key"]) / "trainer"
+    assert sorted(p.name for p in trainer.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    truncate(trainer / "checkpoint-3" / "model.safetensors")
+    plan = CliRunner().invoke(main, ["plan", str(copy["recipe"]), "--cache", str(copy["cache"]), "--json",
+                                     "-o", "output.checkpoint_steps=1"])
+    assert plan.exit_code == 0, plan.output
+    assert json.loads(plan.stdout)["stages"][0]["status"] == "resume@2"
+    assert f"damaged checkpoint {trainer / 'checkpoint-3'}" in plan.stderr
+    result = run(copy["recipe"], tmp_path / "again", copy["cache"], "-o", "output.checkpoint_steps=1")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert result.output.count(f"damaged checkpoint {trainer / 'checkpoint-3'}") == 1
+    assert "resume from step 2" in result.output and Cache(copy["cache"]).has_stage(copy["key"])
+
+
+def test_only_damaged_checkpoints_mean_training_afresh(copy, tmp_path):
+    shutil.rmtree(copy["stage"])
+    trainer = Cache(copy["cache"]).partial_dir(copy["key"]) / "trainer"
+    damaged = fake_checkpoint(trainer, 2, damaged=True)
+    plan = CliRunner().invoke(main, ["plan", str(copy["recipe"]), "--cache", str(copy["cache"]), "--json"])
+    assert plan.exit_code == 0 and json.loads(plan.stdout)["stages"][0]["status"] == "train", plan.output
+    assert f"damaged checkpoint {damaged}" in plan.stderr
+    listing = CliRunner().invoke(main, ["cache", "ls", "--cache", str(copy["cache"])])
+    assert "no checkpoint" in listing.output and "resume@" not in listing.output
+    result = run(copy["recipe"], tmp_path / "again", copy["cache"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "train  sft" in result.output and "resume from" not in result.output
+    assert Cache(copy["cache"]).has_stage(copy["key"])

@@ -1,10 +1,12 @@
-"""Divergence stops the stage: a non-finite loss or grad norm ends it at that step, the
-run exits 3 naming stage, seed and step, nothing of it is published or resumed from,
-failed.json says which stage failed, and non-finite weights never reach the cache.
+"""Divergence stops the stage: a non-finite or exploded loss, or a non-finite grad norm,
+ends it at that step, the run exits 3 naming stage, seed and step, nothing of it is
+published or resumed from, failed.json says which stage failed, and non-finite weights
+never reach the cache.
 
 NaNs are injected (a callback fills the embedding with NaN before a chosen step) so
-each case is deterministic and a few steps long; one case diverges for real (float16
-weights at learning rate 1e3, NaN from step 2 as a reviewer saw it).
+each case is deterministic and a few steps long; two cases diverge for real at learning
+rate 1e3 as reviewers saw them (float16 weights: NaN from step 2; float32: a finite loss
+of 1.3e7 at step 2).
 """
 
 import json
@@ -20,8 +22,8 @@ from posttrain.config import ORPOStage, SFTStage
 from posttrain.data.builtin import instruction_rows, preference_rows
 from posttrain.models import ModelSource
 from posttrain.stages import common, run_stage
-from posttrain.stages.common import (MAX_SKIPPED_IN_A_ROW, StageContext, StageDiverged, divergence,
-                                     divergence_guard, nonfinite_parameters)
+from posttrain.stages.common import (EXPLODED_LOSS_FLOOR, MAX_SKIPPED_IN_A_ROW, StageContext, StageDiverged,
+                                     divergence, divergence_guard, exploded_loss_limit, nonfinite_parameters)
 from tiny_recipes import write_recipe
 
 NAN, INF = float("nan"), float("inf")
@@ -171,6 +173,79 @@ def test_fp16_guard_lets_a_skipped_step_pass_and_stops_on_a_nan_loss():
         step_with_gradient(trainer, guard, 3, 0.5)
 
 
+# ---------------------------------------------------------------- a finite loss that exploded
+
+
+@pytest.mark.parametrize("first, loss, diverged", [
+    (4.59, 1.29e7, True),          # the reviewer's SFT at learning rate 1e3, step 2
+    (4.59, 9.9e3, False),          # below the floor
+    (4.59, 1.01e4, True),
+    (1e-3, 5.0, False),            # a new batch after memorised data: 5000x, normal
+    (1e-3, 1.01e4, True),          # the floor holds for a tiny first loss
+    (50.0, 4.9e4, False),          # IPO/SPPO start high (50 at beta 0.1): 1000x scales the limit
+    (50.0, 5.1e4, True),
+    (None, 1.01e4, True),          # first loss unknown: the floor alone
+    (-2.0, 9e3, False),            # a negative first loss never lowers the limit below the floor
+])
+def test_explosion_rule(first, loss, diverged):
+    reason = divergence(loss, 1.0, False, 0, first)
+    assert (reason is not None) == diverged
+    if diverged:
+        assert reason.startswith(f"the loss exploded to {loss:.4g} (limit {exploded_loss_limit(first):.4g}")
+    assert exploded_loss_limit(first) >= EXPLODED_LOSS_FLOOR
+
+
+def run_guard(losses, log=None, start_step=0):
+    """Feed per-step losses through a guard; the step it stopped at (StageDiverged) or None."""
+    trainer, _ = fake_trainer(list(losses))
+    guard = divergence_guard(trainer)
+    state = SimpleNamespace(global_step=start_step, max_steps=start_step + len(losses), log_history=log or [])
+    for _ in losses:
+        trainer.training_step()
+        try:
+            guard.on_pre_optimizer_step(None, state, None, model=None)
+        except StageDiverged as exc:
+            return exc
+        state.global_step += 1
+    return None
+
+
+HEALTHY = {
+    # cross-entropy from ~ln(vocab): micro (104 tokens) and a 152k vocabulary, with spikes
+    "sft": [4.6, 4.1, 3.2, 9.5, 2.4, 1.1, 30.0, 0.9],
+    "sft large vocab": [11.9, 11.2, 8.0, 25.0, 3.1, 2.0],
+    # DPO sigmoid from ln 2, overconfident near 0, then a batch it gets wrong
+    "dpo": [0.693, 0.61, 0.2, 1e-4, 8.0, 0.05, 40.0],
+    "orpo": [4.7, 4.3, 3.9, 12.0, 2.2],
+    "memorised data": [1e-3, 2e-3, 5.0, 300.0, 1e-3],   # a fine-tune whose first loss is tiny
+    "sppo beta 1e-3": [5e5, 4e5, 2e6, 1e5],             # squared terms start high
+}
+
+
+@pytest.mark.parametrize("name", list(HEALTHY))
+def test_healthy_loss_curves_never_count_as_exploded(name):
+    assert run_guard(HEALTHY[name]) is None
+
+
+@pytest.mark.parametrize("losses, step", [
+    ([4.59, 1.29e7, 1.2e6, 4.615], 2),   # then a dead model at ln(vocab): stopped before it
+    ([0.693, 0.5, 3e4], 3),               # DPO
+    ([1e-3, 2e-3, 2e4], 3),               # a tiny first loss: the floor
+])
+def test_exploded_loss_stops_at_its_step(losses, step):
+    exc = run_guard(losses)
+    assert exc is not None and exc.step == step and exc.reason.startswith("the loss exploded")
+    assert exc.last_finite == (step - 1, pytest.approx(losses[step - 2]))
+
+
+def test_resumed_stage_measures_explosion_against_the_logged_first_loss():
+    """After a resume the first loss the guard sees is the trained model's; the scale is step 1's."""
+    log = [{"loss": 0.69, "step": 1}, {"loss": 0.4, "step": 10}, {"train_runtime": 1.0}]
+    assert run_guard([2e4], log=log, start_step=10).step == 11   # 2e4 > max(1e4, 690)
+    high = [{"loss": 50.0, "step": 1}]
+    assert run_guard([2e4], log=high, start_step=10) is None     # limit 5e4
+
+
 # ---------------------------------------------------------------- final weights
 
 
@@ -253,6 +328,20 @@ def test_diverging_stage_stops_run_exits_3_and_publishes_nothing(tmp_path, repo,
     plan = invoke("plan", recipe, "--cache", cache, "--json")
     statuses = {row["stage"]: row["status"] for row in json.loads(plan.output[plan.output.index("{"):])["stages"]}
     assert statuses[method] == "train"  # not resumed from the diverged attempt's checkpoints
+
+
+def test_learning_rate_1000_explodes_finite_and_stops_the_run_at_step_2(tmp_path, repo):
+    """The reviewer's run, for real: the loss went 4.59 -> 1.29e7 -> 1.2e6, then stayed at
+    ln(vocab) with zero gradients, all finite; it was published with exit 0."""
+    recipe = write_recipe(tmp_path, repo, RECIPE.replace("PIPELINES", PIPELINES["sft"]))
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    result = invoke("run", recipe, "--out", out, "--cache", cache, "-o", "stages.sft.learning_rate=1000.0",
+                    "-o", "stages.sft.logging_steps=1")
+    assert result.exit_code == 3, result.output
+    assert "error: stage sft (seed 0) diverged at step 2/4: the loss exploded to " in result.output
+    failed = json.loads((out / "failed.json").read_text())
+    assert failed["step"] == 2 and failed["recent_steps"][-1]["loss"] > 1e6
+    assert cache_entries(cache, "sft") == ([], []) and not (out / "results.jsonl").exists()
 
 
 def test_rerun_after_divergence_trains_afresh_and_clears_failed_json(tmp_path, repo, poison, monkeypatch):

@@ -4,6 +4,7 @@ stage trains) catch, each problem under its recipe key, exit 2, nothing trained 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -309,3 +310,156 @@ def test_function_module_that_is_neither_beside_the_task_nor_installed_is_report
     _, problems = check_task_entries([str(path)], [tmp_path])
     assert problems == [(0, f"{path}: !function helperz.process: no helperz.py beside the file, "
                             "and no installed module 'helperz'")]
+
+
+# ---------------------------------------------------------------- data sources that never end
+
+
+@pytest.fixture
+def never_ending(tmp_path):
+    """A FIFO (reading it blocks) and a link named like data to /dev/zero (it never ends)."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    (tmp_path / "z.jsonl").symlink_to("/dev/zero")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, kind", [("fifo.jsonl", "a named pipe (FIFO)"), ("z.jsonl", "a character device")])
+def test_a_data_source_that_is_not_a_regular_file_is_refused_at_validate_and_load(never_ending, repo, name, kind):
+    from posttrain.data.io import load_examples
+    from posttrain.errors import DataError
+
+    recipe = write(never_ending, [str(repo / "evals/skills_mc.yaml")], source=name)
+    result = invoke("validate", recipe)
+    assert result.exit_code == 2
+    assert f"pre.yaml:5: data.ins.source: data source is {kind}, not a regular file: {never_ending / name}" \
+        in result.output
+    with pytest.raises(DataError, match=re.escape(f"is {kind}, not a regular file")):
+        load_examples(name, base_dir=never_ending)   # the loader itself refuses, before opening
+
+
+def test_an_eval_task_data_file_that_is_not_a_regular_file_is_refused(never_ending):
+    task = task_file(never_ending / "evals", "t.yaml", "t")
+    (never_ending / "evals" / "rows.jsonl").unlink()
+    (never_ending / "evals" / "rows.jsonl").symlink_to(never_ending / "fifo.jsonl")
+    result = invoke("validate", write(never_ending, [str(task)]))
+    assert result.exit_code == 2
+    assert f"data file is a named pipe (FIFO), not a regular file: {never_ending / 'fifo.jsonl'}" in result.output
+
+
+def test_a_recipe_that_is_not_a_regular_file_is_refused(never_ending):
+    result = invoke("validate", never_ending / "fifo.jsonl")
+    assert result.exit_code == 2 and "fifo.jsonl: not a regular file (a recipe is a YAML file)" in result.output
+
+
+def test_data_rows_with_numbers_json_refuses_are_bad_rows(tmp_path):
+    """json.loads raises ValueError (not JSONDecodeError) past 4,300 digits: it was a traceback."""
+    from posttrain.data.io import load_examples
+    from posttrain.errors import DataError
+
+    good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]'
+    (tmp_path / "d.jsonl").write_text(f'{good}, "n": {"1" * 5000}}}\n{good}}}\n')
+    with pytest.raises(DataError) as info:
+        load_examples("d.jsonl", base_dir=tmp_path)
+    assert info.value.problems == ["d.jsonl:1: holds a number of more than 4,300 digits, which Python's JSON reader "
+                                   "refuses"]
+    assert len(load_examples("d.jsonl", base_dir=tmp_path, on_bad_rows="skip").examples) == 1
+    (tmp_path / "d.json").write_text(f'[{good}, "n": {"1" * 5000}}}]')
+    with pytest.raises(DataError, match="d.json: holds a number of more than 4,300 digits"):
+        load_examples("d.json", base_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- max_length that leaves nothing to train
+
+
+def tiny(tmp_path, repo, *overrides):
+    from tiny_recipes import write_recipe
+
+    return [write_recipe(tmp_path, repo), *(arg for o in overrides for arg in ("-o", o))]
+
+
+@pytest.mark.parametrize("pipeline, override, what", [
+    ("[sft, dpo]", "stages.dpo.max_length=2", "64 pairs of data 'prefs' would be dropped before training: the "
+                                              "prompt alone fills max_length (2 tokens; the shortest such prompt "
+                                              "takes 42)"),
+    ("[sft, orpo]", "stages.orpo.max_length=42", "64 pairs of data 'prefs' would be dropped before training: the "
+                                                 "prompt alone fills max_length (42 tokens; the shortest such "
+                                                 "prompt takes 42)"),
+    ("[sft]", "stages.sft.max_length=43", "64 conversations of data 'ins' would be dropped before training: the "
+                                          "prompt before the first reply fills max_length (43 tokens; the shortest "
+                                          "such prompt takes 43)"),
+])
+def test_a_stage_whose_max_length_leaves_nothing_to_train_fails_before_any_stage_trains(
+        tmp_path, repo, isolated_cache, pipeline, override, what):
+    """DPO raised `torch.cat(): expected a non-empty list` and SFT `num_samples=0` (tracebacks),
+    ORPO a clean error: each only after the stages before it had trained."""
+    stage = override.split(".")[1]
+    out = tmp_path / "run"
+    result = invoke("run", *tiny(tmp_path, repo, f"pipelines={{p: {pipeline}}}", override), "--out", out)
+    assert result.exit_code == 2, result.output
+    assert f"  stages.{stage}.max_length: every one of the {what}, leaving nothing to train on. Raise max_length " \
+           "above" in result.output
+    assert_nothing_trained(isolated_cache)
+
+
+def test_a_stage_that_loses_some_rows_to_max_length_is_counted_in_the_plan(tmp_path, repo):
+    result = invoke("plan", *tiny(tmp_path, repo, "pipelines={p: [sft, dpo]}", "stages.dpo.max_length=60"))
+    assert result.exit_code == 0, result.output
+    assert ("stages.dpo: 15 of 64 pairs (23.4%) will be dropped before training: the prompt alone fills max_length "
+            "(60 tokens)") in result.output
+    assert "stages.sft:" not in result.output   # max_length 96 keeps every conversation
+
+
+
+
+@pytest.mark.parametrize("template", ["chatml", "plain+bos"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+def test_estimated_drops_are_what_the_trainers_drop(tmp_path, monkeypatch, method, template):
+    """At the median first-trained position, for each trainer and both SFT masking modes
+    (generation markers; prompt-completion) and ORPO's BOS: TRL's own dataset sizes."""
+    from posttrain import models
+    from posttrain.config import DPOStage, ORPOStage, SFTStage
+    from posttrain.data.builtin import instruction_rows, preference_rows
+    from posttrain.errors import DataError
+    from posttrain.estimate import first_trained_position
+    from posttrain.stages import dpo, orpo, sft
+    from posttrain.stages.common import StageContext
+
+    if template == "plain+bos":
+        real = models.build_char_tokenizer
+
+        def plain_with_bos():
+            tokenizer = real()
+            tokenizer.chat_template = models.CHATML_TEMPLATE.replace("{% generation %}", "").replace(
+                "{% endgeneration %}", "")
+            tokenizer.bos_token = "<|endoftext|>"
+            return tokenizer
+
+        monkeypatch.setattr(models, "build_char_tokenizer", plain_with_bos)
+    chat_template = "chatml" if template == "chatml" else "model"
+    tokenizer = models.load_tokenizer(models.ModelSource(name="builtin:micro-llama", chat_template=chat_template))
+    models.apply_chat_template_choice(tokenizer, None, chat_template)
+    rows = instruction_rows("train", 24) if method == "sft" else preference_rows("train", 24)
+    positions = sorted(first_trained_position(row, tokenizer, assistant_masks=models.template_has_generation_markers(
+        tokenizer), add_bos=method == "orpo") for row in rows)
+    max_length = positions[len(positions) // 2]
+    spec = {"sft": SFTStage, "dpo": DPOStage, "orpo": ORPOStage}[method](
+        method=method, data="d", learning_rate=1e-3, max_steps=1, batch_size=8, max_length=max_length)
+    (tmp_path / "out").mkdir()
+    ctx = StageContext(name="s", spec=spec, seed=0, examples=rows, out_dir=tmp_path / "out",
+                       start=models.ModelSource(name="builtin:micro-llama", chat_template=chat_template))
+    trainer, _ = {"sft": sft, "dpo": dpo, "orpo": orpo}[method].build_trainer(ctx)
+    assert len(trainer.train_dataset) == sum(p < max_length for p in positions) < len(rows)
+
+
+def test_sampled_drop_counts_scale_to_the_whole_data():
+    from posttrain.estimate import SAMPLE_ROWS, measured_rows, prompt_fill
+
+    assert measured_rows(5) == [0, 1, 2, 3, 4]
+    picked = measured_rows(10 * SAMPLE_ROWS)
+    assert len(picked) == SAMPLE_ROWS and picked == sorted(set(picked)) and picked == measured_rows(10 * SAMPLE_ROWS)
+    fill = prompt_fill([10] * 500 + [100] * 1500, rows=20_000, max_length=50)
+    assert (fill.dropped, fill.dropped_rows, fill.shortest, fill.all_dropped) == (1500, 15_000, 10, False)
+    assert prompt_fill([60, 70], rows=2, max_length=60).all_dropped
+    assert not prompt_fill([], rows=0, max_length=60).all_dropped

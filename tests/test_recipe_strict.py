@@ -505,3 +505,89 @@ def test_pyyaml_errors_never_escape(tmp_path):
             load_recipe(write(tmp_path, bytes(data)))
         except PosttrainError:
             pass
+
+
+# ---------------------------------------------------------------- numbers too long to convert
+
+
+@pytest.mark.parametrize("scalar", ["1" * 5000, "-" + "9" * 4301, "0x" + "f" * 5000, "1_" + "0" * 5000])
+def test_an_integer_of_thousands_of_digits_is_a_message_with_its_line(tmp_path, scalar):
+    """Python refuses int() of more than 4,300 digits: it was a ValueError traceback."""
+    problems = problems_of(write(tmp_path, GOOD + f"seeds: [0, {scalar}]\n"))
+    assert problems[1] == f"recipe.yaml:13: seeds[1]: a whole number of {len(scalar):,} characters: at most 100 digits here"
+
+
+def test_an_override_of_thousands_of_digits_is_a_short_message(tmp_path):
+    problems = problems_of(write(tmp_path, GOOD), ["seed=" + "9" * 5000])
+    assert problems[1] == ("-o seed=" + "9" * 95 + "... (5,005 characters): the value is not valid YAML (a whole number "
+                           "of 5,000 characters: at most 100 digits here); quote a string value: -o 'seed=\"...\"'")
+
+
+def test_numbers_up_to_the_limit_still_load():
+    assert strict_yaml_load("a: " + "9" * 100 + "\nb: 0x" + "f" * 98, "t.yaml")[0] == {
+        "a": int("9" * 100), "b": int("f" * 98, 16)}
+
+
+# ---------------------------------------------------------------- names the schema reserves or that collide
+
+
+@pytest.mark.parametrize("targets", [[], [""], "q_proj", None])
+@pytest.mark.parametrize("where", [("model", "lora"), ("stages", "sft", "lora")])
+def test_lora_target_modules_must_name_something(targets, where):
+    """`target_modules: []` passed validate and plan; peft refused it after training had started."""
+    raw = set_at(yaml.safe_load(GOOD), where, {"r": 4, "target_modules": targets})
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(raw, "recipe.yaml")
+    assert info.value.problems == [f"recipe.yaml: {dotted(where)}.target_modules: must be all-linear or a non-empty "
+                                   "list of module names (e.g. [q_proj, v_proj])"]
+
+
+def test_stage_lora_errors_are_placed_under_the_key_written():
+    raw = set_at(yaml.safe_load(GOOD), ("stages", "sft", "lora"), {"r": -1})
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(raw, "recipe.yaml")
+    assert info.value.problems == ["recipe.yaml: stages.sft.lora.r: must be > 0"]   # not lora.LoraSpec.r + literal
+    raw = set_at(yaml.safe_load(GOOD), ("stages", "sft", "lora"), True)
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(raw, "recipe.yaml")
+    assert info.value.problems[0].startswith("recipe.yaml: stages.sft.lora: must be a mapping of LoRA settings")
+    for fine in (False, None, {"r": 4, "target_modules": ["q_proj"]}):
+        validate_recipe(set_at(yaml.safe_load(GOOD), ("stages", "sft", "lora"), fine), "recipe.yaml")
+
+
+def test_a_pipeline_named_base_is_refused(tmp_path):
+    """It silently replaced the untrained model's row."""
+    problems = problems_of(write(tmp_path, GOOD.replace("  sft: [sft]\n", "  base: [sft]\n")))
+    assert problems[1:] == ["recipe.yaml:10: pipelines.base: 'base' is reserved for the untrained model's row "
+                            "(and its evals/base folder; `base: []` evaluates it alone); choose another pipeline name"]
+    assert load_recipe(write(tmp_path, GOOD.replace("  sft: [sft]\n", "  base: []\n"))).pipelines["base"] == []
+
+
+CASE = ("differ only in letter case: on case-insensitive filesystems (macOS, Windows) they name the same files; "
+        "rename one")
+
+
+@pytest.mark.parametrize("change, problem", [
+    (("stages", "SFT"), "recipe.yaml:8: stages.sft: 'sft' and the stage 'SFT'"),
+    (("data", "INS"), "recipe.yaml:5: data.ins: 'ins' and the dataset 'INS'"),
+    (("pipelines", "Base"), "recipe.yaml:10: pipelines.Base: 'Base' and the row of the untrained model 'base'"),
+    (("pipelines", "SFT"), "recipe.yaml:11: pipelines.sft: 'sft' and the pipeline 'SFT'"),
+    (("external", "Sft"), "recipe.yaml:13: external.Sft: 'Sft' and the pipeline 'sft'"),
+])
+def test_names_that_differ_only_in_case_are_refused(tmp_path, change, problem):
+    section, name = change
+    text = {"stages": GOOD.replace("stages:\n", "stages:\n  SFT: {method: sft, data: ins, learning_rate: 0.1}\n"),
+            "data": GOOD.replace("data:\n", "data:\n  INS: {source: builtin:skills}\n"),
+            "pipelines": GOOD.replace("pipelines:\n", f"pipelines:\n  {name}: [sft]\n"),
+            "external": GOOD + "external: {Sft: org/model}\n"}[section]
+    problems = problems_of(write(tmp_path, text))
+    assert problems[1:] == [f"{problem} {CASE}"]
+
+
+def test_names_the_sweep_makes_that_differ_only_in_case_are_refused(tmp_path):
+    text = GOOD.replace("  prefs:", "  INS: {source: builtin:skills, limit: 8}\n  prefs:")
+    problems = problems_of(write(tmp_path, text + "sweep: {stages.sft.data: [ins, INS]}\n"))
+    assert problems[1] == f"recipe.yaml:5: data.INS: 'INS' and the dataset 'ins' {CASE}"
+    assert f"recipe.yaml:14: sweep: the sweep's stage 'sft[data=INS]' and the stage 'sft[data=ins]' {CASE}" in problems
+    assert f"recipe.yaml:14: sweep: the sweep's pipeline 'sft[data=INS]' and the pipeline 'sft[data=ins]' {CASE}" \
+        in problems

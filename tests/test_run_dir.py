@@ -70,14 +70,34 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
     area = Area(tmp_path)
     target = area.write_text(tmp_path / "results.jsonl", "old\n")
 
-    def full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    def full(source, destination):
+        raise OSError(errno.ENOSPC, "No space left on device", str(destination))
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(os, "replace", full)
     with pytest.raises(OSError):
         area.write_text(target, "new\n")
     monkeypatch.undo()
     assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+
+
+def test_planted_links_inside_the_area_are_never_written_through(tmp_path):
+    """A link planted at a folder inside the run directory, or at the temporary name an
+    atomic write uses, must not lead a write, a copy or a delete outside."""
+    from posttrain.evaluate import TaskRef, prepare_task_dir
+
+    run, outside = tmp_path / "run", tmp_path / "user"
+    (outside / "skills_mc").mkdir(parents=True)
+    (outside / "skills_mc" / "precious.txt").write_text("mine")
+    (run / "evals").mkdir(parents=True)
+    (run / "evals" / "tasks").symlink_to(outside, target_is_directory=True)
+    task = TaskRef("skills_mc", Path(__file__).resolve().parent.parent / "evals" / "skills_mc.yaml")
+    with pytest.raises(PathEscape, match="symbolic link"):
+        prepare_task_dir([task], run / "evals" / "tasks", RunDir(run).area)
+    (run / f".report.md.{os.getpid()}.tmp").symlink_to(outside / "victim.txt")
+    RunDir(run).area.write_text(run / "report.md", "report")
+    RunDir(run).area.copyfile(run / "report.md", run / "copy.md")
+    assert (run / "report.md").read_text() == "report" and not (run / "report.md").is_symlink()
+    assert sorted(p.name for p in outside.rglob("*")) == ["precious.txt", "skills_mc"]
 
 
 # ----------------------------------------------------------------------------- claiming --out
@@ -124,6 +144,17 @@ def test_run_refuses_an_out_dir_that_is_not_its_own(tmp_path, repo, setup, messa
     assert {p: p.read_bytes() for p in [out, *out.rglob("*")] if p.is_file()} == before
 
 
+def test_report_never_rewrites_a_user_folder_with_a_results_file(tmp_path):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "results.jsonl").write_text('{"pipeline": "a", "seed": 0, "task": "t", "metric": "m", "value": 1}\n')
+    (user / "report.md").write_text("my notes")
+    result = CliRunner().invoke(main, ["report", str(user)])
+    assert result.exit_code == 2 and "is not a posttrain run directory" in result.output
+    assert (user / "report.md").read_text() == "my notes" and sorted(p.name for p in user.iterdir()) == [
+        "report.md", "results.jsonl"]
+
+
 def test_merged_report_refuses_a_user_folder(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -153,8 +184,10 @@ def test_environment_failure_is_found_in_a_wrapped_exception():
 
 def test_disk_full_during_a_run_exits_1_and_the_rerun_finishes(tmp_path, repo, monkeypatch):
     """Disk full while writing results: exit 1, a message naming the file, no traceback; the
-    stages stay in the cache, so the same command then finishes without training again."""
-    recipe, out = write_recipe(tmp_path, repo), tmp_path / "run"
+    stages stay in the cache, so the same command then finishes without training again.
+    The run directory is the default, relative to the cwd (runs/<name>), as users run it."""
+    recipe, out = write_recipe(tmp_path, repo), tmp_path / "runs" / "tiny"
+    monkeypatch.chdir(tmp_path)
     real = Area.write_text
 
     def full_at_results(self, path, text):
@@ -163,13 +196,13 @@ def test_disk_full_during_a_run_exits_1_and_the_rerun_finishes(tmp_path, repo, m
         return real(self, path, text)
 
     monkeypatch.setattr(Area, "write_text", full_at_results)
-    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(out), "--no-wandb"])
+    result = CliRunner().invoke(main, ["run", "tiny.yaml", "--no-wandb"])
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
     assert f"could not write {out / 'results.jsonl'}: the disk is full" in result.output
     assert not (out / "results.jsonl").exists() and not list(out.glob(".*.tmp"))
-    monkeypatch.undo()
-    again = CliRunner().invoke(main, ["run", str(recipe), "--out", str(out), "--no-wandb"])
+    monkeypatch.setattr(Area, "write_text", real)
+    again = CliRunner().invoke(main, ["run", "tiny.yaml", "--no-wandb"])
     assert again.exit_code == 0, again.output
     assert "  train  " not in again.output and (out / "results.jsonl").is_file()
 
@@ -209,6 +242,9 @@ def finished_run(tmp_path_factory, repo):
      "results.jsonl:{last}: not valid JSON"),
     (lambda run: (run / "results.jsonl").write_bytes(b"\xff\xfe\x00garbage"), "results.jsonl: not UTF-8"),
     (lambda run: (run / "results.jsonl").write_text('{"pipeline": "sft"}\n'), "results.jsonl:1: missing 'seed'"),
+    (lambda run: (run / "results.jsonl").write_text('{"pipeline": "sft", "seed": 0, "task": "t", "metric": "m", '
+                                                    '"value": 1, "samples": "/etc/passwd"}\n'),
+     "'samples' must be a file inside the run directory"),
     (lambda run: (run / "pipelines.json").write_text("{"), "pipelines.json:1: not valid JSON"),
     (lambda run: next(run.glob("stages/sft-*/stage.json")).write_text("[]"), "stage.json: expected a JSON dict"),
     (lambda run: next(run.glob("stages/sft-*/trainer_log.jsonl")).write_text("{oops\n"), "trainer_log.jsonl:1:"),

@@ -78,6 +78,8 @@ def read_records(path: str | Path) -> Iterator[Record]:
 
 # Python's json parser recurses once per level; a row nested ~1,000 levels deep is not data.
 TOO_DEEP = "nested too deeply to be a data row (JSON arrays/objects inside each other ~1,000 levels or more)"
+# ... and refuses (ValueError) to convert an integer of more than 4,300 digits.
+TOO_MANY_DIGITS = "holds a number of more than 4,300 digits, which Python's JSON reader refuses"
 
 
 def _parse_line(raw: bytes) -> dict | Exception:
@@ -91,6 +93,8 @@ def _parse_line(raw: bytes) -> dict | Exception:
         return RowError(f"not valid JSON: {error.msg} (column {error.colno})")
     except RecursionError:
         return RowError(TOO_DEEP)
+    except ValueError:  # (after JSONDecodeError, a ValueError too)
+        return RowError(TOO_MANY_DIGITS)
     return _as_object(row)
 
 
@@ -122,6 +126,8 @@ def _read_json(path: Path) -> Iterator[Record]:
         if raw.lstrip().startswith(b"{"):  # several objects, one per line: JSON lines
             return _read_json_lines(path)
         raise DataError(f"{path.name}: not a valid JSON file: {_describe(error)}") from None
+    except ValueError:
+        raise DataError(f"{path.name}: {TOO_MANY_DIGITS}") from None
     records = _records_of(document, path)
     return ((number, _as_object(row)) for number, row in enumerate(records, 1))
 
@@ -175,7 +181,7 @@ def _csv_value(key: str, cell: str) -> Any:
     if key in JSON_COLUMNS and cell.lstrip()[:1] in ("[", "{"):
         try:
             value = json.loads(cell)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # not JSON (or a number JSON refuses): the text itself
             return cell
         return value if isinstance(value, (list, dict)) else cell
     return cell
@@ -219,10 +225,35 @@ def _locate(source: str, base_dir: Path | None) -> tuple[Path | None, str]:
     if path.exists():
         if path.is_dir():
             raise DataError(f"data source is a folder, not a file: {path}")
+        problem = not_regular_file(path)
+        if problem:
+            raise DataError(f"data source {problem}")
         return path, ""
     if _HUB_ID.match(source) and not source.lower().endswith(DATA_SUFFIXES):
         return None, source
     raise DataError(f"data file not found: {path}")
+
+
+def not_regular_file(path: Path) -> str | None:
+    """Why an existing path that is not a folder cannot be read as a data file, or None.
+
+    Only a regular file (a symbolic link is followed) has an end: a FIFO blocks reading
+    forever, a device such as /dev/zero (even behind a link named `z.jsonl`) never ends and
+    fills memory. Checked before anything is opened.
+    """
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"cannot be read: {path}: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    target = f" (a link to {path.resolve()})" if path.is_symlink() else ""
+    return f"is {kind}, not a regular file: {path}{target}"
 
 
 def _check_options(fmt: str, on_bad_rows: str, want: str | None) -> None:
@@ -314,6 +345,9 @@ def load_examples(
     else:
         label, records = f"{hub_name}[{split}]", _read_hub(hub_name, split)
     sample, records = peek(iter(records))
+    if fmt == "auto" and not sample:  # every row is bad (peek read them all): say why
+        problems = [f"{label}:{number}: {row}" for number, row in records]
+        raise DataError(f"{label}: no readable rows to detect the format from", problems=_capped(problems))
     chosen_format = choose_format(fmt, sample, want, label)
     _check_kind(chosen_format, want, label)
     project = want == "instruction" and kind_of(chosen_format) == "preference"

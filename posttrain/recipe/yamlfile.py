@@ -33,6 +33,9 @@ def dotted(loc: tuple) -> str:
 YAML_MAX_BYTES = 1_000_000       # a larger file is refused unread (validate stays < 1 s)
 YAML_MAX_DEPTH = 100             # nesting levels, aliases included (libyaml's own limit: 1000)
 YAML_MAX_ALIAS_NODES = 100_000   # nodes all aliases together may add: an alias bomb is refused
+# Python refuses to convert a decimal string of more than 4,300 digits (a ValueError, the
+# traceback a reviewer saw); no setting takes a number of more than 10 digits (config.INT_MAX).
+YAML_MAX_INT_DIGITS = 100
 _CORE = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {_CORE + name for name in ("null", "bool", "int", "float", "str", "binary", "timestamp")}
 YamlTags = dict[str, Callable[[Any], Any]]
@@ -200,6 +203,10 @@ class _EventLoader:
         self.attach(value, line, 1, 0)
 
     def construct(self, tag: str, text: str, line: int) -> Any:
+        if tag == _CORE + "int" and len(text) > YAML_MAX_INT_DIGITS:
+            self.problem(line, self.child_path()[0], f"a whole number of {len(text):,} characters: "
+                                                     f"at most {YAML_MAX_INT_DIGITS} digits here")
+            return None
         if tag == _CORE + "int" and _PLAIN_INT.fullmatch(text):
             return int(text)  # the common forms, fast
         if tag == _CORE + "float" and _PLAIN_FLOAT.fullmatch(text):
@@ -210,7 +217,8 @@ class _EventLoader:
             if tag in _SCALAR_TAGS:
                 return self.constructor.yaml_constructors[tag](self.constructor, yaml.ScalarNode(tag, text))
         except Exception as exc:  # noqa: BLE001 (a bad value or a tag function's error: the file's problem)
-            self.problem(line, self.child_path()[0], f"not a valid {tag.removeprefix(_CORE)}: {text!r} ({exc})")
+            shown = repr(text) if len(text) <= 80 else f"{text[:60]!r}... ({len(text):,} characters)"
+            self.problem(line, self.child_path()[0], f"not a valid {tag.removeprefix(_CORE)}: {shown} ({exc})")
             return None
         self.problem(line, self.child_path()[0], f"unsupported tag {tag!r}")
         return text

@@ -49,8 +49,9 @@ class StageInterrupted(Exception):
 
 
 class StageDiverged(Exception):
-    """Training produced a non-finite loss or grad norm (checked every optimizer step),
-    or non-finite final weights; nothing of the stage may be published or resumed from."""
+    """Training produced a non-finite or exploded loss, a non-finite grad norm (checked every
+    optimizer step, see `divergence`), or non-finite final weights; nothing of the stage
+    may be published or resumed from."""
 
     def __init__(self, step: int, max_steps: int, reason: str, last_finite: tuple[int, float] | None = None,
                  recent: list[dict] | None = None):
@@ -288,17 +289,53 @@ def run_training(trainer, ctx: StageContext) -> dict:
 MAX_SKIPPED_IN_A_ROW = 40
 RECENT_STEPS = 10   # per-step loss and grad norm kept for the failure record
 
+# A finite loss has exploded past max(EXPLODED_LOSS_FLOOR, EXPLODED_LOSS_FACTOR x the
+# stage's first finite loss). Learning rate 1e3 took SFT from 4.59 to 1.3e7 in one step,
+# then to a dead model stuck at ln(vocab) with zero gradients: finite all along.
+# - The floor is out of reach of healthy training for every loss we train. Cross-entropy
+#   (SFT, ORPO's NLL term) starts at ~ln(vocab) <= 12.5 nats for vocabularies up to 256k;
+#   1e4 nats per token means logits 1e4 apart, which only exploded weights produce. DPO's
+#   sigmoid/hinge losses (and KTO, SimPO) start at ~0.69 and are >= 0: 1e4 means
+#   beta x margin below -1e4, a swing of 1e5 nats at beta 0.1 (healthy DPO moves margins
+#   by tens). The floor also covers a first loss near 0 (1e-3 on memorised data), where a
+#   relative rule alone would stop at 1 and a new batch at loss 5 is normal.
+# - The factor scales the rule for losses that start high (DPO's ipo and sppo_hard square
+#   their margins: 25 and 50 at beta 0.1, 5e5 for sppo_hard at beta 1e-3): healthy training
+#   lowers a loss (the quickstart's SFT never rose above 1.02x its first), its spikes stay
+#   well within 10x, and 1000x leaves two orders of magnitude more.
+# - The first loss is measured before any update (the base model's), so it is never
+#   itself exploded; a resumed stage takes it from the restored log.
+# Large finite gradient norms are not a criterion: their scale grows with parameter count
+# and summed (not averaged) losses, norms of 1e2-1e4 are routine in healthy runs of large
+# models, and clipping (max_grad_norm) bounds what they do to the weights; the loss shows
+# the harm when it happens (in the run above the same step). Non-finite norms do stop.
+EXPLODED_LOSS_FLOOR = 1e4
+EXPLODED_LOSS_FACTOR = 1e3
+
+
+def exploded_loss_limit(first_loss: float | None) -> float:
+    """The loss above which a stage counts as exploded (see EXPLODED_LOSS_FLOOR)."""
+    if first_loss is None or not math.isfinite(first_loss):
+        return EXPLODED_LOSS_FLOOR
+    return max(EXPLODED_LOSS_FLOOR, EXPLODED_LOSS_FACTOR * first_loss)
+
 
 def divergence(loss: float | None, grad_norm: float | None, loss_scaling: bool,
-               skipped_in_a_row: int = 0) -> str | None:
+               skipped_in_a_row: int = 0, first_loss: float | None = None) -> str | None:
     """Why an optimizer step counts as diverged, or None.
 
-    A non-finite loss always does. A non-finite grad norm does too, except under fp16
-    loss scaling (a GradScaler), which skips such a step by design and lowers its scale
-    -- unless it has skipped MAX_SKIPPED_IN_A_ROW steps in a row. None means unknown.
+    A non-finite loss always does, and so does a finite loss past
+    `exploded_loss_limit(first_loss)` (the stage's first finite loss; see
+    EXPLODED_LOSS_FLOOR). A non-finite grad norm does too, except under fp16 loss
+    scaling (a GradScaler), which skips such a step by design and lowers its scale --
+    unless it has skipped MAX_SKIPPED_IN_A_ROW steps in a row. None means unknown.
     """
     if loss is not None and not math.isfinite(loss):
         return f"the loss is {loss}"
+    if loss is not None and loss > exploded_loss_limit(first_loss):
+        first = "" if first_loss is None else f" and {EXPLODED_LOSS_FACTOR:g} x the first loss {first_loss:.4g}"
+        return (f"the loss exploded to {loss:.4g} (limit {exploded_loss_limit(first_loss):.4g}: the larger of "
+                f"{EXPLODED_LOSS_FLOOR:g}{first})")
     if grad_norm is None or math.isfinite(grad_norm):
         return None
     if not loss_scaling:
@@ -318,11 +355,21 @@ def host_floats(*values) -> list[float | None]:
     return [next(fetched) if isinstance(v, torch.Tensor) else None if v is None else float(v) for v in values]
 
 
+def logged_losses(log: list[dict]) -> list[tuple[int, float]]:
+    """(step, loss) of every finite loss in a trainer log (each an average over its logging steps)."""
+    return [(entry["step"], entry["loss"]) for entry in log
+            if isinstance(entry.get("loss"), (int, float)) and math.isfinite(entry["loss"]) and "step" in entry]
+
+
 def last_logged_loss(log: list[dict]) -> tuple[int, float] | None:
-    """(step, loss) of the last finite loss in a trainer log (an average over its logging steps)."""
-    finite = [(entry["step"], entry["loss"]) for entry in log
-              if isinstance(entry.get("loss"), (int, float)) and math.isfinite(entry["loss"]) and "step" in entry]
+    finite = logged_losses(log)
     return finite[-1] if finite else None
+
+
+def first_logged_loss(log: list[dict]) -> tuple[int, float] | None:
+    """The first one: step 1's loss alone (`logging_first_step`), the model before any update."""
+    finite = logged_losses(log)
+    return finite[0] if finite else None
 
 
 def gradient_norm(model):
@@ -336,7 +383,8 @@ def gradient_norm(model):
 
 def divergence_guard(trainer):
     """Check every optimizer step's loss and grad norm; raise StageDiverged at the first
-    non-finite one, before the optimizer applies it (so no later checkpoint exists).
+    diverged one (`divergence`: non-finite, or a loss exploded), before the optimizer
+    applies it (so no later checkpoint exists).
 
     Composed onto the trainer, not subclassed: its `training_step` (TRL's override
     included) is wrapped on the instance to add up the step's micro-batch losses, and
@@ -353,6 +401,7 @@ def divergence_guard(trainer):
         def __init__(self):
             self.step_loss = self.grad_norm = None   # this step's, on the device
             self.last_finite: tuple[int, float] | None = None
+            self.first_loss: float | None = None     # the stage's first finite loss: the explosion rule's scale
             self.recent: list[dict] = []
             self.skipped_in_a_row = 0
 
@@ -366,7 +415,10 @@ def divergence_guard(trainer):
             self.step_loss = self.grad_norm = None
             step = state.global_step + 1
             self.recent = (self.recent + [{"step": step, "loss": loss, "grad_norm": norm}])[-RECENT_STEPS:]
-            reason = divergence(loss, norm, loss_scaling, self.skipped_in_a_row)
+            if self.first_loss is None:  # resumed: the restored log's first loss (step 1, the base model's)
+                logged = first_logged_loss(getattr(state, "log_history", []))
+                self.first_loss = logged[1] if logged else loss if loss is not None and math.isfinite(loss) else None
+            reason = divergence(loss, norm, loss_scaling, self.skipped_in_a_row, self.first_loss)
             if reason:
                 last = self.last_finite or last_logged_loss(getattr(state, "log_history", []))  # resumed: its log
                 raise StageDiverged(step, state.max_steps, reason, last, self.recent)

@@ -77,7 +77,7 @@ def trainer_class(ctx: StageContext):
             buffer = io.BytesIO()
             np.savez(buffer, chosen=np.asarray(out["ref_chosen_logps"], dtype="float32"),
                      rejected=np.asarray(out["ref_rejected_logps"], dtype="float32"))
-            Area(ctx.reflogps_dir).write_bytes(path, buffer.getvalue())
+            Area(ctx.reflogps_dir.parent).write_bytes(path, buffer.getvalue())  # the cache root
             return out
 
     return CachedReferenceDPOTrainer
