@@ -421,7 +421,6 @@ def test_estimated_drops_are_what_the_trainers_drop(tmp_path, monkeypatch, metho
     from posttrain import models
     from posttrain.config import DPOStage, ORPOStage, SFTStage
     from posttrain.data.builtin import instruction_rows, preference_rows
-    from posttrain.errors import DataError
     from posttrain.estimate import first_trained_position
     from posttrain.stages import dpo, orpo, sft
     from posttrain.stages.common import StageContext

@@ -186,7 +186,8 @@ def test_disk_full_during_a_run_exits_1_and_the_rerun_finishes(tmp_path, repo, m
     """Disk full while writing results: exit 1, a message naming the file, no traceback; the
     stages stay in the cache, so the same command then finishes without training again.
     The run directory is the default, relative to the cwd (runs/<name>), as users run it."""
-    recipe, out = write_recipe(tmp_path, repo), tmp_path / "runs" / "tiny"
+    write_recipe(tmp_path, repo)
+    out = tmp_path / "runs" / "tiny"
     monkeypatch.chdir(tmp_path)
     real = Area.write_text
 
