@@ -176,18 +176,15 @@ class Area:
 
     def path(self, *parts: str) -> Path:
         """root/part/part..., each part one path component (no separator, not '..')."""
+        return self.child(self.root, *parts)
+
+    def child(self, folder: Path | str, *parts: str) -> Path:
+        """folder/part/..., each part one path component (a task or pipeline name)."""
         for part in parts:
             if not isinstance(part, str) or part in ("", ".", "..") or any(c in part for c in "/\\\x00"):
-                raise PathEscape(f"refusing to use {part!r} as a path component under {self.root}")
-        self.check(self.root.joinpath(*parts), "use")
-        return self.root.joinpath(*parts)
-
-    def child(self, folder: Path | str, name: str) -> Path:
-        """folder/name, where `name` must be one path component (a task or pipeline name)."""
-        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\x00"):
-            raise PathEscape(f"refusing to use {name!r} as a path component under {folder}")
-        self.check(Path(folder) / name, "use")
-        return Path(folder) / name
+                raise PathEscape(f"refusing to use {part!r} as a path component under {folder}")
+        self.check(Path(folder).joinpath(*parts), "use")
+        return Path(folder).joinpath(*parts)
 
     def mkdir(self, path: Path | str) -> Path:
         target = self.check(path, "create")

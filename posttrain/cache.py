@@ -126,7 +126,14 @@ class Cache:
         if empty and not create:
             return
         try:
-            self.area.write_json(marker, {"posttrain": "cache", "format": 1})
+            # Created in place, exclusively (no temporary file): two runs starting on one new
+            # cache at once must never see the other's half-written marker as a stranger's file.
+            fd = os.open(self.area.check(marker), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                         0o644)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps({"posttrain": "cache", "format": 1}) + "\n")
+        except FileExistsError:
+            pass  # another process marked it first
         except OSError:
             pass  # a read-only cache still serves what it holds; the check runs again next time
 
@@ -668,20 +675,26 @@ def reflogps_problems(path: Path) -> list[str]:
 
 def curated_problems(path: Path) -> list[str]:
     """A curated set: JSONL of objects, as many rows as its curation report says."""
+    return load_curated(path)[2]
+
+
+def load_curated(path: Path) -> tuple[list[dict], dict, list[str]]:
+    """A cached curated set read once: (rows, curation report, problems); the rows and
+    report are usable only when there are no problems."""
     report_path = path.with_suffix(".curation.json")
     report = read_json(report_path)
     if not isinstance(report, dict):
-        return [f"{report_path}: missing, unreadable or not a JSON object"]
+        return [], {}, [f"{report_path}: missing, unreadable or not a JSON object"]
     try:
         rows = [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     except (OSError, ValueError) as exc:
-        return [f"{path}: not valid JSON lines ({str(exc)[:80]})"]
+        return [], report, [f"{path}: not valid JSON lines ({str(exc)[:80]})"]
     if not all(isinstance(row, dict) for row in rows):
-        return [f"{path}: a row is not a JSON object"]
+        return rows, report, [f"{path}: a row is not a JSON object"]
     expected = report.get("rows_out")
     if isinstance(expected, int) and expected != len(rows):
-        return [f"{path}: {len(rows):,} rows, its curation report says {expected:,} (truncated?)"]
-    return []
+        return rows, report, [f"{path}: {len(rows):,} rows, its curation report says {expected:,} (truncated?)"]
+    return rows, report, []
 
 
 def check(cache: Cache, entry: Entry, hashes: bool | None = None) -> Verdict:

@@ -130,16 +130,12 @@ def model_problems(recipe) -> list[Problem]:
     """The base model and each external model: exists, tokenizer and chat template; LoRA targets."""
     from posttrain.models import ModelSource
 
-    spec = recipe.model
-    base = ModelSource(name=spec.name, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                       revision=spec.revision, chat_template=spec.chat_template)
+    base = ModelSource.of(recipe.model)
     problems = _source_problems(base, ("model",))
     if not problems or problems[0][0] != ("model", "name"):
         problems += lora_problems(recipe, base)
     for name, model in recipe.external.items():
-        external = ModelSource(name=model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                               chat_template=spec.chat_template)
-        problems += _source_problems(external, ("external", name))
+        problems += _source_problems(ModelSource.of(recipe.model, name=model), ("external", name))
     return problems
 
 
@@ -183,7 +179,7 @@ def eval_task_problems(refs: list, task_dir: Path | None, log: Callable[[str], N
 # ---------------------------------------------------------------- once the data is loaded
 
 
-def check_max_lengths(recipe, data: dict, log: Callable[[str], None] = lambda line: None) -> None:
+def check_max_lengths(recipe, data: dict, log: Callable[[str], None] = lambda line: None, tokenizer=None) -> None:
     """Raise RecipeError naming ``stages.<name>.max_length`` for every stage whose rows
     max_length would all drop (nothing to train: the stage would fail once its upstream
     stages had trained); log how many rows each other stage drops.
@@ -191,7 +187,7 @@ def check_max_lengths(recipe, data: dict, log: Callable[[str], None] = lambda li
     ``data``: the loaded stage data (``pipeline.load_stage_data``), keyed
     ``<dataset>:<instruction|preference>``. Runs in `plan` and `run` before any stage trains.
     """
-    problems, notes = max_length_problems(recipe, data)
+    problems, notes = max_length_problems(recipe, data, tokenizer)
     for note in notes:
         log(note)
     if problems:
@@ -208,7 +204,9 @@ def max_length_problems(recipe, data: dict, tokenizer=None) -> tuple[list[Proble
     from posttrain.estimate import first_trained_position, measured_rows, prompt_fill
     from posttrain.models import template_has_generation_markers
 
-    tokenizer = tokenizer or _recipe_tokenizer(recipe)
+    from posttrain.models import ModelSource, chat_tokenizer
+
+    tokenizer = tokenizer or chat_tokenizer(ModelSource.of(recipe.model))
     assistant_masks = template_has_generation_markers(tokenizer)   # as stages/sft.py decides
     used = {name for chain in recipe.pipelines.values() for name in chain}
     positions: dict[tuple[str, str], list[int]] = {}
@@ -231,17 +229,6 @@ def max_length_problems(recipe, data: dict, tokenizer=None) -> tuple[list[Proble
         elif fill.dropped:
             notes.append(_dropped_note(name, spec, kind, fill))
     return problems, notes
-
-
-def _recipe_tokenizer(recipe):
-    """The tokenizer every stage trains with: the base model's, with the recipe's chat template."""
-    from posttrain.models import ModelSource, apply_chat_template_choice, load_tokenizer
-
-    spec = recipe.model
-    tokenizer = load_tokenizer(ModelSource(name=spec.name, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                                           revision=spec.revision, chat_template=spec.chat_template))
-    apply_chat_template_choice(tokenizer, None, spec.chat_template)
-    return tokenizer
 
 
 def _unit(kind: str) -> str:

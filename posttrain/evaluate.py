@@ -12,6 +12,7 @@ cheap, so ``posttrain validate`` can call ``resolve_tasks`` without them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -328,7 +329,7 @@ def task_problems(refs: list[TaskRef], task_dir: Path | None,
     downloads no data. At most one import and one data problem per task.
     """
     registry = [ref.name for ref in refs if not ref.is_local]
-    index = _registry_index(registry, log) if registry else {}
+    index = _registry_index(registry, task_dir, log) if registry else {}
     problems: list[tuple[int, str]] = []
     for i, ref in enumerate(refs):
         if ref.is_local:
@@ -359,16 +360,34 @@ def _leaf_problems(name: str, leaves: list[tuple[Path, dict | None]]) -> list[st
     return [problem for problem in (import_problem, data_problem) if problem]
 
 
-def _registry_index(names: list[str], log) -> dict:
+def _registry_index(names: list[str], task_dir: Path | None, log) -> dict:
     import time
 
-    from lm_eval.tasks import TaskManager
-
-    started = time.perf_counter()
-    manager = TaskManager(include_defaults=True)
-    log(f"checks: lm-eval task index built in {time.perf_counter() - started:.1f} s "
+    started, built_before = time.perf_counter(), _registry_manager.cache_info().misses
+    manager = task_manager(str(task_dir) if task_dir is not None else None, True)
+    how = ("built in" if _registry_manager.cache_info().misses > built_before else "reused, built earlier; ready in")
+    log(f"checks: lm-eval task index {how} {time.perf_counter() - started:.1f} s "
         f"({len(manager.all_tasks)} names; needed for {', '.join(names)})")
     return manager.task_index
+
+
+def task_manager(include_path: str | None, include_defaults: bool):
+    """lm-eval's TaskManager. With lm-eval's ~10k bundled task YAMLs (`include_defaults`)
+    the index costs 5-17 s, so it is built once per task folder in a process: the
+    pre-flight check and every evaluated model of a run share it (loading tasks from it
+    changes nothing). Local tasks alone index in milliseconds and are indexed afresh."""
+    from lm_eval.tasks import TaskManager
+
+    if include_defaults:
+        return _registry_manager(include_path)
+    return TaskManager(include_path=include_path, include_defaults=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _registry_manager(include_path: str | None):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=True)
 
 
 def _unknown_task_message(name: str, index: dict) -> str:
@@ -555,7 +574,6 @@ def evaluate_model(model, tokenizer, refs: list[TaskRef], *, task_dir: Path | No
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import sanitize_model_name
 
     if device is not None:
@@ -567,16 +585,14 @@ def evaluate_model(model, tokenizer, refs: list[TaskRef], *, task_dir: Path | No
                       # None keeps the tokenizer's own BOS behaviour, as lm-eval's CLI does
                       # (posttrain's builtin tokenizer has no BOS at all).
                       add_bos_token=None)
-            task_manager = TaskManager(
-                include_path=str(task_dir) if task_dir is not None else None,
-                # Indexing lm-eval's ~10k bundled task YAMLs costs ~17 s: only when needed.
-                include_defaults=any(not ref.is_local for ref in refs),
-            )
+            manager = task_manager(str(task_dir) if task_dir is not None else None,
+                                   # Indexing lm-eval's bundled task YAMLs costs 5-17 s: only when needed.
+                                   any(not ref.is_local for ref in refs))
             tracker = EvaluationTracker(output_path=str(out_dir / "results.json"))
             results = simple_evaluate(
                 model=lm,
                 tasks=[ref.name for ref in refs],
-                task_manager=task_manager,
+                task_manager=manager,
                 num_fewshot=num_fewshot,
                 batch_size=batch_size,
                 limit=limit,

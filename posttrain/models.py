@@ -55,6 +55,13 @@ class ModelSource:
     chat_template: str = "chatml"  # "chatml" (set by posttrain) or "model" (keep its own)
     adapter_dirs: tuple[str, ...] = ()  # LoRA adapters merged in order on top of `name`
 
+    @classmethod
+    def of(cls, spec, name: str | None = None) -> "ModelSource":
+        """A recipe's `model:` spec as a source; `name` another model with the same settings
+        (an `external` entry: named, so no revision)."""
+        return cls(name=name or spec.name, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                   revision=None if name else spec.revision, chat_template=spec.chat_template)
+
 
 def is_builtin(name: str) -> bool:
     return name.startswith("builtin:")
@@ -139,6 +146,13 @@ def load_tokenizer(source: ModelSource):
             source.name, revision=source.revision, trust_remote_code=source.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load tokenizer for {source.name!r}: {exc}") from None
+    return tokenizer
+
+
+def chat_tokenizer(source: ModelSource):
+    """The tokenizer every stage trains with: the source's, with its chat template choice installed."""
+    tokenizer = load_tokenizer(source)
+    apply_chat_template_choice(tokenizer, None, source.chat_template)
     return tokenizer
 
 

@@ -54,9 +54,7 @@ class Plan:
 
 
 def base_source(recipe: Recipe) -> ModelSource:
-    spec = recipe.model
-    return ModelSource(name=spec.name, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                       revision=spec.revision, chat_template=spec.chat_template)
+    return ModelSource.of(recipe.model)
 
 
 def base_key(recipe: Recipe) -> str:
@@ -468,7 +466,7 @@ def preference_rows(model, tokenizer, pairs: list[dict], out_dir: Path, run: Run
 
 
 def external_source(recipe: Recipe, name_or_path: str) -> ModelSource:
-    return replace(base_source(recipe), name=name_or_path, revision=None)
+    return ModelSource.of(recipe.model, name=name_or_path)
 
 
 def eval_key(identity: str, seed: int | None, recipe: Recipe, setup: EvalSetup) -> str:
@@ -513,6 +511,7 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     """Everything before training: checks, eval tasks, data (curated, cached), compute matching, the plan."""
     from posttrain.checks import check_before_training, check_max_lengths, check_static
     from posttrain.evaluate import task_texts
+    from posttrain.models import chat_tokenizer
 
     check_static(recipe, options.base_dir)   # again here for callers other than the CLI; milliseconds
     options.cache.ensure()  # (the CLI did already) a folder of the user's is never written into
@@ -521,8 +520,9 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     env = data_env(recipe, options.base_dir, cache_dir=options.cache.curated_dir(),
                    eval_texts=lambda: task_texts(setup.refs, setup.task_dir), log=options.log)
     data = load_stage_data(recipe, env)
-    estimates = stage_estimates(recipe, data)
-    check_max_lengths(recipe, data, options.log)   # no stage whose max_length leaves nothing to train
+    tokenizer = chat_tokenizer(base_source(recipe))   # loaded once for both
+    estimates = stage_estimates(recipe, data, tokenizer)
+    check_max_lengths(recipe, data, options.log, tokenizer)   # no stage whose max_length leaves nothing to train
     matching = None
     if recipe.compare is not None:
         recipe, estimates, matching = match_compute(recipe, data, estimates)
@@ -530,14 +530,13 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     return plan, setup, {"estimates": estimates, "compute_match": matching}
 
 
-def stage_estimates(recipe: Recipe, data: dict[str, LoadedData]) -> dict[str, dict]:
-    """Per stage name: examples, steps and train tokens before it runs (seed-independent)."""
+def stage_estimates(recipe: Recipe, data: dict[str, LoadedData], tokenizer=None) -> dict[str, dict]:
+    """Per stage name: examples, steps and train tokens before it runs (seed-independent).
+    `tokenizer`: the recipe's chat tokenizer (`models.chat_tokenizer`), loaded when not given."""
     from posttrain.estimate import chat_token_counter, estimate_stage
-    from posttrain.models import apply_chat_template_choice, load_tokenizer
+    from posttrain.models import chat_tokenizer
 
-    tokenizer = load_tokenizer(base_source(recipe))
-    apply_chat_template_choice(tokenizer, None, recipe.model.chat_template)
-    count = chat_token_counter(tokenizer)
+    count = chat_token_counter(tokenizer or chat_tokenizer(base_source(recipe)))
     used = {name for chain in recipe.pipelines.values() for name in chain}
     per_epoch: dict[str, int] = {}  # per dataset: DPO and ORPO on one dataset count it once
     estimates = {}

@@ -133,13 +133,12 @@ def curated(name: str, examples: list[dict], curate_spec, env: DataEnv) -> tuple
     })[:16]
     cache = env.cache_dir / f"{name}-{key}.jsonl" if env.cache_dir else None
     if cache is not None and cache.is_file():
-        from posttrain.cache import curated_problems
+        from posttrain.cache import load_curated
 
-        problems = curated_problems(cache)
+        rows, summary, problems = load_curated(cache)
         if not problems:
             env.log(f"data {name}: curated set reused from {cache.name}")
-            rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines() if line.strip()]
-            return rows, json.loads(cache.with_suffix(".curation.json").read_text(encoding="utf-8"))
+            return rows, summary
         env.log(f"data {name}: corrupt cached curated set ({problems[0]}); curating again")
     if curate_spec.decontaminate and not eval_texts:
         env.log(f"data {name}: decontaminate is on but no local eval task data to check against")
