@@ -39,10 +39,15 @@ def total_steps(spec, examples: int) -> int:
     return max(1, math.ceil(spec.epochs * steps_per_epoch(examples, spec.batch_size, spec.gradient_accumulation)))
 
 
-def example_tokens(example: dict, count) -> int:
-    """Tokens of one example's training sequences (see module docstring)."""
+def example_tokens(example: dict, count, max_length: int | None = None) -> int:
+    """Tokens of one example's training sequences (see module docstring).
+
+    `max_length` caps a conversation as TRL's SFT truncates it. Preference pairs are
+    not capped here: how DPO and ORPO truncate and drop pairs is counted apart
+    (checks.check_max_lengths)."""
     if "messages" in example:
-        return count(example["messages"])
+        tokens = count(example["messages"])
+        return min(tokens, max_length) if max_length else tokens
     prompt = example["prompt"]
     return count(prompt + example["chosen"]) + count(prompt + example["rejected"])
 
@@ -57,12 +62,12 @@ def measured_rows(rows: int) -> list[int]:
     return sorted(random.Random(0).sample(range(rows), SAMPLE_ROWS))
 
 
-def tokens_per_epoch(examples: list[dict], count) -> int:
+def tokens_per_epoch(examples: list[dict], count, max_length: int | None = None) -> int:
     """Every row's tokens up to SAMPLE_ROWS rows; beyond, a sample's scaled up (measured_rows)."""
     if not examples:
         return 0
     picked = measured_rows(len(examples))
-    sampled = sum(example_tokens(examples[i], count) for i in picked)
+    sampled = sum(example_tokens(examples[i], count, max_length) for i in picked)
     return round(sampled * len(examples) / len(picked))
 
 
@@ -74,12 +79,17 @@ def chat_token_counter(tokenizer):
     return count
 
 
+def truncation(spec) -> int | None:
+    """The length each training sequence is cut to, where the estimate can apply it (SFT)."""
+    return spec.max_length if getattr(spec, "method", None) == "sft" else None
+
+
 def estimate_stage(spec, examples: list[dict], count, per_epoch_tokens: int | None = None) -> StageEstimate:
     """A stage's size; `per_epoch_tokens` reuses a count already made for the same rows."""
     per_epoch_steps = steps_per_epoch(len(examples), spec.batch_size, spec.gradient_accumulation)
     steps = total_steps(spec, len(examples))
     if per_epoch_tokens is None:
-        per_epoch_tokens = tokens_per_epoch(examples, count)
+        per_epoch_tokens = tokens_per_epoch(examples, count, truncation(spec))
     return StageEstimate(examples=len(examples), steps_per_epoch=per_epoch_steps, steps=steps,
                          tokens_per_epoch=per_epoch_tokens,
                          tokens=round(per_epoch_tokens * steps / per_epoch_steps))

@@ -533,18 +533,20 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
 def stage_estimates(recipe: Recipe, data: dict[str, LoadedData], tokenizer=None) -> dict[str, dict]:
     """Per stage name: examples, steps and train tokens before it runs (seed-independent).
     `tokenizer`: the recipe's chat tokenizer (`models.chat_tokenizer`), loaded when not given."""
-    from posttrain.estimate import chat_token_counter, estimate_stage
+    from posttrain.estimate import chat_token_counter, estimate_stage, truncation
     from posttrain.models import chat_tokenizer
 
     count = chat_token_counter(tokenizer or chat_tokenizer(base_source(recipe)))
     used = {name for chain in recipe.pipelines.values() for name in chain}
-    per_epoch: dict[str, int] = {}  # per dataset: DPO and ORPO on one dataset count it once
+    # Per dataset and cut: DPO and ORPO on one dataset count it once.
+    per_epoch: dict[tuple[str, int | None], int] = {}
     estimates = {}
     for name, spec in recipe.stages.items():
         if name in used:
             key = f"{spec.data}:{STAGE_DATA_KIND[spec.method]}"
-            estimate = estimate_stage(spec, data[key].examples, count, per_epoch.get(key))
-            per_epoch[key] = estimate.tokens_per_epoch
+            counted = (key, truncation(spec))
+            estimate = estimate_stage(spec, data[key].examples, count, per_epoch.get(counted))
+            per_epoch[counted] = estimate.tokens_per_epoch
             estimates[name] = estimate.as_dict()
     return estimates
 

@@ -475,13 +475,18 @@ def write_report(run_dir: Path, extra_runs: list[Path] = (), out_dir: Path | Non
 
 
 def terminal_table(report: dict):
-    """The quality table as a rich Table for the terminal."""
+    """The quality table as a rich Table for the terminal.
+
+    Every text is escaped: rich reads "[...]" as markup, and would silently drop a
+    filter name ("exact_match[concise]") or a sweep's pipeline name ("dpo[beta=0.2]").
+    """
+    from rich.markup import escape
     from rich.table import Table
 
     header, rows = main_table(report)
-    table = Table(title=f"{report['title']} — eval spec {report['eval_spec']}", show_lines=False)
+    table = Table(title=escape(f"{report['title']} — eval spec {report['eval_spec']}"), show_lines=False)
     for name in header:
-        table.add_column(name, overflow="fold")
+        table.add_column(escape(name), overflow="fold")
     for cells in rows:
-        table.add_row(*cells)
+        table.add_row(*map(escape, cells))
     return table

@@ -294,9 +294,15 @@ def test_orpo_drops_pairs_whose_prompt_fills_max_length():
 
 
 def test_orpo_with_a_prompt_longer_than_max_length_trains_finite(tmp_path):
-    # One of the 32 pairs tiny_context trains on has a 100-token prompt.
     ctx = tiny_context(tmp_path, ORPOStage(method="orpo", data="d", learning_rate=1e-2, max_steps=4, batch_size=8,
                                            max_length=96))
+    # One of the 32 pairs has a prompt of 133 characters (= tokens): it fills max_length; the
+    # others stay well below it.
+    long_prompt = "How many words are in: " + " ".join(["kabo"] * 22) + "?"
+    ctx.examples[5] = {"prompt": [{"role": "user", "content": long_prompt}],
+                       "chosen": [{"role": "assistant", "content": "22"}],
+                       "rejected": [{"role": "assistant", "content": "There are 22 words."}]}
+    assert max(len(row["prompt"][0]["content"]) for i, row in enumerate(ctx.examples) if i != 5) < 80
     result = run_stage(ctx)
     assert result.cost["dropped_pairs"] == 1 and result.cost["examples_seen"] == 31
 

@@ -44,3 +44,10 @@ def test_preference_pairs_count_prompt_with_each_reply_and_matching_steps():
     sft = estimate_stage(SFTStage(method="sft", data="d", learning_rate=1e-3, max_steps=3, batch_size=4),
                          [row(2)] * 8, words)
     assert (sft.steps, sft.tokens) == (3, round(8 * 3 * 3 / 2))
+
+
+def test_sft_counts_each_conversation_cut_to_max_length_as_trl_truncates_it():
+    rows = [row(n) for n in (2, 10, 40)]          # 3, 11 and 41 "tokens"
+    spec = SFTStage(method="sft", data="d", learning_rate=1e-3, batch_size=3, epochs=1, max_length=12)
+    assert estimate_stage(spec, rows, words).tokens == 3 + 11 + 12
+    assert tokens_per_epoch(rows, words) == 3 + 11 + 41        # uncapped without a max_length

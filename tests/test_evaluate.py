@@ -159,15 +159,18 @@ def test_micro_llama_end_to_end(tmp_path, monkeypatch, tokenizer, bundled_refs):
     assert values[("skills_mc", "acc")]["value"] == pytest.approx(sum(r["acc"] for r in mc) / len(mc))
 
 
-def _oracle(tokenizer):
-    """A micro Llama whose forward pass answers every eval prompt, then says "ZZZ..."."""
+def _oracle(tokenizer, replies: dict[str, str] | None = None):
+    """A micro Llama whose forward pass answers every eval prompt, then says "ZZZ...".
+
+    It says `replies[prompt]` when given, else the concise answer.
+    """
     import torch
     from transformers import LlamaForCausalLM
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from posttrain.models import build_builtin_model
 
-    answers = {row["prompt"]: row["answer"] for row in eval_rows()}
+    answers = {row["prompt"]: row["answer"] for row in eval_rows()} | (replies or {})
     header, user = tokenizer.encode("<|im_start|>assistant\n"), tokenizer.encode("<|im_start|>user\n")
     end_id, pad_id, junk_id = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("Z")
 
@@ -215,6 +218,44 @@ def test_perfect_model_scores_one_and_stops_at_end_of_turn(tmp_path, tokenizer, 
     assert model.generation_config.eos_token_id is None     # restored afterwards
     exact = read_jsonl(output_files(tmp_path / "out")["samples:skills_exact"][0])
     assert [r["filtered_resps"][0] for r in exact] == [r["answer"] for r in eval_rows()[:12]]
+
+
+def test_skills_task_scores_correctness_and_form_from_one_reply(tmp_path, tokenizer):
+    """Known answer: 12 items answered concise-right, wordy-right, wordy-wrong,
+    concise-wrong and extra text in turn; each filter scores exactly what it names,
+    and the per-item scores the report pairs on are read per filter."""
+    from posttrain.data.builtin import WORDY_FORMS
+    from posttrain.samples import generated_replies, item_scores
+
+    rows = eval_rows()[:12]
+    kinds = ["concise", "wordy", "wordy_wrong", "concise_wrong", "extra", "concise"] * 2
+
+    def reply(row, kind):
+        wrong = str(int(row["answer"]) + 1)
+        return {"concise": row["answer"], "wordy": row["wordy"], "concise_wrong": wrong,
+                "wordy_wrong": WORDY_FORMS[row["skill"]].format(a=wrong), "extra": row["answer"] + " ok"}[kind]
+
+    said = {row["prompt"]: reply(row, kind) for row, kind in zip(rows, kinds)}
+    model = _oracle(tokenizer, said)
+    model.generation_config.eos_token_id = None
+    refs = resolve_tasks(["evals/skills.yaml"], [REPO])
+    task_dir = prepare_task_dir(refs, tmp_path / "tasks")
+    out = evaluate_model(model, tokenizer, refs, task_dir=task_dir, out_dir=tmp_path / "out",
+                         label="oracle", limit=12, batch_size=12)
+    values = {(r["task"], r["metric"]): r["value"] for r in out}
+    assert set(values) == {("skills", "exact_match[correct]"), ("skills", "exact_match[concise]")}
+    correct = [kind in ("concise", "wordy") for kind in kinds]
+    concise = [kind == "concise" for kind in kinds]
+    assert values[("skills", "exact_match[correct]")] == pytest.approx(sum(correct) / 12)
+    assert values[("skills", "exact_match[concise]")] == pytest.approx(sum(concise) / 12)
+
+    samples = output_files(tmp_path / "out")["samples:skills"][0]
+    assert item_scores(samples, "exact_match[correct]") == {i: float(c) for i, c in enumerate(correct)}
+    assert item_scores(samples, "exact_match[concise]") == {i: float(c) for i, c in enumerate(concise)}
+    # The side-by-side shows what the model said, not a filter's extraction of it.
+    shown = generated_replies(samples)
+    assert [r["reply"] for r in shown.values()] == [said[row["prompt"]] for row in rows]
+    assert shown[0]["target"] == f"{rows[0]['answer']} / {rows[0]['wordy']}"
 
 
 def test_local_tasks_need_a_task_dir(tmp_path, tokenizer, bundled_refs):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.data.builtin import eval_rows, instruction_rows
+from posttrain.data.builtin import eval_rows, generate_items
 from posttrain.data.formats import convert_row
 from posttrain.data.inspect import format_inspection, inspect_source, percentiles
 from posttrain.data.noisy import NOISE_MIX, TAGS, noisy_skills_rows, noisy_skills_rows_tagged
@@ -59,10 +59,12 @@ def test_noisy_rows_are_canonical_instruction_rows(noisy):
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
 
 
-def test_noisy_clean_rows_are_the_builtin_train_rows(noisy):
+def test_noisy_clean_rows_are_the_builtin_train_items_answered_concisely(noisy):
     rows, tags = noisy
     clean = [row for row, tag in zip(rows, tags) if tag == "clean"]
-    assert Counter(map(json.dumps, clean)) == Counter(map(json.dumps, instruction_rows("train", 600, 3)))
+    expected = [{"messages": [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": item.answer}]}
+                for item in generate_items("train", 600, 3)]
+    assert Counter(map(json.dumps, clean)) == Counter(map(json.dumps, expected))
 
 
 def test_noisy_leaks_are_eval_prompts_verbatim_with_their_answers(noisy):

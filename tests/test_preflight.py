@@ -382,10 +382,10 @@ def tiny(tmp_path, repo, *overrides):
 @pytest.mark.parametrize("pipeline, override, what", [
     ("[sft, dpo]", "stages.dpo.max_length=2", "64 pairs of data 'prefs' would be dropped before training: the "
                                               "prompt alone fills max_length (2 tokens; the shortest such prompt "
-                                              "takes 42)"),
-    ("[sft, orpo]", "stages.orpo.max_length=42", "64 pairs of data 'prefs' would be dropped before training: the "
-                                                 "prompt alone fills max_length (42 tokens; the shortest such "
-                                                 "prompt takes 42)"),
+                                              "takes 44)"),
+    ("[sft, orpo]", "stages.orpo.max_length=44", "64 pairs of data 'prefs' would be dropped before training: the "
+                                                 "prompt alone fills max_length (44 tokens; the shortest such "
+                                                 "prompt takes 44)"),
     ("[sft]", "stages.sft.max_length=43", "64 conversations of data 'ins' would be dropped before training: the "
                                           "prompt before the first reply fills max_length (43 tokens; the shortest "
                                           "such prompt takes 43)"),
@@ -406,7 +406,7 @@ def test_a_stage_whose_max_length_leaves_nothing_to_train_fails_before_any_stage
 def test_a_stage_that_loses_some_rows_to_max_length_is_counted_in_the_plan(tmp_path, repo):
     result = invoke("plan", *tiny(tmp_path, repo, "pipelines={p: [sft, dpo]}", "stages.dpo.max_length=60"))
     assert result.exit_code == 0, result.output
-    assert ("stages.dpo: 15 of 64 pairs (23.4%) will be dropped before training: the prompt alone fills max_length "
+    assert ("stages.dpo: 16 of 64 pairs (25.0%) will be dropped before training: the prompt alone fills max_length "
             "(60 tokens)") in result.output
     assert "stages.sft:" not in result.output   # max_length 96 keeps every conversation
 

@@ -169,3 +169,24 @@ def test_import_is_cheap():
     code = "import sys, posttrain.report_html; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_terminal_table_shows_brackets_as_written():
+    """rich reads "[...]" as markup: a filter's name or a sweep's pipeline name must survive."""
+    from rich.console import Console
+
+    from posttrain.report import terminal_table
+
+    report = make_report()
+    column = "skills/exact_match[concise]"
+    report["columns"] = [column]
+    report["title"] = "sweep[a]"
+    for p in report["pipelines"]:
+        p["metrics"] = {column: _m(0.5, 0.4, 0.6)}
+        p["delta"] = {}
+    report["pipelines"][2]["name"] = "dpo[beta=0.2]"
+    console = Console(width=200, record=True)
+    console.print(terminal_table(report))
+    text = console.export_text()
+    assert "skills/exact_match[concise]" in text and "Δ skills/exact_match[concise]" in text
+    assert "dpo[beta=0.2]" in text and "sweep[a]" in text and "50.0 [40.0, 60.0]" in text

@@ -1,16 +1,25 @@
 """Builtin data generated in code: verifiable "skills" for the offline quickstart.
 
 Each example is a short instruction with one checkable answer. Train and test use
-disjoint word/number pools, so the held-out split measures generalisation, not
-memorisation. Preference pairs have the correct answer as `chosen` and a plausible
-near miss as `rejected` (off-by-one count, neighbouring letter, ...).
+disjoint word and number pools, so the held-out split measures generalisation, not
+memorisation.
+
+The data leave a choice open that only the preferences settle. An answer has two
+acceptable forms: concise (the bare answer, "5") and wordy (a sentence holding it,
+"It has 5 letters."). The SFT demonstrations use each form by a seeded coin that
+nothing in the prompt predicts, so SFT learns the skill but not which form to use.
+The preference pairs always choose the concise, correct reply; the rejected reply
+is the same answer in the wordy form (half the pairs: the style preference) or a
+plausible near miss in the concise form (the other half: off-by-one counts). The
+eval task `evals/skills.yaml` scores both: correct in either form, and concise.
 
 The skills were chosen by measurement on a ~1M-parameter char-level Llama (see
-README "Quickstart"): copy-and-transform skills a tiny model learns in minutes.
+README "Quickstart"): counting skills a tiny model learns in minutes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -40,6 +49,15 @@ def split_words(seed: int = 1234, total: int = 3000, test_fraction: float = 0.2)
     return sorted(words[n_test:]), sorted(words[:n_test])
 
 
+def number_split(number: str) -> str:
+    """The split a number belongs to: a fixed ~20% of all numbers are test numbers.
+
+    Decided by a hash of the digits, so a number drawn for one split never appears
+    in the other, whatever the seed or row count.
+    """
+    return "test" if hashlib.sha256(number.encode()).digest()[0] < 52 else "train"
+
+
 @dataclass(frozen=True)
 class Item:
     skill: str
@@ -54,7 +72,7 @@ def _other_letter(rng: random.Random, letter: str) -> str:
     return rng.choice([c for c in pool if c != letter])
 
 
-def skill_count(rng: random.Random, word: str, pool: list[str]) -> Item:
+def skill_count(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
     phrasing = rng.choice([
         'How many letters are in "{w}"?',
         'Count the letters in the word "{w}".',
@@ -66,7 +84,7 @@ def skill_count(rng: random.Random, word: str, pool: list[str]) -> Item:
     return Item("count", phrasing.format(w=word), str(n), str(n + rng.choice([-1, 1])), tuple(wrong[:3]))
 
 
-def skill_first(rng: random.Random, word: str, pool: list[str]) -> Item:
+def skill_first(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
     phrasing = rng.choice([
         'What is the first letter of "{w}"?',
         'Give the first letter of the word "{w}".',
@@ -78,7 +96,7 @@ def skill_first(rng: random.Random, word: str, pool: list[str]) -> Item:
     return Item("first", phrasing.format(w=word), word[0], near, distractors)
 
 
-def skill_last(rng: random.Random, word: str, pool: list[str]) -> Item:
+def skill_last(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
     phrasing = rng.choice([
         'What is the last letter of "{w}"?',
         'Give the final letter of the word "{w}".',
@@ -90,7 +108,7 @@ def skill_last(rng: random.Random, word: str, pool: list[str]) -> Item:
     return Item("last", phrasing.format(w=word), word[-1], near, distractors)
 
 
-def skill_upper(rng: random.Random, word: str, pool: list[str]) -> Item:
+def skill_upper(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
     phrasing = rng.choice([
         'Write "{w}" in capital letters.',
         'Convert "{w}" to uppercase.',
@@ -109,7 +127,7 @@ def _count_wrong(rng: random.Random, n: int) -> tuple[str, tuple[str, ...]]:
     return str(n + rng.choice([-1, 1]) if n > 1 else n + 1), tuple(wrong[:3])
 
 
-def skill_words(rng: random.Random, word: str, pool: list[str]) -> Item:
+def skill_words(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
     """Count the words of a short list; the list is built from the split's pool."""
     words = [word] + [rng.choice(pool) for _ in range(rng.randint(1, 6))]
     phrasing = rng.choice([
@@ -121,8 +139,13 @@ def skill_words(rng: random.Random, word: str, pool: list[str]) -> Item:
     return Item("words", phrasing.format(s=" ".join(words)), str(len(words)), near, wrong)
 
 
-def skill_digits(rng: random.Random, word: str, pool: list[str]) -> Item:
-    number = str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(1, 7)))
+def skill_digits(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
+    """Count the digits of a number (2-8 digits) of the split's number pool."""
+    length = rng.randint(2, 8)
+    while True:
+        number = str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(length - 1))
+        if number_split(number) == split:
+            break
     phrasing = rng.choice([
         "How many digits does {n} have?",
         "Count the digits in {n}.",
@@ -132,7 +155,7 @@ def skill_digits(rng: random.Random, word: str, pool: list[str]) -> Item:
     return Item("digits", phrasing.format(n=number), str(len(number)), near, wrong)
 
 
-SKILLS: dict[str, Callable[[random.Random, str, list[str]], Item]] = {
+SKILLS: dict[str, Callable[..., Item]] = {
     "words": skill_words,
     "digits": skill_digits,
     "count": skill_count,
@@ -144,9 +167,10 @@ SKILLS: dict[str, Callable[[random.Random, str, list[str]], Item]] = {
 
 # Quickstart skills, chosen by measurement (README "Quickstart"): after SFT of
 # tiny-llama (3 epochs, 4,000 rows, ~100 s) held-out exact match per skill was
-# digits 100%, count 91%, words 65%, last 15%, first 6%, upper 0%. Three counting
-# skills it learns, plus one lookup skill it mostly does not (room to improve).
-QUICKSTART_SKILLS = ("count", "digits", "words", "last")
+# digits 100%, count 91%, words 65%, last 15%, first 6%, upper 0%. The three
+# counting skills it learns; the look-ups it does not learn were answered by a
+# constant ("last" letter: "i" for 37 of 50 items) and are left out.
+QUICKSTART_SKILLS = ("count", "digits", "words")
 SPLITS = ("train", "test")   # disjoint word pools (split_words)
 
 
@@ -157,7 +181,7 @@ def generate_items(split: str, n: int, seed: int = 0, skills: tuple[str, ...] = 
     train_words, test_words = split_words()
     words = train_words if split == "train" else test_words
     rng = random.Random(f"{split}-{seed}")
-    items = [SKILLS[skills[i % len(skills)]](rng, rng.choice(words), words) for i in range(n)]
+    items = [SKILLS[skills[i % len(skills)]](rng, rng.choice(words), words, split) for i in range(n)]
     return [_distinct_distractors(item) for item in items]
 
 
@@ -172,19 +196,54 @@ def _distinct_distractors(item: Item) -> Item:
     return Item(item.skill, item.prompt, item.answer, item.near_miss, tuple(out))
 
 
+# The second acceptable form of an answer, per skill: a sentence that holds it.
+WORDY_FORMS = {
+    "count": "It has {a} letters.",
+    "digits": "It has {a} digits.",
+    "words": "There are {a} words.",
+    "first": "It starts with {a}.",
+    "last": "It ends with {a}.",
+    "upper": "In capitals: {a}.",
+}
+# Share of SFT demonstrations in the concise form. One seeded coin per row, so
+# the prompt says nothing about the form and SFT is left to guess.
+CONCISE_SHARE = 0.5
+
+
+def wordy(item: Item, answer: str | None = None) -> str:
+    """`answer` (default: the item's) in the item's wordy form."""
+    return WORDY_FORMS[item.skill].format(a=item.answer if answer is None else answer)
+
+
+def demonstrations(split: str, n: int, seed: int) -> list[tuple[Item, str]]:
+    """`(item, reply)` of SFT rows: the reply concise or wordy by a seeded coin."""
+    coin = random.Random(f"form-{split}-{seed}")
+    return [(item, item.answer if coin.random() < CONCISE_SHARE else wordy(item))
+            for item in generate_items(split, n, seed)]
+
+
 def instruction_rows(split: str = "train", n: int = 4000, seed: int = 0) -> list[dict]:
     check_split("skills", split)
     return [{"messages": [{"role": "user", "content": item.prompt},
-                          {"role": "assistant", "content": item.answer}]}
-            for item in generate_items(split, n, seed)]
+                          {"role": "assistant", "content": reply}]}
+            for item, reply in demonstrations(split, n, seed)]
+
+
+def preference_pair(index: int, item: Item) -> tuple[str, str]:
+    """`(chosen, rejected)`: chosen is concise and correct; rejected alternates between
+    the same answer in the wordy form (even rows) and a concise near miss (odd rows)."""
+    return item.answer, (wordy(item) if index % 2 == 0 else item.near_miss)
 
 
 def preference_rows(split: str = "train", n: int = 4000, seed: int = 1) -> list[dict]:
     check_split("skills-preferences", split)
-    return [{"prompt": [{"role": "user", "content": item.prompt}],
-             "chosen": [{"role": "assistant", "content": item.answer}],
-             "rejected": [{"role": "assistant", "content": item.near_miss}]}
-            for item in generate_items(split, n, seed)]
+    rows = []
+    for i, item in enumerate(generate_items(split, n, seed)):
+        chosen, rejected = preference_pair(i, item)
+        rows.append({"prompt": [{"role": "user", "content": item.prompt}],
+                     "chosen": [{"role": "assistant", "content": chosen}],
+                     "rejected": [{"role": "assistant", "content": rejected}]})
+    return rows
 
 
 def eval_rows(n: int = 200, seed: int = 7) -> list[dict]:
@@ -194,7 +253,7 @@ def eval_rows(n: int = 200, seed: int = 7) -> list[dict]:
         choices = [item.answer, *item.distractors]
         random.Random(f"choices-{seed}-{i}").shuffle(choices)
         rows.append({"id": i, "skill": item.skill, "prompt": item.prompt, "answer": item.answer,
-                     "choices": choices, "label": choices.index(item.answer)})
+                     "wordy": wordy(item), "choices": choices, "label": choices.index(item.answer)})
     return rows
 
 
