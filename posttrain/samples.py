@@ -82,6 +82,8 @@ def display_target(target):
     letters.']"); show them as "5 / It has 5 letters."."""
     import ast
 
+    if isinstance(target, list) and target and all(isinstance(v, str) for v in target):
+        return " / ".join(target)
     if isinstance(target, str) and target.startswith("[") and target.endswith("]"):
         try:
             value = ast.literal_eval(target)

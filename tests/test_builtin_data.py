@@ -67,7 +67,6 @@ def test_every_answer_is_right(train_items, test_items):
 
 
 def test_quickstart_skills_in_equal_measure():
-    assert QUICKSTART_SKILLS == ("count", "digits", "words")
     counts = Counter(row["skill"] for row in eval_rows())
     assert set(counts) == set(QUICKSTART_SKILLS) and max(counts.values()) - min(counts.values()) <= 1
 
@@ -80,29 +79,34 @@ def test_sft_demonstrations_leave_the_form_open():
     for item, reply, short in zip(items, replies, concise):
         assert short or reply == WORDY_FORMS[item.skill].format(a=item.answer)
     assert abs(sum(concise) / len(concise) - CONCISE_SHARE) < 0.03
-    by_phrasing: dict[str, list[bool]] = {}
+    # Neither the phrasing nor the answer (within a skill) predicts the form.
+    groups: dict[tuple, list[bool]] = {}
     for item, short in zip(items, concise):
-        phrasing = re.sub(r'"[^"]*"|\d+|: .*', "_", item.prompt)
-        by_phrasing.setdefault(phrasing, []).append(short)
-    assert len(by_phrasing) >= 9
-    for phrasing, flags in by_phrasing.items():
-        assert 0.4 < sum(flags) / len(flags) < 0.6, phrasing
+        groups.setdefault(("phrasing", re.sub(r'"[^"]*"|\d+|: .*', "_", item.prompt)), []).append(short)
+        groups.setdefault(("answer", item.skill, item.answer), []).append(short)
+    assert sum(kind == "phrasing" for kind, *_ in groups) >= 9
+    for group, flags in groups.items():
+        if len(flags) >= 100:
+            assert 0.38 < sum(flags) / len(flags) < 0.62, group
 
 
 def test_preferences_choose_the_concise_right_answer():
     items = generate_items("train", 400, 1)
     rows = preference_rows("train", 400, 1)
-    kinds = Counter()
+    kinds: Counter = Counter()
     for i, (item, row) in enumerate(zip(items, rows)):
         assert row["prompt"] == [{"role": "user", "content": item.prompt}]
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
         assert chosen == item.answer
         if rejected == WORDY_FORMS[item.skill].format(a=item.answer):
-            kinds["wordy, same answer"] += 1
+            kinds[item.skill, "wordy, same answer"] += 1
         else:
             assert rejected == item.near_miss and abs(int(rejected) - int(item.answer)) == 1
-            kinds["concise near miss"] += 1
-    assert kinds == {"wordy, same answer": 200, "concise near miss": 200}
+            kinds[item.skill, "concise near miss"] += 1
+    # Every skill gets both kinds of rejected reply, in about equal measure.
+    assert {skill for skill, _ in kinds} == set(QUICKSTART_SKILLS)
+    for skill in QUICKSTART_SKILLS:
+        assert abs(kinds[skill, "wordy, same answer"] - kinds[skill, "concise near miss"]) <= 1, kinds
 
 
 def test_eval_rows_hold_both_acceptable_replies():

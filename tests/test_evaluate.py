@@ -261,3 +261,30 @@ def test_skills_task_scores_correctness_and_form_from_one_reply(tmp_path, tokeni
 def test_local_tasks_need_a_task_dir(tmp_path, tokenizer, bundled_refs):
     with pytest.raises(RecipeError, match="task_dir"):
         evaluate_model(object(), tokenizer, bundled_refs, task_dir=None, out_dir=tmp_path, label="x")
+
+
+def test_item_scores_read_only_the_metrics_own_filter(tmp_path):
+    """gsm8k writes one record per item and filter; a plain task's filter is "none"; our
+    own preference records have no filter at all."""
+    from posttrain.samples import generated_replies, item_scores
+
+    records = []
+    for doc_id, (strict, flexible) in enumerate([(1.0, 1.0), (0.0, 1.0), (0.0, 0.0)]):
+        for name, score in (("strict-match", strict), ("flexible-extract", flexible)):
+            records.append({"doc_id": doc_id, "doc": {"question": f"q{doc_id}"}, "target": "4",
+                            "arguments": {"gen_args_0": {"arg_0": f"q{doc_id}"}}, "resps": [[f"so #### {doc_id}"]],
+                            "filtered_resps": [str(doc_id)], "filter": name, "exact_match": score})
+    gsm8k = tmp_path / "samples_gsm8k_2026-01-01T00-00-00.jsonl"
+    gsm8k.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert item_scores(gsm8k, "exact_match[strict-match]") == {0: 1.0, 1: 0.0, 2: 0.0}
+    assert item_scores(gsm8k, "exact_match[flexible-extract]") == {0: 1.0, 1: 1.0, 2: 0.0}
+    assert item_scores(gsm8k, "exact_match") == {}          # no "none" filter in this file
+    assert [r["reply"] for r in generated_replies(gsm8k).values()] == ["so #### 0", "so #### 1", "so #### 2"]
+
+    plain = tmp_path / "samples_plain_2026-01-01T00-00-00.jsonl"
+    plain.write_text(json.dumps({"doc_id": 0, "filter": "none", "acc": 1.0}) + "\n"
+                     + json.dumps({"doc_id": 1, "filter": "none", "acc": 0.0}) + "\n")
+    assert item_scores(plain, "acc") == {0: 1.0, 1: 0.0}
+    ours = tmp_path / "preferences.jsonl"
+    ours.write_text(json.dumps({"doc_id": 0, "pref_acc": True}) + "\n")
+    assert item_scores(ours, "pref_acc") == {0: 1.0}

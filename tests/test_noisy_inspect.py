@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -107,16 +108,24 @@ def test_noisy_duplicates_and_noise_look_as_described(noisy):
 
 
 def test_noisy_wrong_answers_are_wrong():
+    """Every skill's wrong rows: the reply is a count, and not the prompt's true count."""
+    from test_builtin_data import word_list
+
     rows, tags = noisy_skills_rows_tagged(n_clean=300, seed=0)
+    seen = set()
     for row, tag in zip(rows, tags):
         if tag != "wrong":
             continue
         prompt, reply = _prompt(row), _reply(row)
-        if prompt.startswith(("How many letters", "Count the letters", "What is the length", "Number of letters")):
-            word = prompt.split('"')[1]
-            assert reply != str(len(word))
-        elif "last" in prompt or "final" in prompt or "end with" in prompt:
-            assert reply != prompt.split('"')[1][-1]
+        if "digits" in prompt:
+            skill, truth = "digits", len(re.findall(r"\d+", prompt)[0])
+        elif "words" in prompt:
+            skill, truth = "words", len(word_list(prompt))
+        else:
+            skill, truth = "count", len(re.findall(r'"([a-z]+)"', prompt)[0])
+        seen.add(skill)
+        assert reply.isdigit() and int(reply) != truth, (prompt, reply)
+    assert seen == {"count", "digits", "words"}
 
 
 # --------------------------------------------------------------------------- inspect

@@ -72,7 +72,7 @@ def _other_letter(rng: random.Random, letter: str) -> str:
     return rng.choice([c for c in pool if c != letter])
 
 
-def skill_count(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
+def skill_count(rng: random.Random, word: str, pool: list[str], split: str) -> Item:
     phrasing = rng.choice([
         'How many letters are in "{w}"?',
         'Count the letters in the word "{w}".',
@@ -84,7 +84,7 @@ def skill_count(rng: random.Random, word: str, pool: list[str], split: str = "tr
     return Item("count", phrasing.format(w=word), str(n), str(n + rng.choice([-1, 1])), tuple(wrong[:3]))
 
 
-def skill_first(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
+def skill_first(rng: random.Random, word: str, pool: list[str], split: str) -> Item:
     phrasing = rng.choice([
         'What is the first letter of "{w}"?',
         'Give the first letter of the word "{w}".',
@@ -96,7 +96,7 @@ def skill_first(rng: random.Random, word: str, pool: list[str], split: str = "tr
     return Item("first", phrasing.format(w=word), word[0], near, distractors)
 
 
-def skill_last(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
+def skill_last(rng: random.Random, word: str, pool: list[str], split: str) -> Item:
     phrasing = rng.choice([
         'What is the last letter of "{w}"?',
         'Give the final letter of the word "{w}".',
@@ -108,7 +108,7 @@ def skill_last(rng: random.Random, word: str, pool: list[str], split: str = "tra
     return Item("last", phrasing.format(w=word), word[-1], near, distractors)
 
 
-def skill_upper(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
+def skill_upper(rng: random.Random, word: str, pool: list[str], split: str) -> Item:
     phrasing = rng.choice([
         'Write "{w}" in capital letters.',
         'Convert "{w}" to uppercase.',
@@ -127,7 +127,7 @@ def _count_wrong(rng: random.Random, n: int) -> tuple[str, tuple[str, ...]]:
     return str(n + rng.choice([-1, 1]) if n > 1 else n + 1), tuple(wrong[:3])
 
 
-def skill_words(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
+def skill_words(rng: random.Random, word: str, pool: list[str], split: str) -> Item:
     """Count the words of a short list; the list is built from the split's pool."""
     words = [word] + [rng.choice(pool) for _ in range(rng.randint(1, 6))]
     phrasing = rng.choice([
@@ -139,7 +139,7 @@ def skill_words(rng: random.Random, word: str, pool: list[str], split: str = "tr
     return Item("words", phrasing.format(s=" ".join(words)), str(len(words)), near, wrong)
 
 
-def skill_digits(rng: random.Random, word: str, pool: list[str], split: str = "train") -> Item:
+def skill_digits(rng: random.Random, word: str, pool: list[str], split: str) -> Item:
     """Count the digits of a number (2-8 digits) of the split's number pool."""
     length = rng.randint(2, 8)
     while True:
@@ -171,7 +171,7 @@ SKILLS: dict[str, Callable[..., Item]] = {
 # counting skills it learns; the look-ups it does not learn were answered by a
 # constant ("last" letter: "i" for 37 of 50 items) and are left out.
 QUICKSTART_SKILLS = ("count", "digits", "words")
-SPLITS = ("train", "test")   # disjoint word pools (split_words)
+SPLITS = ("train", "test")   # disjoint word pools (split_words) and number pools (number_split)
 
 
 def generate_items(split: str, n: int, seed: int = 0, skills: tuple[str, ...] = QUICKSTART_SKILLS) -> list[Item]:
@@ -231,7 +231,10 @@ def instruction_rows(split: str = "train", n: int = 4000, seed: int = 0) -> list
 
 def preference_pair(index: int, item: Item) -> tuple[str, str]:
     """`(chosen, rejected)`: chosen is concise and correct; rejected alternates between
-    the same answer in the wordy form (even rows) and a concise near miss (odd rows)."""
+    the same answer in the wordy form (even rows) and a concise near miss (odd rows).
+
+    Skills come in round-robin, so with an odd number of skills (3 in the quickstart)
+    every skill gets both kinds of rejected reply equally; a test checks it."""
     return item.answer, (wordy(item) if index % 2 == 0 else item.near_miss)
 
 

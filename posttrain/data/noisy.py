@@ -26,7 +26,7 @@ NOISE_MIX: dict[str, float] = {
     "clean": 0.30,
     "exact_dup": 0.20,    # a clean row again; a third verbatim, the rest with case/whitespace changed
     "near_dup": 0.10,     # a clean row's prompt plus "Please," or a trailing phrase; same answer
-    "wrong": 0.20,        # a fresh prompt with a plausible wrong answer (off-by-one, wrong letter)
+    "wrong": 0.20,        # a fresh prompt with a plausible wrong answer (mostly off-by-one)
     "truncated": 0.05,    # a fresh prompt whose reply was cut off before the answer
     "boilerplate": 0.10,  # refusals, or the right answer buried in chatty filler
     "leak": 0.05,         # a held-out eval prompt (builtin.eval_rows()) verbatim, with its answer
@@ -59,8 +59,8 @@ def noisy_skills_rows(n_clean: int = 2000, seed: int = 0) -> list[dict]:
 
     Mix, as shares of the returned rows: 30% clean, 20% exact duplicates of clean rows
     (some with changed case/whitespace), 10% near duplicates ("Please, ..." or a
-    trailing phrase, same answer), 20% wrong answers (off-by-one counts, wrong
-    letter), 5% truncated replies, 10% boilerplate (refusals, or the answer wrapped
+    trailing phrase, same answer), 20% wrong answers (mostly off-by-one
+    counts), 5% truncated replies, 10% boilerplate (refusals, or the answer wrapped
     in filler), 5% held-out eval prompts copied verbatim with their answers.
     Deterministic for ``(n_clean, seed)``.
     """
@@ -132,7 +132,7 @@ def _near_dup(rng: random.Random, item: Item) -> dict:
 
 
 def _wrong(rng: random.Random, item: Item) -> dict:
-    """A plausible wrong answer: mostly the off-by-one / neighbouring-letter near miss."""
+    """A plausible wrong answer: mostly the off-by-one near miss, else a multiple-choice distractor."""
     answer = item.near_miss if rng.random() < 0.75 else rng.choice(item.distractors)
     return _row(item.prompt, answer)
 
