@@ -27,6 +27,11 @@ DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion",
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
                   "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
                   "sft", "sigmoid_norm")
+# Accepted by TRL's DPOConfig but refused by its trainer with the settings posttrain pins.
+UNBUILDABLE_DPO_LOSSES = {
+    "exo_pair": "exo_pair needs label smoothing above 0 (TRL refuses it at 0, and posttrain does not expose "
+                "label_smoothing yet); choose another loss_type",
+}
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
               "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 
@@ -185,6 +190,15 @@ class DPOStage(StageBase):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal[DPO_LOSS_TYPES] = "sigmoid"  # type: ignore[valid-type]
     precompute_ref_log_probs: bool = True
+
+    @field_validator("loss_type")
+    @classmethod
+    def _trl_builds_it(cls, value: str) -> str:
+        # TRL 1.16 refuses exo_pair when the trainer is built unless label_smoothing > 0,
+        # which the stage pins to 0: refused here, not after the stages before it trained.
+        if value in UNBUILDABLE_DPO_LOSSES:
+            raise ValueError(UNBUILDABLE_DPO_LOSSES[value])
+        return value
 
 
 class ORPOStage(StageBase):

@@ -254,6 +254,8 @@ def side_by_side(runs: list[dict], names: dict, count: int) -> dict[str, list[di
 
 
 def report_settings(runs: list[dict], names: dict) -> dict:
+    from posttrain.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES
+
     recipe = runs[0]["recipe"]
     report_spec = recipe.get("report") or {}
     ordered = list(dict.fromkeys(names[(i, row["pipeline"])] for i, run in enumerate(runs) for row in run["rows"]))
@@ -262,8 +264,8 @@ def report_settings(runs: list[dict], names: dict) -> dict:
     baseline = report_spec.get("baseline") or (trained[0] if trained else ordered[0])
     if baseline not in ordered:  # merged runs prefix colliding names: take the first run's
         baseline = next((name for name in ordered if name.endswith(f":{baseline}")), baseline)
-    return {"baseline": baseline, "confidence": report_spec.get("confidence", 0.95),
-            "resamples": report_spec.get("resamples", 2000), "samples": (recipe.get("eval") or {}).get("samples", 5),
+    return {"baseline": baseline, "confidence": report_spec.get("confidence", DEFAULT_CONFIDENCE),
+            "resamples": report_spec.get("resamples", DEFAULT_RESAMPLES), "samples": (recipe.get("eval") or {}).get("samples", 5),
             "pipelines": ordered}
 
 
@@ -300,7 +302,7 @@ def compute_match_notes(runs: list[dict], names: dict) -> list[str]:
 
 
 def build_report(run_dirs: list[Path]) -> dict:
-    from posttrain.stats import CI_METHOD_TEXT
+    from posttrain.stats import ci_method_text
 
     runs = load_runs([Path(d) for d in run_dirs])
     names = pipeline_names(runs)
@@ -334,7 +336,8 @@ def build_report(run_dirs: list[Path]) -> dict:
         "title": " + ".join(run["dir"].name for run in runs),
         "runs": [run["dir"].name for run in runs],  # names, not paths: the report survives a move
         "eval_spec": next((row.get("eval_spec") for row in runs[0]["rows"]), None),
-        "ci_method": CI_METHOD_TEXT, "confidence": settings["confidence"], "baseline": settings["baseline"],
+        "ci_method": ci_method_text(settings["confidence"], settings["resamples"]),
+        "confidence": settings["confidence"], "resamples": settings["resamples"], "baseline": settings["baseline"],
         "columns": columns, "pipelines": pipelines, "curves": curves(runs),
         "samples": side_by_side(runs, names, settings["samples"]),
         "curation": curation_summary(runs),
@@ -417,10 +420,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def markdown(report: dict) -> str:
-    confidence = round(100 * report["confidence"])
+    from posttrain.stats import level_text
+
     parts = [
         f"# {report['title']}\n\n",
-        f"Eval spec `{report['eval_spec']}` · baseline `{report['baseline']}` · {confidence}% intervals. "
+        f"Eval spec `{report['eval_spec']}` · baseline `{report['baseline']}` · {level_text(report['confidence'])} "
+        "intervals. "
         f"{report['ci_method']} Δ is the paired difference from the baseline (percentage points); "
         f"{SIGNIFICANT} marks a difference whose interval excludes zero — anything else is within the noise.\n\n",
         *(f"> {note}\n\n" for note in report.get("notes") or []),

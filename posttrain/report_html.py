@@ -82,6 +82,13 @@ def _is_fraction_column(report: dict, column: str) -> bool:
     return seen
 
 
+def _level(report: dict) -> str:
+    """The intervals' confidence as written in labels: 0.95 -> "95%", 0.975 -> "97.5%".
+    Reports written before `confidence` was recorded used the default, 95%."""
+    value = _num(report.get("confidence"))
+    return f"{value * 100:g}%" if value is not None else "95%"
+
+
 def _split_column(column: str) -> tuple[str, str]:
     task, _, metric = str(column).partition("/")
     return task, metric
@@ -191,7 +198,7 @@ def _bars(report: dict, column: str, path: Path) -> bool:
     ax.axhline(0, color="black", linewidth=0.6)
     ax.grid(axis="y", color="#dddddd", zorder=0)
     ax.set_axisbelow(True)
-    ax.set_title(f"{column}: mean with 95% interval", fontsize=10)
+    ax.set_title(f"{column}: mean with {_level(report)} interval", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     return True
@@ -400,7 +407,7 @@ def _comparison_table(report: dict) -> str:
         unit = " (%)" if scales[column] != 1.0 else ""
         top.append(f'<th colspan="2"><code>{_e(column)}</code>{unit}</th>')
         delta_unit = " (points)" if scales[column] != 1.0 else ""
-        sub.append(f"<th>mean [95% CI]</th><th>\u0394 vs {_e(baseline)}{delta_unit}</th>")
+        sub.append(f"<th>mean [{_level(report)} CI]</th><th>\u0394 vs {_e(baseline)}{delta_unit}</th>")
     body = []
     for pipeline in pipelines:
         name = pipeline["name"]
@@ -416,7 +423,7 @@ def _comparison_table(report: dict) -> str:
                 cells.append(_delta_cell((pipeline.get("delta") or {}).get(column), scales[column]))
         row_class = ' class="baseline"' if is_base else ""
         body.append(f'<tr{row_class}>{"".join(cells)}</tr>')
-    legend = (f'<p class="legend">Values are means over seeds with their 95% interval in brackets '
+    legend = (f'<p class="legend">Values are means over seeds with their {_level(report)} interval in brackets '
               f'({_e(report.get("ci_method", "interval method not given"))}). '
               f'\u0394 is the difference to the baseline <code>{_e(baseline)}</code>; '
               f'<b>bold</b> with <span class="mark">{SIGNIFICANT_MARK}</span> marks a difference whose '
@@ -497,7 +504,7 @@ def _preference_table(report: dict) -> str:
             f'<tbody>{"".join(body)}</tbody></table></div>'
             '<p class="note">On held-out preference pairs: <code>pref_acc</code> is how often the model gives '
             'the chosen reply a higher likelihood than the rejected one; <code>margin</code> is the mean '
-            'difference of the two. 95% intervals in brackets.</p>')
+            f'difference of the two. {_level(report)} intervals in brackets.</p>')
 
 
 def _reply_length_table(report: dict) -> str:
@@ -533,7 +540,7 @@ def _img(path: Path, alt: str, caption: str) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
-def _plots_section(plots: dict[str, Path]) -> str:
+def _plots_section(plots: dict[str, Path], level: str = "95%") -> str:
     available = {k: Path(p) for k, p in (plots or {}).items() if Path(p).is_file()}
     if not available:
         return ""
@@ -543,13 +550,13 @@ def _plots_section(plots: dict[str, Path]) -> str:
     other = [k for k in available if k not in bars and k not in curves and k != "cost_quality"]
     if bars:
         parts.append('<h3>Scores</h3><div class="plots">')
-        parts += [_img(available[k], k, f"{k[5:]}: mean per pipeline, whiskers = 95% interval, "
+        parts += [_img(available[k], k, f"{k[5:]}: mean per pipeline, whiskers = {level} interval, "
                        "hatched bar = baseline.") for k in bars]
         parts.append("</div>")
     if "cost_quality" in available:
         parts.append("<h3>Cost vs quality</h3>")
         parts.append(_img(available["cost_quality"], "cost vs quality",
-                          "Train tokens against the first metric (mean, 95% interval)."))
+                          f"Train tokens against the first metric (mean, {level} interval)."))
     if curves:
         parts.append("<h3>Training curves</h3>")
         parts += [_img(available[k], k, f"Training curves of {k[7:]} stages, one line per stage run.")
@@ -617,7 +624,7 @@ def render_html(report: dict, plots: dict[str, Path]) -> str:
         _cost_table(report),
         _preference_table(report),
         _reply_length_table(report),
-        _plots_section(plots),
+        _plots_section(plots, _level(report)),
         _samples_section(report),
         _curation_section(report),
     ]

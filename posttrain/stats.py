@@ -22,12 +22,17 @@ import numpy as np
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 2000
 
-CI_METHOD_TEXT = (
-    f"Intervals are {DEFAULT_CONFIDENCE:.0%} percentile bootstraps ({DEFAULT_RESAMPLES} seeded resamples) "
-    "that resample training seeds and eval items independently with replacement, so they cover both "
-    "seed-to-seed variation and the finite eval set. Differences from the baseline are paired: computed "
-    "per item and seed before resampling (an untrained baseline is compared with every seed)."
-)
+def level_text(confidence: float) -> str:
+    """0.95 -> "95%", 0.975 -> "97.5%"."""
+    return f"{confidence * 100:g}%"
+
+
+def ci_method_text(confidence: float = DEFAULT_CONFIDENCE, resamples: int = DEFAULT_RESAMPLES) -> str:
+    """How the report's intervals were computed, with the settings actually used."""
+    return (f"Intervals are {level_text(confidence)} percentile bootstraps ({resamples} seeded resamples) "
+            "that resample training seeds and eval items independently with replacement, so they cover both "
+            "seed-to-seed variation and the finite eval set. Differences from the baseline are paired: "
+            "computed per item and seed before resampling (an untrained baseline is compared with every seed).")
 
 
 @dataclass(frozen=True)

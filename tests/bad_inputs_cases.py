@@ -184,6 +184,8 @@ RECIPE = [
          place=("stages.sft.warmup_ratio", "recipe.yaml:{line:.nan}")),
     Case("dpo_beta_inf", "recipe", recipe=with_dpo("    beta: .inf\n"),
          place=("stages.dpo.beta", "recipe.yaml:{line:.inf}")),
+    Case("dpo_loss_trl_cannot_build", "recipe", recipe=with_dpo("    loss_type: exo_pair\n"),
+         place=("stages.dpo.loss_type", "label smoothing", "recipe.yaml:{line:exo_pair}")),
     Case("sweep_value_inf", "recipe", recipe=MINI + "sweep:\n  stages.sft.learning_rate: [1.0e-2, .inf]\n",
          place=("sweep", "learning_rate", "recipe.yaml:{line:.inf}")),
     Case("curate_threshold_nan", "recipe",

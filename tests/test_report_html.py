@@ -190,3 +190,20 @@ def test_terminal_table_shows_brackets_as_written():
     text = console.export_text()
     assert "skills/exact_match[concise]" in text and "Δ skills/exact_match[concise]" in text
     assert "dpo[beta=0.2]" in text and "sweep[a]" in text and "50.0 [40.0, 60.0]" in text
+
+
+def test_the_recipes_confidence_and_resamples_reach_every_label(tmp_path):
+    """report.confidence / report.resamples once changed the intervals but not the text."""
+    from posttrain.report import markdown
+    from posttrain.stats import ci_method_text
+
+    report = make_report()
+    report.update(confidence=0.9, resamples=500, ci_method=ci_method_text(0.9, 500))
+    html = render_html(report, render_plots(report, tmp_path))
+    report["pipelines"][3].update(cost=_cost(130_000, 300), reply_tokens={})   # Markdown wants every field
+    text = markdown(report)
+    for page in (html, text):
+        assert "95%" not in page and "2000" not in page
+        assert "90% percentile bootstraps (500 seeded resamples)" in page
+    assert "mean [90% CI]" in html and "their 90% interval" in html and "whiskers = 90% interval" in html
+    assert "· 90% intervals." in text

@@ -222,3 +222,25 @@ def test_stop_request_checkpoints_and_resume_matches_uninterrupted_with_lora(tmp
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", __import__("posttrain.config", fromlist=["x"]).DPO_LOSS_TYPES)
+def test_every_accepted_dpo_loss_builds_a_trainer_and_a_finite_loss(tmp_path, loss_type):
+    """Each loss_type the schema lists either works or is refused at validate, never later
+    (exo_pair once passed validate and died when the trainer was built, after SFT)."""
+    from pydantic import ValidationError
+
+    from posttrain.config import UNBUILDABLE_DPO_LOSSES
+    from posttrain.stages.dpo import build_trainer
+
+    fields = dict(method="dpo", data="d", learning_rate=1e-3, max_steps=1, batch_size=4, max_length=96,
+                  loss_type=loss_type, precompute_ref_log_probs=False)
+    if loss_type in UNBUILDABLE_DPO_LOSSES:
+        with pytest.raises(ValidationError, match="label smoothing"):
+            DPOStage(**fields)
+        return
+    trainer, _ = build_trainer(context(tmp_path, DPOStage(**fields), examples=preference_rows("train", 8)))
+    assert trainer.loss_types == [loss_type]
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert torch.isfinite(loss), loss

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from posttrain.stats import CI_METHOD_TEXT, Interval, mean_interval, paired_delta, score_matrix
+from posttrain.stats import Interval, ci_method_text, mean_interval, paired_delta, score_matrix
 
 
 def correlated_pair(n_seeds=3, n_items=300, seed=7):
@@ -182,4 +182,8 @@ def test_score_matrix_errors():
 
 
 def test_method_text_mentions_both_noise_sources():
-    assert "seeds" in CI_METHOD_TEXT and "items" in CI_METHOD_TEXT and "paired" in CI_METHOD_TEXT.lower()
+    text = ci_method_text()
+    assert "seeds" in text and "items" in text and "paired" in text.lower()
+    assert "95% percentile" in text and "(2000 seeded resamples)" in text
+    other = ci_method_text(0.975, 500)
+    assert "97.5% percentile" in other and "(500 seeded resamples)" in other and "95%" not in other
