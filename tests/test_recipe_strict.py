@@ -437,8 +437,10 @@ def test_eval_preferences_split_is_checked(tmp_path):
 
 
 def test_builtin_data_refuses_an_unknown_split_at_the_source():
-    from posttrain.data.builtin import BUILTIN_DATASETS, BUILTIN_SPLITS, generate_items
+    from posttrain.data.builtin import BUILTIN_SPLITS, generate_items
+    from posttrain.data.sources import BUILTIN_DATASETS
 
+    assert set(BUILTIN_DATASETS) == set(BUILTIN_SPLITS)
     for name, rows in BUILTIN_DATASETS.items():
         with pytest.raises(DataError, match=f"builtin:{name} has no split 'tset'"):
             rows(split="tset")

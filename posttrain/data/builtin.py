@@ -260,18 +260,11 @@ def eval_rows(n: int = 200, seed: int = 7) -> list[dict]:
     return rows
 
 
-def noisy_rows(split: str = "train") -> list[dict]:
-    """Skills with realistic noise (duplicates, wrong answers, boilerplate, eval leaks)."""
-    from posttrain.data.noisy import noisy_skills_rows
-
-    check_split("skills-noisy", split)
-    return noisy_skills_rows()
-
-
+# The generated datasets' loaders; builtin:skills-noisy's lives in data/noisy.py, and
+# data/sources.py joins both (so this module never imports noisy, which imports it).
 BUILTIN_DATASETS: dict[str, Callable[..., list[dict]]] = {
     "skills": instruction_rows,
     "skills-preferences": preference_rows,
-    "skills-noisy": noisy_rows,
 }
 # What the recipe validator checks without generating rows: each dataset's splits and
 # its rows' format (a `format:` in the recipe must be this one, or auto).

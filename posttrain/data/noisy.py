@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from posttrain.data.builtin import Item, eval_rows, generate_items
+from posttrain.data.builtin import Item, check_split, eval_rows, generate_items
 
 # Share of the *returned* rows per tag (they sum to 1); the counts are rounded,
 # and the clean rows are exactly ``n_clean``, so the total is ``n_clean / 0.30``.
@@ -65,6 +65,12 @@ def noisy_skills_rows(n_clean: int = 2000, seed: int = 0) -> list[dict]:
     Deterministic for ``(n_clean, seed)``.
     """
     return noisy_skills_rows_tagged(n_clean, seed)[0]
+
+
+def noisy_rows(split: str = "train") -> list[dict]:
+    """The `builtin:skills-noisy` loader: its one split, `train`."""
+    check_split("skills-noisy", split)
+    return noisy_skills_rows()
 
 
 def noisy_skills_rows_tagged(n_clean: int = 2000, seed: int = 0) -> tuple[list[dict], list[str]]:

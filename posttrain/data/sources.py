@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from posttrain.artifacts import content_hash
-from posttrain.data.builtin import BUILTIN_DATASETS
+from posttrain.data import builtin, noisy
 from posttrain.data.formats import convert_row, kind_of, preference_to_instruction
 from posttrain.data.io import load_examples
 from posttrain.errors import DataError
@@ -56,6 +56,11 @@ def fingerprint(examples: list[dict]) -> str:
         digest.update(json.dumps(example, sort_keys=True, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()
+
+
+# Every `builtin:` dataset's loader, by name (their splits and formats: builtin.BUILTIN_SPLITS/FORMATS).
+BUILTIN_DATASETS: dict[str, Callable[..., list[dict]]] = {
+    **builtin.BUILTIN_DATASETS, "skills-noisy": noisy.noisy_rows}
 
 
 def builtin_rows(source: str, split: str) -> tuple[list[dict], str]:
