@@ -85,8 +85,10 @@ def _is_fraction_column(report: dict, column: str) -> bool:
 def _level(report: dict) -> str:
     """The intervals' confidence as written in labels: 0.95 -> "95%", 0.975 -> "97.5%".
     Reports written before `confidence` was recorded used the default, 95%."""
+    from posttrain.stats import DEFAULT_CONFIDENCE, level_text
+
     value = _num(report.get("confidence"))
-    return f"{value * 100:g}%" if value is not None else "95%"
+    return level_text(DEFAULT_CONFIDENCE if value is None else value)
 
 
 def _split_column(column: str) -> tuple[str, str]:

@@ -23,15 +23,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return read_records(path)
 
 
+def split_metric(metric: str) -> tuple[str, str]:
+    """`exact_match[strict-match]` -> (`exact_match`, `strict-match`); a plain metric's
+    filter is lm-eval's `none` (evaluate names a filtered metric `name[filter]`)."""
+    name, _, rest = metric.partition("[")
+    return name, (rest[:-1] if rest.endswith("]") else "none")
+
+
 def base_metric(metric: str) -> str:
     """`exact_match[strip]` -> `exact_match`: the key lm-eval uses in a sample record."""
-    return metric.split("[", 1)[0]
-
-
-def metric_filter(metric: str) -> str:
-    """`exact_match[strict-match]` -> `strict-match`; a plain metric -> `none` (lm-eval's name)."""
-    name, _, rest = metric.partition("[")
-    return rest[:-1] if rest.endswith("]") else "none"
+    return split_metric(metric)[0]
 
 
 def item_scores(path: Path, metric: str) -> dict[int, float]:
@@ -41,7 +42,7 @@ def item_scores(path: Path, metric: str) -> dict[int, float]:
     builtin skills' correct and concise) has one record per item and filter; only
     the metric's own filter counts.
     """
-    key, wanted = base_metric(metric), metric_filter(metric)
+    key, wanted = split_metric(metric)
     scores = {}
     for record in read_jsonl(path):
         if record.get("filter", wanted) != wanted:
@@ -82,13 +83,12 @@ def display_target(target):
     letters.']"); show them as "5 / It has 5 letters."."""
     import ast
 
-    if isinstance(target, list) and target and all(isinstance(v, str) for v in target):
-        return " / ".join(target)
+    value = target
     if isinstance(target, str) and target.startswith("[") and target.endswith("]"):
         try:
             value = ast.literal_eval(target)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             return target
-        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            return " / ".join(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return " / ".join(value)
     return target

@@ -210,9 +210,9 @@ WORDY_FORMS = {
 CONCISE_SHARE = 0.5
 
 
-def wordy(item: Item, answer: str | None = None) -> str:
-    """`answer` (default: the item's) in the item's wordy form."""
-    return WORDY_FORMS[item.skill].format(a=item.answer if answer is None else answer)
+def wordy(item: Item) -> str:
+    """The item's answer in its skill's wordy form."""
+    return WORDY_FORMS[item.skill].format(a=item.answer)
 
 
 def demonstrations(split: str, n: int, seed: int) -> list[tuple[Item, str]]:

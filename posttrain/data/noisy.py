@@ -2,8 +2,9 @@
 
 The clean core is the quickstart skills' train items (``builtin.generate_items("train",
 n_clean, seed)``), each with its concise answer: unlike ``builtin:skills`` there is no
-wordy form, so the only thing that varies is the noise the set is about. Noise of the kinds found in scraped and
-synthetic instruction sets is mixed in and the whole is shuffled.  The point of the
+wordy form, so the only thing that varies is the noise the set is about. Noise of
+the kinds found in scraped and synthetic instruction sets is mixed in and the whole
+is shuffled.  The point of the
 set: a curated subset (dedup, refusal/boilerplate and reply-length filters,
 decontamination, selection) should do as well as all of it with fewer tokens, and
 better than a random subset of the same size.
