@@ -71,7 +71,8 @@ def naive(recipe_path: Path, out: Path, overrides: list[str]) -> None:
     sys.path.insert(0, str(REPO))
     from posttrain.artifacts import RunDir
     from posttrain.cache import Cache
-    from posttrain.config import load_recipe, resolve_lora
+    from posttrain.recipe.load import load_recipe
+    from posttrain.recipe.schema import resolve_lora
     from posttrain.models import ModelSource
     from posttrain.pipeline import (STAGE_DATA_KIND, RunOptions, base_source, data_env, evaluate_source,
                                     load_stage_data, prepare_eval)

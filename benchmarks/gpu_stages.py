@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from posttrain.config import load_recipe  # noqa: E402
+from posttrain.recipe.load import load_recipe  # noqa: E402
 from posttrain.data.builtin import eval_rows, instruction_rows, preference_rows  # noqa: E402
 from posttrain.models import ModelSource, load_model_and_tokenizer  # noqa: E402
 from posttrain.stages import run_stage  # noqa: E402

@@ -60,7 +60,9 @@ for _key, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("WA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from posttrain.config import DPOStage, ORPOStage, SFTStage  # noqa: E402
+from posttrain.stages.dpo import DPOStage  # noqa: E402
+from posttrain.stages.orpo import ORPOStage  # noqa: E402
+from posttrain.stages.sft import SFTStage  # noqa: E402
 from posttrain.data.builtin import instruction_rows, preference_rows  # noqa: E402
 from posttrain.models import ModelSource, load_model_and_tokenizer  # noqa: E402
 from posttrain.stages import STAGE_MODULES, run_stage  # noqa: E402

@@ -205,6 +205,7 @@ def max_length_problems(recipe, data: dict, tokenizer=None) -> tuple[list[Proble
     from posttrain.models import template_has_generation_markers
 
     from posttrain.models import ModelSource, chat_tokenizer
+    from posttrain.stages import METHODS
 
     tokenizer = tokenizer or chat_tokenizer(ModelSource.of(recipe.model))
     assistant_masks = template_has_generation_markers(tokenizer)   # as stages/sft.py decides
@@ -215,10 +216,11 @@ def max_length_problems(recipe, data: dict, tokenizer=None) -> tuple[list[Proble
     for name, spec in recipe.stages.items():
         if name not in used:
             continue
-        kind = "instruction" if spec.method == "sft" else "preference"
+        method = METHODS[spec.method]
+        kind = method.data
         examples = data[f"{spec.data}:{kind}"].examples
-        add_bos = spec.method == "orpo" and getattr(tokenizer, "bos_token_id", None) is not None
-        key = (f"{spec.data}:{kind}", add_bos)   # DPO and ORPO share a count unless ORPO adds a BOS
+        add_bos = method.prompt_bos and getattr(tokenizer, "bos_token_id", None) is not None
+        key = (f"{spec.data}:{kind}", add_bos)   # methods on one kind share a count unless one adds a BOS
         if key not in positions:
             positions[key] = [first_trained_position(examples[i], tokenizer, assistant_masks=assistant_masks,
                                                      add_bos=add_bos)
@@ -232,7 +234,7 @@ def max_length_problems(recipe, data: dict, tokenizer=None) -> tuple[list[Proble
 
 
 def _unit(kind: str) -> str:
-    return "conversation" if kind == "instruction" else "pair"
+    return {"instruction": "conversation", "preference": "pair", "unpaired": "completion"}[kind]
 
 
 def _what_fills(kind: str) -> str:

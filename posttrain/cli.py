@@ -73,7 +73,7 @@ def validate(recipes, overrides):
     Exit code 0 when all are valid, 2 otherwise.
     """
     from posttrain.checks import check_static
-    from posttrain.config import load_recipe
+    from posttrain.recipe.load import load_recipe
 
     failed = False
     for path in recipes:
@@ -116,7 +116,7 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     an interrupted run (Ctrl-C, crash) resumes its unfinished stage from its last checkpoint.
     """
     from posttrain.checks import check_static
-    from posttrain.config import load_recipe
+    from posttrain.recipe.load import load_recipe
 
     overrides = list(overrides) + (["tracking.wandb.mode=disabled"] if no_wandb else [])
     parsed = load_recipe(recipe, overrides)  # every recipe error before any heavy import
@@ -161,11 +161,34 @@ def plan(recipe, overrides, cache_dir, as_json):
     Loads (and curates) the data to know the stage keys; trains nothing.
     """
     from posttrain.checks import check_static
-    from posttrain.config import load_recipe
+    from posttrain.recipe.load import load_recipe
 
     parsed = load_recipe(recipe, list(overrides))
     check_static(parsed, Path(recipe).resolve().parent, recipe)  # before any heavy import
     print_plan(recipe, parsed, cache_dir, as_json)
+
+
+@main.command()
+@click.argument("name", required=False)
+@user_errors
+def methods(name):
+    """The training methods a stage can use (`method:` in a recipe), or one with its settings.
+
+    
+    Examples:
+      posttrain methods
+      posttrain methods kto
+    """
+    from posttrain.stages import METHODS, method_names
+    from posttrain.stages.method import method_lines
+
+    if name is not None and name not in METHODS:
+        raise click.BadParameter(f"unknown method {name!r} (methods: {method_names()})", param_hint="NAME")
+    for method in [METHODS[name]] if name else METHODS.values():
+        click.echo("\n".join(method_lines(method, settings=name is not None)))
+    if name is None:
+        click.echo("\nEvery stage also takes the common settings (learning_rate, epochs, max_steps, batch_size, "
+                   "...); `posttrain methods NAME` lists a method's own.")
 
 
 def print_plan(recipe_path: str, recipe, cache_dir: str | None, as_json: bool) -> None:

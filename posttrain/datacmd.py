@@ -25,9 +25,9 @@ def pick_dataset(recipe, dataset: str | None) -> str:
 
 def dataset_kind(recipe, name: str) -> str:
     """What the recipe's stages need from dataset `name` (preference if any stage prefers)."""
-    from posttrain.pipeline import STAGE_DATA_KIND
+    from posttrain.stages import METHODS
 
-    wants = {STAGE_DATA_KIND[s.method] for s in recipe.stages.values() if s.data == name}
+    wants = {METHODS[s.method].data for s in recipe.stages.values() if s.data == name}
     return "preference" if "preference" in wants else "instruction"
 
 
@@ -37,7 +37,7 @@ def inspect_target(target: Path, dataset: str | None, fmt: str, samples: int, pr
 
     if target.suffix not in RECIPE_SUFFIXES:
         return format_inspection(inspect_source(target, fmt, samples=samples, progress=progress))
-    from posttrain.config import load_recipe
+    from posttrain.recipe.load import load_recipe
     from posttrain.data.sources import DataEnv, load_raw
 
     recipe = load_recipe(target)
@@ -58,7 +58,7 @@ def curate_to_file(recipe_path: Path, dataset: str, out_file: Path, overrides: l
                    log: Callable[[str], None]) -> str:
     """Curate one dataset of a recipe as `posttrain run` would; write rows and report."""
     from posttrain.artifacts import RunDir, write_json_atomic, write_text_atomic
-    from posttrain.config import load_recipe
+    from posttrain.recipe.load import load_recipe
     from posttrain.pipeline import data_env, prepare_eval
 
     recipe = load_recipe(recipe_path, overrides)

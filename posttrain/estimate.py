@@ -3,7 +3,8 @@
 Tokens are counted the way a finished stage reports them (stages/common.finish):
 the sequences TRL builds from the chat template, before truncation: an SFT
 example is its whole conversation; a preference pair is prompt+chosen plus
-prompt+rejected (DPO and ORPO alike). Datasets over SAMPLE_ROWS rows are estimated
+prompt+rejected (DPO, ORPO, CPO alike); an unpaired example (KTO) is
+prompt+completion. Datasets over SAMPLE_ROWS rows are estimated
 from a seeded random sample of rows, scaled to the whole.
 """
 
@@ -49,6 +50,8 @@ def example_tokens(example: dict, count, max_length: int | None = None) -> int:
         tokens = count(example["messages"])
         return min(tokens, max_length) if max_length else tokens
     prompt = example["prompt"]
+    if "completion" in example:
+        return count(prompt + example["completion"])
     return count(prompt + example["chosen"]) + count(prompt + example["rejected"])
 
 
@@ -80,8 +83,12 @@ def chat_token_counter(tokenizer):
 
 
 def truncation(spec) -> int | None:
-    """The length each training sequence is cut to, where the estimate can apply it (SFT)."""
-    return spec.max_length if getattr(spec, "method", None) == "sft" else None
+    """The length each training sequence is cut to, where the estimate applies it
+    (`Method.estimate_truncates`: SFT)."""
+    from posttrain.stages import METHODS
+
+    method = METHODS.get(getattr(spec, "method", None))
+    return spec.max_length if method is not None and method.estimate_truncates else None
 
 
 def estimate_stage(spec, examples: list[dict], count, per_epoch_tokens: int | None = None) -> StageEstimate:

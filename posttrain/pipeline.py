@@ -19,13 +19,13 @@ from typing import Callable
 
 from posttrain.artifacts import RunDir, content_hash, library_versions
 from posttrain.cache import Cache, checkpoint_step, drop_incomplete_checkpoints, save_dataset, write_manifest
-from posttrain.config import Recipe, dump_recipe, pipelines_with_base, resolve_lora
+from posttrain.recipe.schema import Recipe, dump_recipe, pipelines_with_base, resolve_lora
 from posttrain.errors import DataError, Interrupted, TrainingDiverged
 from posttrain.data.sources import DataEnv, LoadedData, fingerprint, load_data
 from posttrain.samples import PREFERENCE_FILE, generated_replies, samples_file
 from posttrain.models import ModelSource
+from posttrain.stages import METHODS
 
-STAGE_DATA_KIND = {"sft": "instruction", "dpo": "preference", "orpo": "preference"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -74,7 +74,7 @@ def stage_key_inputs(recipe: Recipe, stage_name: str, seed: int, parent_key: str
     return {
         "parent": parent_key,
         "base_model": recipe.model.model_dump(mode="json", exclude={"lora"}),
-        "stage": stage.model_dump(mode="json", exclude={"lora", "logging_steps"}),
+        "stage": stage.key_settings(),
         "lora": lora.model_dump(mode="json") if lora else None,
         "data": data.fingerprint,
         "seed": stage.seed if stage.seed is not None else seed,
@@ -126,12 +126,17 @@ def why_trains(cache: Cache, node: StageNode) -> str | None:
     return "; ".join(changes) if changes else None
 
 
+def data_key(stage) -> str:
+    """Where a stage's data is in `load_stage_data`'s result: the dataset in its method's kind."""
+    return f"{stage.data}:{METHODS[stage.method].data}"
+
+
 def load_stage_data(recipe: Recipe, env: DataEnv) -> dict[str, LoadedData]:
     """Each dataset once, in the kind its stages need (preference data may feed SFT)."""
     loaded: dict[tuple[str, str], LoadedData] = {}
     problems = []
     for stage_name, stage in recipe.stages.items():
-        want = STAGE_DATA_KIND[stage.method]
+        want = METHODS[stage.method].data
         if (stage.data, want) not in loaded:
             loaded[(stage.data, want)] = load_data(stage.data, recipe.data[stage.data], want, env)
         data = loaded[(stage.data, want)]
@@ -176,7 +181,7 @@ def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] |
             parent = None
             for stage_name in chain:
                 stage = recipe.stages[stage_name]
-                stage_data = data[f"{stage.data}:{STAGE_DATA_KIND[stage.method]}"]
+                stage_data = data[data_key(stage)]
                 inputs = stage_key_inputs(recipe, stage_name, seed, parent.key if parent else None, stage_data)
                 key = content_hash(inputs)
                 parent = nodes.setdefault(key, StageNode(stage_name, seed, key, parent, stage_data, inputs))
@@ -543,7 +548,7 @@ def stage_estimates(recipe: Recipe, data: dict[str, LoadedData], tokenizer=None)
     estimates = {}
     for name, spec in recipe.stages.items():
         if name in used:
-            key = f"{spec.data}:{STAGE_DATA_KIND[spec.method]}"
+            key = data_key(spec)
             counted = (key, truncation(spec))
             estimate = estimate_stage(spec, data[key].examples, count, per_epoch.get(counted))
             per_epoch[counted] = estimate.tokens_per_epoch
@@ -558,7 +563,7 @@ def match_compute(recipe: Recipe, data: dict[str, LoadedData],
     Returns the recipe with the matched stages' max_steps set, the estimates updated for
     them (their per-epoch token counts are reused, not counted again), and the notes.
     """
-    from posttrain.config import matched_pipelines
+    from posttrain.recipe.references import matched_pipelines
     from posttrain.estimate import StageEstimate, estimate_stage, match_steps
 
     reference, matched = matched_pipelines(recipe)
@@ -570,7 +575,7 @@ def match_compute(recipe: Recipe, data: dict[str, LoadedData],
         before = StageEstimate(**estimates[stage_name])
         steps = match_steps(target, before)
         spec = stages[stage_name] = stages[stage_name].model_copy(update={"max_steps": steps})
-        examples = data[f"{spec.data}:{STAGE_DATA_KIND[spec.method]}"].examples
+        examples = data[data_key(spec)].examples
         estimates[stage_name] = estimate_stage(spec, examples, None, before.tokens_per_epoch).as_dict()
         notes[pipeline] = {"stage": stage_name, "max_steps": steps, "was_steps": before.steps,
                            "target_tokens": target}

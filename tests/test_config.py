@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import load_recipe, pipelines_with_base
+from posttrain.recipe.load import load_recipe
+from posttrain.recipe.schema import pipelines_with_base
 from posttrain.errors import RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +78,7 @@ def test_wrong_method_and_data_kind(tmp_path):
         load_recipe(write(tmp_path, bad))
     text = "\n".join(info.value.problems)
     assert "stages.sft: unknown method 'ppo'" in text
-    assert "stages.dpo.data: dpo needs preference data" in text
+    assert "stages.dpo.data: dpo needs preference data (prompt, chosen, rejected); 'ins' is instruction data" in text
 
 
 def test_not_yaml_and_missing_file(tmp_path):
@@ -88,7 +89,7 @@ def test_not_yaml_and_missing_file(tmp_path):
 
 
 def test_validate_does_not_import_torch():
-    code = ("import sys; from posttrain.config import load_recipe; "
+    code = ("import sys; from posttrain.recipe.load import load_recipe; "
             "load_recipe('recipes/quickstart.yaml'); import posttrain.cli; "
             "print(sorted(m for m in ('torch', 'transformers', 'trl', 'lm_eval', 'wandb', 'datasets') "
             "if m in sys.modules))")

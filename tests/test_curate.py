@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from posttrain.config import CurateSpec, SelectSpec
+from posttrain.recipe.schema import CurateSpec, SelectSpec
 from posttrain.data.curate import (CurationReport, Scorer, curate, k_center_greedy, near_duplicates,
                                    normalise, shingles)
 from posttrain.data.formats import convert_row

@@ -177,7 +177,7 @@ def test_kind_of():
     assert {name: kind_of(name) for name in FORMATS} == {
         "alpaca": "instruction", "messages": "instruction", "sharegpt": "instruction",
         "prompt_completion": "instruction", "preference": "preference",
-        "sharegpt_preference": "preference", "hh": "preference"}
+        "sharegpt_preference": "preference", "hh": "preference", "unpaired": "unpaired"}
     with pytest.raises(ValueError, match="unknown data format"):
         kind_of("nope")
 
@@ -288,7 +288,8 @@ def test_want_instruction_projects_preference_data(tmp_path):
 
 def test_want_preference_rejects_instruction_data(tmp_path):
     path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [user("q"), bot("a")]}])
-    with pytest.raises(DataError, match="preference stages need preference data"):
+    with pytest.raises(DataError, match=r"this stage needs preference data \(prompt, chosen, rejected\), but "
+                                        r"this is instruction data"):
         load_examples(str(path), want="preference")
 
 

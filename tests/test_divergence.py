@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from transformers import TrainerCallback
 
 from posttrain.cli import main
-from posttrain.config import ORPOStage, SFTStage
+from posttrain.stages.orpo import ORPOStage
+from posttrain.stages.sft import SFTStage
 from posttrain.data.builtin import instruction_rows, preference_rows
 from posttrain.models import ModelSource
 from posttrain.stages import common, run_stage

@@ -1,6 +1,7 @@
 """Stage size estimates: steps as transformers counts them, tokens as stages count them."""
 
-from posttrain.config import ORPOStage, SFTStage
+from posttrain.stages.orpo import ORPOStage
+from posttrain.stages.sft import SFTStage
 from posttrain.estimate import estimate_stage, match_steps, steps_per_epoch, tokens_per_epoch
 
 

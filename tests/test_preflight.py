@@ -414,15 +414,18 @@ def test_a_stage_that_loses_some_rows_to_max_length_is_counted_in_the_plan(tmp_p
 
 
 @pytest.mark.parametrize("template", ["chatml", "plain+bos"])
-@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+@pytest.mark.parametrize("method", list(__import__("posttrain.stages", fromlist=["METHODS"]).METHODS))
 def test_estimated_drops_are_what_the_trainers_drop(tmp_path, monkeypatch, method, template):
-    """At the median first-trained position, for each trainer and both SFT masking modes
-    (generation markers; prompt-completion) and ORPO's BOS: TRL's own dataset sizes."""
+    """At the median first-trained position, for each method's trainer and both SFT masking
+    modes (generation markers; prompt-completion) and the BOS ORPO and CPO add: TRL's own
+    dataset sizes."""
+    import importlib
+
     from posttrain import models
-    from posttrain.config import DPOStage, ORPOStage, SFTStage
     from posttrain.data.builtin import instruction_rows, preference_rows
+    from posttrain.data.formats import to_kind
     from posttrain.estimate import first_trained_position
-    from posttrain.stages import dpo, orpo, sft
+    from posttrain.stages import METHODS
     from posttrain.stages.common import StageContext
 
     if template == "plain+bos":
@@ -439,16 +442,18 @@ def test_estimated_drops_are_what_the_trainers_drop(tmp_path, monkeypatch, metho
     chat_template = "chatml" if template == "chatml" else "model"
     tokenizer = models.load_tokenizer(models.ModelSource(name="builtin:micro-llama", chat_template=chat_template))
     models.apply_chat_template_choice(tokenizer, None, chat_template)
-    rows = instruction_rows("train", 24) if method == "sft" else preference_rows("train", 24)
+    declared = METHODS[method]
+    rows = (instruction_rows("train", 24) if declared.data == "instruction"
+            else to_kind(preference_rows("train", 24), "preference", declared.data))
     positions = sorted(first_trained_position(row, tokenizer, assistant_masks=models.template_has_generation_markers(
-        tokenizer), add_bos=method == "orpo") for row in rows)
+        tokenizer), add_bos=declared.prompt_bos) for row in rows)
     max_length = positions[len(positions) // 2]
-    spec = {"sft": SFTStage, "dpo": DPOStage, "orpo": ORPOStage}[method](
-        method=method, data="d", learning_rate=1e-3, max_steps=1, batch_size=8, max_length=max_length)
+    spec = declared.settings(method=method, data="d", learning_rate=1e-3, max_steps=1, batch_size=8,
+                             max_length=max_length)
     (tmp_path / "out").mkdir()
     ctx = StageContext(name="s", spec=spec, seed=0, examples=rows, out_dir=tmp_path / "out",
                        start=models.ModelSource(name="builtin:micro-llama", chat_template=chat_template))
-    trainer, _ = {"sft": sft, "dpo": dpo, "orpo": orpo}[method].build_trainer(ctx)
+    trainer, _ = importlib.import_module(declared.module).build_trainer(ctx)
     assert len(trainer.train_dataset) == sum(p < max_length for p in positions) < len(rows)
 
 

@@ -16,9 +16,10 @@ import yaml
 from click.testing import CliRunner
 from pydantic import BaseModel
 
-from posttrain import config
+from posttrain.recipe import references
 from posttrain.artifacts import Area
-from posttrain.config import INT_MAX, Recipe, load_recipe, validate_recipe
+from posttrain.recipe.load import load_recipe, validate_recipe
+from posttrain.recipe.schema import INT_MAX, Recipe
 from posttrain.errors import DataError, PosttrainError, RecipeError
 from posttrain.recipe import yamlfile
 from posttrain.recipe.yamlfile import YAML_MAX_ALIAS_NODES, YAML_MAX_BYTES, dotted, line_index, strict_yaml_load
@@ -261,7 +262,7 @@ def recipe_naming(kind: str, name) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("kind", config.PATH_NAME_SECTIONS)
+@pytest.mark.parametrize("kind", references.PATH_NAME_SECTIONS)
 def test_every_name_is_refused_or_stays_inside_its_root(tmp_path, kind):
     area, accepted, refused = Area(tmp_path), 0, 0
     for name in generated_names():

@@ -6,7 +6,7 @@ import textwrap
 from click.testing import CliRunner
 
 from posttrain.cli import main
-from posttrain.config import DataSpec
+from posttrain.recipe.schema import DataSpec
 from posttrain.data.sources import DataEnv, load_data
 
 RECIPE = """

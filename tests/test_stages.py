@@ -5,18 +5,29 @@ import json
 import pytest
 import torch
 
-from posttrain.config import DPOStage, LoraSpec, ORPOStage, SFTStage
+from posttrain.recipe.fields import LoraSpec
+from posttrain.stages.dpo import DPO_LOSS_TYPES, DPOStage
+from posttrain.stages.orpo import ORPOStage
+from posttrain.stages.sft import SFTStage
 from posttrain.data.builtin import instruction_rows, preference_rows
 from posttrain.models import ModelSource, load_model_and_tokenizer
-from posttrain.stages import run_stage
+from posttrain.data.formats import to_kind
+from posttrain.stages import METHODS, run_stage
 from posttrain.stages.common import StageContext
 
 MICRO = ModelSource(name="builtin:micro-llama")
 
 
+def method_rows(method: str, n: int = 32) -> list[dict]:
+    """n source rows in the kind the method trains on (pairs unpaired for KTO: 2n rows)."""
+    kind = METHODS[method].data
+    return instruction_rows("train", n) if kind == "instruction" else to_kind(preference_rows("train", n),
+                                                                             "preference", kind)
+
+
 def context(tmp_path, spec, start=MICRO, examples=None, lora=None, name="stage"):
     if examples is None:
-        examples = instruction_rows("train", 32) if spec.method == "sft" else preference_rows("train", 32)
+        examples = method_rows(spec.method)
     out = tmp_path / name
     out.mkdir()
     return StageContext(name=name, spec=spec, seed=0, start=start, examples=examples, out_dir=out, lora=lora)
@@ -28,8 +39,8 @@ def sft_spec(**kw):
 
 def stage_spec(method, steps=3, lr=1e-2):
     """A tiny spec of each method: a few steps, short sequences."""
-    cls = {"sft": SFTStage, "dpo": DPOStage, "orpo": ORPOStage}[method]
-    return cls(method=method, data="d", learning_rate=lr, max_steps=steps, batch_size=8, max_length=96)
+    return METHODS[method].settings(method=method, data="d", learning_rate=lr, max_steps=steps, batch_size=8,
+                                    max_length=96)
 
 
 def weights(source):
@@ -56,7 +67,7 @@ def test_sft_masks_prompt_tokens(tmp_path):
         assert "user" not in trained
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_cpu_unfriendly_trl_defaults_never_leak(tmp_path, method):
     import importlib
 
@@ -67,7 +78,7 @@ def test_cpu_unfriendly_trl_defaults_never_leak(tmp_path, method):
     assert trainer.args.report_to == [] and trainer.args.save_strategy == "no"
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_parameters_change_and_outputs_written(tmp_path, method):
     ctx = context(tmp_path, stage_spec(method))
     result = run_stage(ctx)
@@ -224,23 +235,28 @@ def test_stop_request_checkpoints_and_resume_matches_uninterrupted_with_lora(tmp
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", __import__("posttrain.config", fromlist=["x"]).DPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_every_accepted_dpo_loss_builds_a_trainer_and_a_finite_loss(tmp_path, loss_type):
     """Each loss_type the schema lists either works or is refused at validate, never later
     (exo_pair once passed validate and died when the trainer was built, after SFT)."""
     from pydantic import ValidationError
 
-    from posttrain.config import UNBUILDABLE_DPO_LOSSES
-    from posttrain.stages.dpo import build_trainer
+    from posttrain.stages.dpo import SMOOTHED_LOSSES, build_trainer
 
     fields = dict(method="dpo", data="d", learning_rate=1e-3, max_steps=1, batch_size=4, max_length=96,
                   loss_type=loss_type, precompute_ref_log_probs=False)
-    if loss_type in UNBUILDABLE_DPO_LOSSES:
-        with pytest.raises(ValidationError, match="label smoothing"):
+    if loss_type == "exo_pair":   # TRL refuses it at label_smoothing 0 when the trainer is built
+        with pytest.raises(ValidationError, match="exo_pair needs label smoothing: set label_smoothing > 0"):
             DPOStage(**fields)
-        return
+        fields["label_smoothing"] = 1e-3
+    elif loss_type in SMOOTHED_LOSSES:
+        fields["label_smoothing"] = 0.1
+    elif loss_type == "discopop":
+        fields["discopop_tau"] = 0.1
     trainer, _ = build_trainer(context(tmp_path, DPOStage(**fields), examples=preference_rows("train", 8)))
     assert trainer.loss_types == [loss_type]
+    assert trainer.label_smoothing == fields.get("label_smoothing", 0.0)
+    assert trainer.args.discopop_tau == fields.get("discopop_tau", 0.05)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     loss = trainer.compute_loss(trainer.model, batch)
     assert torch.isfinite(loss), loss

@@ -9,8 +9,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from posttrain.config import (Recipe, dump_recipe, load_recipe, matched_pipelines, pipelines_with_base,
-                              validate_recipe)
+from posttrain.recipe.load import load_recipe, validate_recipe
+from posttrain.recipe.references import matched_pipelines
+from posttrain.recipe.schema import Recipe, dump_recipe, pipelines_with_base
 from posttrain.errors import RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,7 +202,7 @@ def test_cli_validate_counts_the_expanded_recipe():
 
 
 def test_sweep_validation_does_not_import_torch():
-    code = ("import sys; from posttrain.config import load_recipe; "
+    code = ("import sys; from posttrain.recipe.load import load_recipe; "
             f"load_recipe('recipes/quickstart.yaml', [{BETAS!r}, 'compare={{match: tokens}}']); "
             "print(sorted(m for m in ('torch', 'transformers', 'trl', 'lm_eval', 'wandb', 'datasets') "
             "if m in sys.modules))")
@@ -260,7 +261,7 @@ def test_bad_value_from_the_command_line_has_no_line(tmp_path):
 def test_bad_dataset_values_are_checked_like_stage_data(tmp_path):
     problems = problems_of(write(tmp_path, GOOD), ["sweep.stages.dpo.data=[prefs, ins, nope]"])
     assert problems == [
-        "recipe.yaml: sweep.stages.dpo.data[1]: dpo needs preference data (prompt/chosen/rejected); "
+        "recipe.yaml: sweep.stages.dpo.data[1]: dpo needs preference data (prompt, chosen, rejected); "
         "'ins' is instruction data",
         "recipe.yaml: sweep.stages.dpo.data[2]: unknown dataset 'nope' (known: ins, prefs)",
     ]

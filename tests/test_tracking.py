@@ -162,7 +162,7 @@ def offline_runs(run_dir: Path) -> dict[str, dict]:
 
 
 def sft_context(out_dir: Path):
-    from posttrain.config import SFTStage
+    from posttrain.stages.sft import SFTStage
     from posttrain.data.builtin import instruction_rows
     from posttrain.models import ModelSource
     from posttrain.stages.common import StageContext

@@ -2,7 +2,7 @@
 
 LIMA's lesson is that a small curated set can beat a large raw one; for that to be
 measurable every step must say what it removed and why. :func:`curate` runs the
-steps of a :class:`~posttrain.config.CurateSpec` in this fixed order:
+steps of a :class:`~posttrain.recipe.schema.CurateSpec` in this fixed order:
 
 1. **normalise** -- NFKC, typographic quotes -> ASCII, whitespace collapsed,
    casefolded. Only the *comparison* texts are normalised; examples are returned
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from posttrain.config import CurateSpec
+    from posttrain.recipe.schema import CurateSpec
     from posttrain.models import ModelSource
 
 NEAR_DUP_NUM_PERM = 128
@@ -115,10 +115,13 @@ def _scores(example: dict) -> tuple[float, float] | None:
 
 def _row(example: dict, normalize: bool) -> _Row:
     """Instruction: prompt = all but the last message, reply = the last (assistant) one.
-    Preference: prompt = prompt messages, reply = chosen, plus rejected."""
+    Preference: prompt = prompt messages, reply = chosen, plus rejected. Unpaired: the
+    completion is the reply (whichever its label)."""
     if "chosen" in example:
         row = _Row(_joined(example["prompt"]), _joined(example["chosen"]),
                    _joined(example["rejected"]), _scores(example))
+    elif "completion" in example:
+        row = _Row(_joined(example["prompt"]), _joined(example["completion"]), None, None)
     else:
         messages = example["messages"]
         row = _Row(_joined(messages[:-1]), messages[-1]["content"], None, None)
@@ -568,6 +571,8 @@ class Scorer:
 def _prompt_and_reply(example: dict) -> tuple[list[dict], list[dict]]:
     if "chosen" in example:
         return example["prompt"], example["chosen"]
+    if "completion" in example:
+        return example["prompt"], example["completion"]
     return example["messages"][:-1], example["messages"][-1:]
 
 

@@ -7,6 +7,9 @@ Canonical forms (plain, JSON-serialisable dicts; TRL's conversational formats):
   user turn and ending with an assistant turn.
 * preference: ``{"prompt": [... ending with a user turn],
   "chosen": [{"role": "assistant", ...}], "rejected": [{"role": "assistant", ...}]}``.
+* unpaired: ``{"prompt": [... ending with a user turn], "completion": [{"role":
+  "assistant", ...}], "label": true | false}`` -- one completion judged desirable or
+  not (KTO's data; TRL's unpaired preference type).
 
 Every converter either returns a canonical example or raises :class:`RowError` with a
 short reason a user can act on; the loader (``posttrain.data.io``) adds file and line.
@@ -29,12 +32,14 @@ class RowError(ValueError):
 
 INSTRUCTION = "instruction"
 PREFERENCE = "preference"
+UNPAIRED = "unpaired"
 
 # format name -> kind. The order is the detection priority (see detect_format).
 FORMATS: dict[str, str] = {
     "sharegpt_preference": PREFERENCE,
     "hh": PREFERENCE,
     "preference": PREFERENCE,
+    "unpaired": UNPAIRED,
     "messages": INSTRUCTION,
     "sharegpt": INSTRUCTION,
     "alpaca": INSTRUCTION,
@@ -52,7 +57,7 @@ ROLE_ALIASES = {
 
 
 def kind_of(format_name: str) -> str:
-    """``"instruction"`` or ``"preference"``: which stages a format can feed."""
+    """``"instruction"``, ``"preference"`` or ``"unpaired"``: which stages a format can feed."""
     try:
         return FORMATS[format_name]
     except KeyError:
@@ -219,6 +224,25 @@ def _from_prompt_completion(row: dict) -> Example:
     return _conversation(prompt + completion, "prompt + completion")
 
 
+# --------------------------------------------------------------------------- unpaired
+
+
+def _from_unpaired(row: dict) -> Example:
+    """A labelled completion: TRL's ``prompt``/``completion``/``label`` (strings or message
+    lists), or a whole conversation in ``messages`` whose last reply is judged by ``label``."""
+    label = row.get("label")
+    if not isinstance(label, bool):
+        got = "missing" if label is None else _type_name(label)
+        raise RowError(f'"label" must be true (desirable) or false (undesirable), got {got}')
+    if "messages" in row and "completion" not in row:
+        messages = _conversation(_messages(row.get("messages"), "messages"), "messages")["messages"]
+    else:
+        prompt = _text_or_messages(row.get("prompt"), "prompt", "user")
+        completion = _text_or_messages(row.get("completion"), "completion", "assistant")
+        messages = _conversation(prompt + completion, "prompt + completion")["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:], "label": label}
+
+
 # --------------------------------------------------------------------------- preference
 
 
@@ -328,6 +352,7 @@ _CONVERTERS: dict[str, Callable[[dict], Example]] = {
     "preference": _from_preference,
     "sharegpt_preference": _from_sharegpt_preference,
     "hh": _from_hh,
+    "unpaired": _from_unpaired,
 }
 
 
@@ -342,6 +367,43 @@ def convert_row(row: dict, fmt: str) -> Example:
 def preference_to_instruction(example: Example) -> Example:
     """Project a preference example onto SFT: the prompt followed by the chosen reply."""
     return {"messages": [dict(m) for m in example["prompt"] + example["chosen"]]}
+
+
+# What a stage that trains on each kind needs, for messages.
+KIND_NEEDS = {
+    INSTRUCTION: "instruction data (conversations) or preference pairs (trained on the chosen reply)",
+    PREFERENCE: "preference data (prompt, chosen, rejected)",
+    UNPAIRED: "unpaired data (prompt, completion, boolean label) or preference pairs",
+}
+
+
+def can_feed(kind: str, wanted: str) -> bool:
+    """Whether data of `kind` converts to what a stage training on `wanted` reads
+    (`to_kind`): every kind feeds SFT, and pairs feed unpaired methods as TRL unpairs them."""
+    return kind == wanted or wanted == INSTRUCTION or (wanted == UNPAIRED and kind == PREFERENCE)
+
+
+def to_kind(examples: list[Example], kind: str, wanted: str) -> list[Example]:
+    """Canonical examples of `kind` as a stage training on `wanted` reads them.
+
+    - preference -> instruction: the prompt and the chosen reply;
+    - unpaired -> instruction: the desirable completions only (an undesirable reply is
+      not a demonstration);
+    - preference -> unpaired: each pair becomes its chosen reply labelled desirable and
+      its rejected reply labelled undesirable, as TRL's `unpair_preference_dataset`
+      does (here in pair order: chosen, rejected, next pair; the KTO stage shuffles).
+    Raises ValueError when `can_feed(kind, wanted)` is false.
+    """
+    if kind == wanted:
+        return examples
+    if not can_feed(kind, wanted):
+        raise ValueError(f"needs {KIND_NEEDS[wanted]}, not {kind} data")
+    if wanted == INSTRUCTION and kind == PREFERENCE:
+        return [preference_to_instruction(example) for example in examples]
+    if wanted == INSTRUCTION:
+        return [{"messages": [dict(m) for m in e["prompt"] + e["completion"]]} for e in examples if e["label"]]
+    return [{"prompt": [dict(m) for m in e["prompt"]], "completion": [dict(m) for m in e[side]],
+             "label": side == "chosen"} for e in examples for side in ("chosen", "rejected")]
 
 
 def _looks_like_hh(row: dict) -> bool:
@@ -362,6 +424,8 @@ def _candidates(row: dict) -> list[str]:
     keys = row.keys()
     found = []
     has_pair = "chosen" in keys or "rejected" in keys
+    if isinstance(row.get("label"), bool) and ("completion" in keys or "messages" in keys) and not has_pair:
+        return ["unpaired"]  # a boolean label judges the reply: never plain instruction data
     if "conversations" in keys and has_pair:
         found.append("sharegpt_preference")
     elif has_pair:

@@ -20,14 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from posttrain.data.formats import (
-    FORMATS,
-    RowError,
-    convert_row,
-    detect_format,
-    kind_of,
-    preference_to_instruction,
-)
+from posttrain.data.formats import FORMATS, KIND_NEEDS, RowError, can_feed, convert_row, detect_format, kind_of, to_kind
 from posttrain.errors import DataError
 
 Record = tuple[int, "dict | Exception"]
@@ -261,8 +254,8 @@ def _check_options(fmt: str, on_bad_rows: str, want: str | None) -> None:
         raise DataError(f'unknown data format "{fmt}" (known: auto, {", ".join(sorted(FORMATS))})')
     if on_bad_rows not in ("error", "skip"):
         raise DataError(f'on_bad_rows must be "error" or "skip", not "{on_bad_rows}"')
-    if want not in (None, "instruction", "preference"):
-        raise DataError(f'want must be "instruction" or "preference", not "{want}"')
+    if want not in (None, *KIND_NEEDS):
+        raise DataError(f'want must be one of {", ".join(KIND_NEEDS)}, not "{want}"')
 
 
 def peek(records: Iterator[Record]) -> tuple[list[dict], Iterator[Record]]:
@@ -290,15 +283,13 @@ def choose_format(fmt: str, rows: list[dict], want: str | None, label: str) -> s
 
 
 def _check_kind(fmt: str, want: str | None, label: str) -> None:
-    if want == "preference" and kind_of(fmt) == "instruction":
-        raise DataError(
-            f"{label}: preference stages need preference data (prompt, chosen, rejected), "
-            f'but this is instruction data (format "{fmt}")'
-        )
+    if want is not None and not can_feed(kind_of(fmt), want):
+        raise DataError(f'{label}: this stage needs {KIND_NEEDS[want]}, but this is {kind_of(fmt)} data '
+                        f'(format "{fmt}")')
 
 
 def _convert_all(
-    records: Iterable[Record], fmt: str, label: str, project: bool, limit: int | None
+    records: Iterable[Record], fmt: str, label: str, limit: int | None
 ) -> tuple[list[dict], list[str]]:
     """Convert rows until ``limit`` examples; collect one message per bad row."""
     examples: list[dict] = []
@@ -313,7 +304,7 @@ def _convert_all(
         except RowError as error:
             problems.append(f"{label}:{number}: {error}")
             continue
-        examples.append(preference_to_instruction(example) if project else example)
+        examples.append(example)
     return examples, problems
 
 
@@ -334,8 +325,9 @@ def load_examples(
 ) -> LoadResult:
     """Load ``source`` (file or hub id) in layout ``fmt`` as canonical examples.
 
-    ``want`` is what the consuming stage needs: preference data feeding an
-    instruction stage is projected to prompt + chosen; instruction data cannot feed
+    ``want`` is the kind the consuming stage needs; the examples are converted to it
+    (``formats.to_kind``: preference data feeding an instruction stage is projected
+    to prompt + chosen, pairs are unpaired for KTO); instruction data cannot feed
     a preference stage (DataError).  ``limit`` caps the number of examples kept.
     """
     _check_options(fmt, on_bad_rows, want)
@@ -350,8 +342,7 @@ def load_examples(
         raise DataError(f"{label}: no readable rows to detect the format from", problems=_capped(problems))
     chosen_format = choose_format(fmt, sample, want, label)
     _check_kind(chosen_format, want, label)
-    project = want == "instruction" and kind_of(chosen_format) == "preference"
-    examples, problems = _convert_all(records, chosen_format, label, project, limit)
+    examples, problems = _convert_all(records, chosen_format, label, limit)
     if problems and on_bad_rows == "error":
         count = len(problems)
         raise DataError(
@@ -362,5 +353,7 @@ def load_examples(
     if not examples and limit != 0:
         reason = f" ({len(problems)} malformed rows skipped)" if problems else ""
         raise DataError(f"{label}: no usable examples{reason}", problems=_capped(problems))
+    if want is not None:
+        examples = to_kind(examples, kind_of(chosen_format), want)
     return LoadResult(examples=examples, format=chosen_format, detected=fmt == "auto",
                       skipped=problems, source=str(source))

@@ -18,7 +18,7 @@ from typing import Callable
 
 from posttrain.artifacts import content_hash
 from posttrain.data import builtin, noisy
-from posttrain.data.formats import convert_row, kind_of, preference_to_instruction
+from posttrain.data.formats import convert_row, kind_of, to_kind
 from posttrain.data.io import load_examples
 from posttrain.errors import DataError
 
@@ -28,7 +28,7 @@ class LoadedData:
     name: str
     examples: list[dict]
     format: str
-    kind: str              # "instruction" | "preference"
+    kind: str              # "instruction" | "preference" | "unpaired" (the stage's, after to_kind)
     skipped: list[str]
     fingerprint: str       # sha256 of the canonical examples: what the stage keys hash
     curation: dict | None = None   # CurationReport.to_dict() when curated
@@ -80,11 +80,10 @@ def load_raw(name: str, spec, want: str, env: DataEnv) -> tuple[list[dict], str,
         rows, fmt = builtin_rows(spec.source, spec.split)
         fmt = fmt if spec.format == "auto" else spec.format
         examples = [convert_row(row, fmt) for row in rows][: spec.limit or None]
-        if want == "preference" and kind_of(fmt) == "instruction":
-            raise DataError(f"data.{name}: preference stages need preference data, {spec.source} is instruction data")
-        if want == "instruction" and kind_of(fmt) == "preference":
-            examples = [preference_to_instruction(e) for e in examples]
-        return examples, fmt, []
+        try:
+            return to_kind(examples, kind_of(fmt), want), fmt, []
+        except ValueError as exc:
+            raise DataError(f"data.{name}: this stage {exc}; {spec.source} is {kind_of(fmt)} data") from None
     result = load_examples(spec.source, spec.format, split=spec.split, on_bad_rows=spec.on_bad_rows,
                            want=want, base_dir=env.base_dir, limit=spec.limit)
     return result.examples, result.format, result.skipped

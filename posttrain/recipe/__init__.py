@@ -1,1 +1,3 @@
-"""The recipe: strict YAML loading (yamlfile); schema, sweeps and loading move here from config.py."""
+"""The recipe: its schema (`schema`, built on `fields` and the methods under
+`posttrain/stages/`), the checks a field type cannot make (`references`), sweeps
+(`sweep`), strict YAML (`yamlfile`) and loading with overrides (`load`)."""

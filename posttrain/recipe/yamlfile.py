@@ -5,9 +5,6 @@ recursion: duplicate keys are errors naming both lines, aliases and merge keys a
 expanded into bounded copies (a "billion laughs" is refused in milliseconds), and
 size, depth, encoding and document count are checked. Every key path gets its line,
 so errors read `recipe.yaml:12: stages.dpo.beta: ...`.
-
-This package will hold the rest of the recipe (schema, sweep, loading) when
-`posttrain/config.py` is split; the loader lives here from the start.
 """
 
 from __future__ import annotations

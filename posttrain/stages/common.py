@@ -17,7 +17,7 @@ from posttrain.models import ModelSource, load_model_and_tokenizer, lora_config
 @dataclass
 class StageContext:
     name: str                 # stage name in the recipe
-    spec: Any                 # SFTStage | DPOStage | ORPOStage
+    spec: Any                 # the method's settings (posttrain.stages.METHODS[...].settings)
     seed: int
     start: ModelSource        # the model this stage starts from
     examples: list[dict]      # canonical rows (messages, or prompt/chosen/rejected)
@@ -458,15 +458,20 @@ def dataset_tokens(dataset, columns: dict[str, int]) -> int:
 
 
 def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_columns: dict[str, int],
-           sequences_per_example: int, metric_keys: tuple[str, ...], reference_forwards: int = 0,
-           attempts: dict | None = None, extra_cost: dict | None = None) -> StageResult:
+           extra_forwards: int = 0, attempts: dict | None = None, extra_cost: dict | None = None) -> StageResult:
     """Save the model/adapter, the trainer log, and summarise cost and final metrics.
 
-    Passes count sequences: an SFT example is one sequence, a preference pair two
-    (chosen and rejected). `reference_forwards` adds a frozen reference's passes.
+    Passes count sequences, as many per example as the method declares
+    (`Method.sequences`: an SFT example is one, a preference pair two: chosen and
+    rejected). `extra_forwards` adds forwards without a backward (a frozen reference's;
+    KTO's KL sequences). The final
+    metrics are the method's declared `metrics`.
     A resumed stage's wall time adds the earlier attempts' time up to their last
     checkpoint (work lost after it is not counted).
     """
+    from posttrain.stages import METHODS
+
+    method = METHODS[ctx.spec.method]
     refuse_nonfinite_weights(trainer)
     attempts = attempts or {}
     area = Area(ctx.out_dir)
@@ -481,8 +486,8 @@ def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_col
         "optimizer_steps": trainer.state.global_step,
         "examples_seen": examples_seen,
         "train_tokens": round(dataset_tokens(trainer.train_dataset, token_columns) * epochs_done),
-        "forward_passes": examples_seen * sequences_per_example + reference_forwards,
-        "backward_passes": examples_seen * sequences_per_example,
+        "forward_passes": examples_seen * method.sequences + extra_forwards,
+        "backward_passes": examples_seen * method.sequences,
         "wall_s": round(meter.wall_s + attempts.get("earlier_attempts_wall_s", 0.0), 2),
         "resumed_from_step": attempts.get("resumed_from_step"),
         **(extra_cost or {}),
@@ -491,7 +496,7 @@ def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_col
     }
     # Checkpoints exist to resume this stage; once it is finished they are dead weight.
     area.rmtree(ctx.out_dir / "trainer")
-    return StageResult(adapter=bool(ctx.lora), metrics=final_metrics(log, metric_keys), cost=cost)
+    return StageResult(adapter=bool(ctx.lora), metrics=final_metrics(log, method.metrics), cost=cost)
 
 
 def nonfinite_parameters(model) -> list[str]:

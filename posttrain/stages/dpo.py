@@ -11,13 +11,67 @@ import copy
 import hashlib
 import io
 from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
 
 from posttrain.artifacts import Area
+from posttrain.recipe.fields import StageBase
 from posttrain.stages.common import (CostMeter, StageContext, StageResult, device, finish, load_start, peft_config,
                                      quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
 
-DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected", "grad_norm")
+from posttrain.stages.method import PREFERENCE, REFERENCE_START, Method
+
+# Every single loss TRL 1.16's DPOTrainer accepts (DPOConfig.loss_type; the trainer's
+# loss switch). Combinations of several (loss_weights) are not offered.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                  "sft", "sigmoid_norm")
+# Losses that read label_smoothing (TRL's loss switch): robust (the flip rate), exo_pair
+# (its epsilon, which must be > 0), aot and aot_unpaired (conservative smoothing).
+SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+
+class DPOStage(StageBase):
+    method: Literal["dpo"]
+    beta: float = Field(0.1, gt=0, description="deviation from the reference (IPO: its tau)")
+    # Declared before loss_type, whose check reads them (a stage key does not depend on field order).
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
+        "robust: the rate of flipped labels (0.1 in the paper); exo_pair: epsilon, > 0 (1e-3 in the paper); "
+        "aot/aot_unpaired: conservative smoothing"))
+    discopop_tau: float = Field(0.05, gt=0, description="discopop: the log-ratio modulation's temperature")
+    loss_type: Literal[DPO_LOSS_TYPES] = Field(  # type: ignore[valid-type]
+        "sigmoid", validate_default=True, description="one of TRL's DPO losses (ipo: IPO; sigmoid: DPO)")
+    precompute_ref_log_probs: bool = Field(True, description=(
+        "score chosen/rejected with the reference once before training (cached per reference and pairs)"))
+
+    # Added after stage keys were first published: left out of the key at their defaults.
+    KEY_OMITS_DEFAULT: ClassVar[tuple[str, ...]] = ("label_smoothing", "discopop_tau")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _loss_settings(cls, loss_type: str, info: ValidationInfo) -> str:
+        # TRL refuses exo_pair at label_smoothing 0 when the trainer is built, after the
+        # stages before it trained: said here instead. A setting no loss reads is a mistake.
+        smoothing, tau = info.data.get("label_smoothing", 0.0), info.data.get("discopop_tau", 0.05)
+        if loss_type == "exo_pair" and smoothing == 0:
+            raise ValueError("exo_pair needs label smoothing: set label_smoothing > 0 (the EXO paper uses 1e-3)")
+        if smoothing and loss_type not in SMOOTHED_LOSSES:
+            raise ValueError(f"label_smoothing {smoothing:g} is read only by the {', '.join(SMOOTHED_LOSSES)} "
+                             f"losses, not {loss_type}")
+        if tau != 0.05 and loss_type != "discopop":
+            raise ValueError(f"discopop_tau is read only by the discopop loss, not {loss_type}")
+        return loss_type
+
+
+METHOD = Method(
+    name="dpo", settings=DPOStage, trainer="trl.DPOTrainer", data=PREFERENCE, reference=REFERENCE_START,
+    summary="preference tuning against a frozen reference, the model the stage starts from; "
+            f"losses: {', '.join(DPO_LOSS_TYPES)}",
+    sequences=2,
+    metrics=("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected", "grad_norm"),
+)
 
 
 def pairs_digest(dataset) -> str:
@@ -124,7 +178,11 @@ def build_trainer(ctx: StageContext):
         disable_dropout=True,
         padding_free=False,
         sync_ref_model=False,
-        label_smoothing=0.0,
+        label_smoothing=spec.label_smoothing,
+        discopop_tau=spec.discopop_tau,
+        loss_weights=None,
+        ld_alpha=None,
+        f_divergence_type="reverse_kl",
         use_weighting=False,
         activation_offloading=False,
         dataset_num_proc=None,
@@ -146,5 +204,5 @@ def train(ctx: StageContext) -> StageResult:
     reference_forwards = 2 * pairs if ctx.spec.precompute_ref_log_probs else round(2 * pairs * epochs)
     cached = bool(getattr(trainer, "reference_cached", False))
     return finish(ctx, trainer, tokenizer, meter, token_columns={"prompt_ids": 2, "chosen_ids": 1, "rejected_ids": 1},
-                  sequences_per_example=2, metric_keys=DPO_METRICS, reference_forwards=reference_forwards,
+                  extra_forwards=reference_forwards,
                   attempts=attempts, extra_cost={"reference_logps_cached": cached})

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import warnings
+from typing import Literal
 
-from posttrain.errors import DataError
+from pydantic import Field
+
+from posttrain.recipe.fields import StageBase
 from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start, peft_config,
                                      quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
+from posttrain.stages.method import PREFERENCE, Method
+from posttrain.stages.paired import drop_prompt_only_pairs
 
-ORPO_METRICS = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen",
-                "rewards/rejected", "rewards/accuracies", "rewards/margins", "grad_norm")
+
+class ORPOStage(StageBase):
+    method: Literal["orpo"]
+    beta: float = Field(0.1, gt=0, description="weight of the odds-ratio term (lambda in the paper)")
+
+
+METHOD = Method(
+    name="orpo", settings=ORPOStage, trainer="trl.experimental.orpo.ORPOTrainer", data=PREFERENCE,
+    summary="SFT and preference alignment in one stage from the base model (odds-ratio penalty), no reference",
+    single_step=True, sequences=2, prompt_bos=True,
+    metrics=("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
+             "rewards/accuracies", "rewards/margins", "grad_norm"),
+)
 
 
 def build_trainer(ctx: StageContext):
@@ -35,45 +51,11 @@ def build_trainer(ctx: StageContext):
     return quiet_trainer(trainer, ctx), tokenizer
 
 
-def trained_pairs(dataset):
-    """Per pair: whether both its chosen and rejected sequences have a token to train on.
-
-    Read from the Arrow columns (labels are -100 on prompt tokens), not row by row.
-    """
-    import numpy as np
-
-    columns = ("chosen_labels", "rejected_labels")
-    table = dataset.select_columns(list(columns)).with_format("arrow")[:]  # rows in the dataset's order
-    keep = np.ones(len(dataset), dtype=bool)
-    for column in columns:
-        labels = table.column(column).combine_chunks()
-        offsets = labels.offsets.to_numpy()
-        trained = np.concatenate([[0], np.cumsum(labels.flatten().to_numpy(zero_copy_only=False) != -100)])
-        keep &= trained[offsets[1:] - offsets[0]] > trained[offsets[:-1] - offsets[0]]
-    return keep
-
-
-def drop_prompt_only_pairs(trainer, ctx: StageContext) -> int:
-    """Drop the pairs whose prompt alone fills max_length (as TRL's DPO does); returns how many.
-
-    TRL 1.16's ORPO keeps them with an empty completion, whose mean log-prob is 0/0:
-    the loss turns NaN at the first batch holding one, and every weight after it.
-    """
-    dataset = trainer.train_dataset
-    keep = trained_pairs(dataset)
-    if not keep.any():
-        raise DataError(f"stages.{ctx.name}: every pair's prompt fills max_length ({ctx.spec.max_length} tokens), "
-                        f"leaving nothing to train on: raise stages.{ctx.name}.max_length")
-    if not keep.all():
-        trainer.train_dataset = dataset.select(keep.nonzero()[0])
-    return int(len(keep) - keep.sum())
-
-
 def train(ctx: StageContext) -> StageResult:
     with CostMeter() as meter:
         trainer, tokenizer = build_trainer(ctx)
         attempts = run_training(trainer, ctx)
     return finish(ctx, trainer, tokenizer, meter,
                   token_columns={"chosen_input_ids": 1, "rejected_input_ids": 1},
-                  sequences_per_example=2, metric_keys=ORPO_METRICS, attempts=attempts,
+                  attempts=attempts,
                   extra_cost={"dropped_pairs": trainer.dropped_pairs})

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from posttrain.models import template_has_generation_markers
+from posttrain.recipe.fields import StageBase
 from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start, peft_config,
                                      quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
+from posttrain.stages.method import INSTRUCTION, Method
+
+
+class SFTStage(StageBase):
+    method: Literal["sft"]
+
+
+METHOD = Method(
+    name="sft", settings=SFTStage, trainer="trl.SFTTrainer", data=INSTRUCTION,
+    summary="supervised fine-tuning on conversations; loss on the assistant's tokens only",
+    metrics=("loss", "mean_token_accuracy", "grad_norm"), sequences=1, estimate_truncates=True,
+)
 
 
 def to_prompt_completion(example: dict) -> dict:
@@ -54,5 +69,4 @@ def train(ctx: StageContext) -> StageResult:
     with CostMeter() as meter:
         trainer, tokenizer = build_trainer(ctx)
         attempts = run_training(trainer, ctx)
-    return finish(ctx, trainer, tokenizer, meter, token_columns={"input_ids": 1}, sequences_per_example=1,
-                  metric_keys=("loss", "mean_token_accuracy", "grad_norm"), attempts=attempts)
+    return finish(ctx, trainer, tokenizer, meter, token_columns={"input_ids": 1}, attempts=attempts)

@@ -1,0 +1,138 @@
+"""The building blocks every recipe section and every method's settings share.
+
+Strict models (unknown keys, NaN/inf and out-of-range integers refused), the
+common stage settings every training method has, and LoRA. A method's own
+settings subclass `StageBase` in its module under `posttrain/stages/`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+              "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+
+
+# The largest whole number any setting takes. Libraries take counts and seeds as C
+# integers (torch and tokenizers overflow at 2**64, numpy seeds stop at 2**32 - 1), so
+# a larger value is a typo that would crash only after training had started.
+INT_MAX = 2**32 - 1
+# Seeds go to random, numpy, torch and transformers.set_seed: numpy takes 0..2**32 - 1.
+Seed = Annotated[int, Field(ge=0, le=INT_MAX)]
+# A name, path or id: an empty one means nothing and fails far from the recipe.
+Text = Annotated[str, Field(min_length=1)]
+
+
+class Strict(BaseModel):
+    # allow_inf_nan=False: no float setting takes .inf or .nan (`learning_rate: .inf`
+    # passed validation, and `epochs: .inf` crashed `plan`).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _sane_values(cls, value: Any) -> Any:
+        """In every spec: every int is at most INT_MAX (see there), and no string holds a
+        NUL character (no path, id or name can; C libraries would cut it there). Keys of
+        a mapping are names: _name_problems checks them."""
+        items = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, int) and not isinstance(item, bool) and abs(item) > INT_MAX:
+                raise ValueError(f"must be <= {INT_MAX} (2**32 - 1)")
+            if isinstance(item, str) and "\x00" in item:
+                raise ValueError(f"{item!r} contains a NUL character")
+        return value
+
+
+class LoraSpec(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # An empty list passed validate and plan, then peft refused it once training started.
+    target_modules: Union[Literal["all-linear"], Annotated[list[Text], Field(min_length=1)]] = "all-linear"
+
+    @field_validator("target_modules", mode="wrap")
+    @classmethod
+    def _targets(cls, value: Any, handler) -> Any:
+        """One message for both shapes (pydantic would report each union member apart)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("must be all-linear or a non-empty list of module names "
+                             "(e.g. [q_proj, v_proj])") from None
+
+
+
+class StageBase(Strict):
+    data: str
+    learning_rate: float = Field(gt=0)
+    # Bounded so that epochs x steps per epoch stays a finite integer (1e308 overflowed `plan`).
+    epochs: float = Field(1.0, gt=0, le=100_000)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    batch_size: int = Field(8, gt=0)
+    gradient_accumulation: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    scheduler: Literal[SCHEDULERS] = "linear"  # type: ignore[valid-type]
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: Seed | None = Field(None, description="default: the recipe's seed for this run")
+    lora: LoraSpec | Literal[False] | None = Field(
+        None, description="None: the model's LoRA setting; false: full fine-tuning")
+    logging_steps: int = Field(10, gt=0)
+
+    # A method's settings added after its stage keys were first published: left out of
+    # the key while at their default, so that adding a setting keeps every cached stage
+    # (and every result) trained before it existed.
+    KEY_OMITS_DEFAULT: ClassVar[tuple[str, ...]] = ()
+
+    def key_settings(self) -> dict:
+        """The settings a stage's key hashes: all but LoRA (hashed resolved, apart) and logging."""
+        dumped = self.model_dump(mode="json", exclude={"lora", "logging_steps"})
+        for name in self.KEY_OMITS_DEFAULT:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                del dumped[name]
+        return dumped
+
+    @field_validator("lora", mode="wrap")
+    @classmethod
+    def _lora(cls, value: Any, handler) -> Any:
+        """Errors under the key the user wrote (`stages.sft.lora.r`), not once per union
+        member (`lora.LoraSpec.r` beside `lora.literal[False]`)."""
+        if isinstance(value, dict):
+            return LoraSpec.model_validate(value)
+        if value is None or value is False or isinstance(value, LoraSpec):
+            return handler(value)
+        raise ValueError("must be a mapping of LoRA settings ({r: 16, alpha: 32, target_modules: all-linear}), "
+                         "false (full fine-tuning) or null (the model's setting)")
+
+
+
+# pydantic error types -> the message a recipe author reads (the place is added by the caller).
+MESSAGES = {
+    "greater_than": lambda e: f"must be > {e['ctx']['gt']}",
+    "greater_than_equal": lambda e: f"must be >= {e['ctx']['ge']}",
+    "less_than": lambda e: f"must be < {e['ctx']['lt']}",
+    "less_than_equal": lambda e: f"must be <= {e['ctx']['le']}",
+    "finite_number": lambda e: "must be a finite number (not .inf or .nan)",
+    "extra_forbidden": lambda e: "unknown key",
+    "missing": lambda e: "required",
+    "literal_error": lambda e: f"must be one of {e['ctx']['expected']}",
+    "union_tag_invalid": lambda e: f"unknown method {e['ctx']['tag']!r} (use {e['ctx']['expected_tags']})",
+    "union_tag_not_found": lambda e: f"missing 'method' ({_method_names()})",
+    "value_error": lambda e: str(e["ctx"]["error"]),
+    "too_short": lambda e: "must not be empty",
+    "string_too_short": lambda e: "must not be empty",
+}
+
+
+def _method_names() -> str:
+    from posttrain.stages import method_names  # the registry imports this module: imported when needed
+
+    return method_names()
+
+
+def error_message(err: dict) -> str:
+    """One pydantic error (an item of ValidationError.errors()) as a message."""
+    return MESSAGES.get(err["type"], lambda e: e["msg"])(err)

@@ -1,0 +1,106 @@
+"""KTO: alignment from unpaired judgements -- each completion labelled desirable or not --
+against a frozen reference, the model the stage starts from (Ethayarajh et al., 2024).
+
+It reads labelled completions (`{"prompt", "completion", "label"}`), or preference
+pairs unpaired as TRL does (chosen: desirable, rejected: undesirable;
+`posttrain.data.formats.to_kind`). The reference is the starting model: its
+log-probs precomputed once, or a frozen copy, or (LoRA) the adapter disabled.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from posttrain.recipe.fields import StageBase
+from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start, peft_config,
+                                     quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
+from posttrain.stages.method import REFERENCE_START, UNPAIRED, Method
+
+
+class KTOStage(StageBase):
+    method: Literal["kto"]
+    beta: float = Field(0.1, gt=0, description="deviation from the reference")
+    desirable_weight: float = Field(1.0, gt=0, description="weight of desirable completions' losses")
+    undesirable_weight: float = Field(1.0, gt=0, description="weight of undesirable completions' losses")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto", validate_default=True, description="kto, or apo_zero_unpaired (no KL term)")
+    precompute_ref_log_probs: bool = Field(True, description="score completions with the reference once before "
+                                                             "training")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _kl_needs_a_batch(cls, loss_type: str, info: ValidationInfo) -> str:
+        # TRL refuses it when the trainer is built: the KL term pairs each prompt with its
+        # neighbour's completion in the batch, which a batch of one does not have.
+        if loss_type == "kto" and info.data.get("batch_size") == 1:
+            raise ValueError("the kto loss needs batch_size >= 2 (its KL term pairs each prompt with another "
+                             "completion of the same batch)")
+        return loss_type
+
+
+METHOD = Method(
+    name="kto", settings=KTOStage, trainer="trl.KTOTrainer", data=UNPAIRED, reference=REFERENCE_START,
+    summary="alignment from completions labelled desirable or not (or pairs, unpaired), against a frozen "
+            "reference, the model the stage starts from",
+    sequences=1,
+    metrics=("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+             "logps/rejected", "grad_norm"),
+)
+
+
+def build_trainer(ctx: StageContext):
+    """The KTOTrainer for this stage, before training."""
+    quiet_transformers()
+    from trl import KTOConfig, KTOTrainer
+
+    model, tokenizer = load_start(ctx)
+    spec = ctx.spec
+    lora = peft_config(ctx)
+    # As for DPO: with neither LoRA nor precomputation TRL would rebuild the reference
+    # from the model's hub name; a frozen copy of the starting model is passed instead.
+    ref_model = None
+    if lora is None and not spec.precompute_ref_log_probs:
+        ref_model = copy.deepcopy(model).eval()
+    args = KTOConfig(
+        **trainer_kwargs(ctx),
+        beta=spec.beta,
+        loss_type=spec.loss_type,
+        desirable_weight=spec.desirable_weight,
+        undesirable_weight=spec.undesirable_weight,
+        max_length=spec.max_length,
+        precompute_ref_log_probs=spec.precompute_ref_log_probs,
+        precompute_ref_batch_size=spec.batch_size,
+        # The KL term pairs each row with its neighbour in a fixed-order batch (TRL requires
+        # sequential sampling); the rows are shuffled once, by the seed, below instead.
+        train_sampling_strategy="sequential",
+        disable_dropout=True,
+        sync_ref_model=False,
+        activation_offloading=False,
+        pad_to_multiple_of=None,
+        dataset_num_proc=None,
+    )
+    # Unpaired rows arrive in file order (unpaired pairs: chosen, rejected, next pair): in
+    # order, a batch would hold one prompt twice and the KL term would pair it with itself.
+    dataset = train_dataset(ctx).shuffle(seed=ctx.seed)
+    trainer = KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=lora)
+    return quiet_trainer(trainer, ctx), tokenizer
+
+
+def train(ctx: StageContext) -> StageResult:
+    with CostMeter() as meter:
+        trainer, tokenizer = build_trainer(ctx)
+        attempts = run_training(trainer, ctx)
+    # Without a backward: the KL sequence (each prompt with its neighbour's completion) per
+    # example and step, and the reference's two scores per example (once when precomputed).
+    examples = len(trainer.train_dataset)
+    epochs = trainer.state.epoch or 0.0
+    kl = trainer.args.loss_type == "kto"
+    per_example = 2 if kl else 1
+    reference = per_example * examples if ctx.spec.precompute_ref_log_probs else round(per_example * examples * epochs)
+    policy_kl = round(examples * epochs) if kl else 0
+    return finish(ctx, trainer, tokenizer, meter, token_columns={"prompt_ids": 1, "completion_ids": 1},
+                  extra_forwards=reference + policy_kl, attempts=attempts)

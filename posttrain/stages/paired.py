@@ -1,0 +1,41 @@
+"""What the paired trainers that tokenize in TRL's older style share (ORPO, CPO/SimPO):
+each pair becomes `chosen_*`/`rejected_*` columns with prompt tokens labelled -100."""
+
+from __future__ import annotations
+
+from posttrain.errors import DataError
+from posttrain.stages.common import StageContext
+
+
+def trained_pairs(dataset):
+    """Per pair: whether both its chosen and rejected sequences have a token to train on.
+
+    Read from the Arrow columns (labels are -100 on prompt tokens), not row by row.
+    """
+    import numpy as np
+
+    columns = ("chosen_labels", "rejected_labels")
+    table = dataset.select_columns(list(columns)).with_format("arrow")[:]  # rows in the dataset's order
+    keep = np.ones(len(dataset), dtype=bool)
+    for column in columns:
+        labels = table.column(column).combine_chunks()
+        offsets = labels.offsets.to_numpy()
+        trained = np.concatenate([[0], np.cumsum(labels.flatten().to_numpy(zero_copy_only=False) != -100)])
+        keep &= trained[offsets[1:] - offsets[0]] > trained[offsets[:-1] - offsets[0]]
+    return keep
+
+
+def drop_prompt_only_pairs(trainer, ctx: StageContext) -> int:
+    """Drop the pairs whose prompt alone fills max_length (as TRL's DPO does); returns how many.
+
+    TRL 1.16's ORPO and CPO keep them with an empty completion, whose mean log-prob is 0/0:
+    the loss turns NaN at the first batch holding one, and every weight after it.
+    """
+    dataset = trainer.train_dataset
+    keep = trained_pairs(dataset)
+    if not keep.any():
+        raise DataError(f"stages.{ctx.name}: every pair's prompt fills max_length ({ctx.spec.max_length} tokens), "
+                        f"leaving nothing to train on: raise stages.{ctx.name}.max_length")
+    if not keep.all():
+        trainer.train_dataset = dataset.select(keep.nonzero()[0])
+    return int(len(keep) - keep.sum())

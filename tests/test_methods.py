@@ -1,0 +1,103 @@
+"""A method is one module: everything else derives from its declaration."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.errors import RecipeError
+from posttrain.recipe.load import validate_recipe
+from posttrain.recipe.references import matched_pipelines
+from posttrain.stages import METHODS
+
+REPO = Path(__file__).resolve().parent.parent
+
+TOY = '''
+from typing import Literal
+
+from posttrain.recipe.fields import StageBase
+from posttrain.stages.method import PREFERENCE, Method
+from posttrain.stages.sft import train as sft_train
+
+
+class ToyStage(StageBase):
+    method: Literal["toy"]
+    temperature: float = 1.0
+
+
+METHOD = Method(name="toy", settings=ToyStage, summary="a toy", trainer="none", data=PREFERENCE,
+                single_step=True)
+
+
+def train(ctx):
+    return sft_train(ctx)
+'''
+
+
+def recipe(stages: dict, pipelines: dict) -> dict:
+    return {"name": "m", "model": {"name": "builtin:micro-llama"},
+            "data": {"ins": {"source": "builtin:skills"}, "prefs": {"source": "builtin:skills-preferences"}},
+            "stages": stages, "pipelines": pipelines, "eval": {"tasks": ["evals/skills.yaml"]}}
+
+
+def stage(method, data="prefs"):
+    return {"method": method, "data": data, "learning_rate": 1e-3}
+
+
+def test_every_method_is_a_stage_the_schema_takes():
+    stages = {name: stage(name, "ins" if method.data == "instruction" else "prefs")
+              for name, method in METHODS.items()}
+    parsed = validate_recipe(recipe(stages, {name: [name] for name in stages}), "r.yaml")
+    assert {name: type(spec) for name, spec in parsed.stages.items()} == {
+        name: method.settings for name, method in METHODS.items()}
+    assert {"sft", "dpo", "orpo", "kto", "cpo"} <= set(METHODS)
+
+
+def test_compute_matching_takes_the_declared_single_step_methods():
+    single = [name for name, method in METHODS.items() if method.single_step]
+    stages = {"sft": stage("sft", "ins"), "dpo": stage("dpo"),
+              **{name: stage(name) for name in single}}
+    pipelines = {"sft+dpo": ["sft", "dpo"], **{name: [name] for name in single}}
+    parsed = validate_recipe({**recipe(stages, pipelines), "compare": {"match": "tokens"}}, "r.yaml")
+    assert matched_pipelines(parsed) == ("sft+dpo", single)
+    assert {"orpo", "cpo"} <= set(single) and "kto" not in single
+
+
+def test_a_method_gets_data_it_can_read():
+    bad = recipe({"kto": stage("kto", "ins")}, {"p": ["kto"]})
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(bad, "r.yaml")
+    assert info.value.problems == ["r.yaml: stages.kto.data: kto needs unpaired data (prompt, completion, boolean "
+                                   "label) or preference pairs; 'ins' is instruction data"]
+
+
+def test_methods_command_lists_each_declaration():
+    out = subprocess.run([sys.executable, "-m", "posttrain", "methods"], capture_output=True, text=True, check=True)
+    for name, method in METHODS.items():
+        assert f"{name}: {method.summary}" in out.stdout
+    one = subprocess.run([sys.executable, "-m", "posttrain", "methods", "kto"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "desirable_weight (default 1.0)" in one and "learning_rate" not in one
+
+
+def test_adding_a_method_is_adding_its_module(tmp_path):
+    """A copy of the package with one more file under stages/: the schema, validate, the
+    CLI's method list and compute matching know the new method; nothing else was edited."""
+    shutil.copytree(REPO / "posttrain", tmp_path / "posttrain", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "posttrain" / "stages" / "toy.py").write_text(TOY)
+    shutil.copytree(REPO / "evals", tmp_path / "evals")
+    doc = recipe({"sft": stage("sft", "ins"), "dpo": stage("dpo"), "toy": {**stage("toy"), "temperature": 0.5}},
+                 {"sft+dpo": ["sft", "dpo"], "toy": ["toy"]})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**doc, "compare": {"match": "tokens"}}))
+    code = ("from posttrain.recipe.load import load_recipe; from posttrain.recipe.references import "
+            "matched_pipelines; r = load_recipe('r.yaml'); print(type(r.stages['toy']).__name__, "
+            "r.stages['toy'].temperature, matched_pipelines(r))")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "ToyStage 0.5 ('sft+dpo', ['toy'])", out.stderr
+    listed = subprocess.run([sys.executable, "-m", "posttrain", "methods"], cwd=tmp_path, capture_output=True,
+                            text=True, env=env)
+    assert "toy: a toy" in listed.stdout, listed.stderr
