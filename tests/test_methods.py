@@ -32,6 +32,10 @@ METHOD = Method(name="toy", settings=ToyStage, summary="a toy", trainer="none", 
                 single_step=True)
 
 
+def build_trainer(ctx):
+    return None
+
+
 def train(ctx):
     return sft_train(ctx)
 '''

@@ -1,8 +1,10 @@
 """Training methods: one module per method, each a thin adapter over a TRL trainer.
 
-A module here that declares `METHOD = method.Method(...)` is a method: the recipe
-schema, the plan, the estimator, compute matching and the CLI read METHODS, so adding
-a method is adding its module (and its tests). Modules import TRL inside functions.
+A module here that declares `METHOD = method.Method(...)`, `build_trainer(ctx)` (the
+TRL trainer, before training: tests inspect it) and `train(ctx) -> StageResult` is a
+method: the recipe schema, the plan, the estimator, compute matching and the CLI read
+METHODS, so adding a method is adding its module (and its tests). Modules import TRL
+inside functions.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ def _discover() -> dict[str, Method]:
         if method.name in found:
             raise ImportError(f"two modules declare method {method.name!r}: {found[method.name].module}, "
                               f"{module.__name__}")
-        if not callable(getattr(module, "train", None)):
-            raise ImportError(f"{module.__name__} declares method {method.name!r} but has no train(ctx)")
+        missing = [name for name in ("build_trainer", "train") if not callable(getattr(module, name, None))]
+        if missing:
+            raise ImportError(f"{module.__name__} declares method {method.name!r} but has no "
+                              f"{' or '.join(f'{name}(ctx)' for name in missing)}")
         found[method.name] = replace(method, module=module.__name__)
     return found
 

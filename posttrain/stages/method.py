@@ -4,9 +4,9 @@ Everything else derives from these declarations: the recipe schema's stage union
 (`settings`), which data a stage loads (`data`), the plan and its estimates
 (`sequences`, `estimate_truncates`), the max_length checks (`prompt_bos`),
 compute matching (`single_step`), the stage record (`metrics`), the CLI's help
-(`summary`, `trainer`, `reference`). A module declares `METHOD = Method(...)` and a
-`train(ctx) -> StageResult`; it imports TRL only inside functions, so declaring
-costs nothing at `posttrain validate`.
+(`summary`, `trainer`, `reference`). A module declares `METHOD = Method(...)`,
+`build_trainer(ctx)` and `train(ctx) -> StageResult`; it imports TRL only inside
+functions, so declaring costs nothing at `posttrain validate`.
 """
 
 from __future__ import annotations
