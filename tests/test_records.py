@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from posttrain.artifacts import MARKER, RunDir
+from posttrain.artifacts import MARKER, RUN_FORMAT, RunDir
 from posttrain.cli import main
 from posttrain.errors import DataError
 from posttrain.records import (COST_COLUMNS, FORMAT, BadRecord, Cost, ResultRow, StageRecord, read_results,
@@ -130,6 +130,39 @@ def test_a_run_directory_written_before_typed_records_reports_the_same_tables(tm
     assert [c["label"] for c in report["curves"]] == ["dpo (seed 0)", "sft (seed 0)"]
     assert (run / "results.csv").read_text().splitlines()[1].startswith("base,1,skills_exact/exact_match,")
     assert json.loads((run / MARKER).read_text()) == {"kind": "run", "recipe": "old"}  # reporting writes no record
+
+
+def test_a_run_directory_from_a_newer_posttrain_is_refused_by_name(tmp_path):
+    run = write_format1_run(tmp_path / "new")
+    write_json(run / MARKER, {"kind": "run", "recipe": "old", "format": RUN_FORMAT + 1})
+    result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{run}: written by a newer posttrain (run directory format {RUN_FORMAT + 1}" in result.output
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda info: info["cost"].update(wall_s="fast"), "stage.json: wrong type for 'cost.wall_s'"),
+    (lambda info: info.update(format=FORMAT + 1),
+     f"stage.json: written by a newer posttrain (record format {FORMAT + 1}"),
+    (lambda info: info.pop("chain"), "stage.json: lacks valid chain (a list)"),
+    (lambda info: info.update(method=3), "stage.json: wrong type for 'method'"),
+])
+def test_a_damaged_stage_record_names_its_file(tmp_path, damage, expected):
+    run = write_format1_run(tmp_path / "old")
+    path = run / "stages" / DPO_DIR / "stage.json"
+    info = json.loads(path.read_text())
+    damage(info)
+    write_json(path, info)
+    result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert str(path.parent.name) in result.output and expected in result.output
+
+
+def test_a_planted_stage_folder_name_is_refused(tmp_path):
+    run = write_format1_run(tmp_path / "old")
+    write_json(run / "pipelines.json", {"sft": {"0": ["../../elsewhere"]}})
+    result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 2 and "refusing to use '../../elsewhere'" in result.output
 
 
 # ----------------------------------------------------------------------------- one reader, one writer
