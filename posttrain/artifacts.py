@@ -19,14 +19,50 @@ LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "
 
 MARKER = ".posttrain-run.json"   # identifies a directory posttrain made (a run, or a merged report)
 LEGACY_MARKER = "recipe.resolved.yaml"  # run directories written before the marker existed
+# The run directory's format, in its marker: 2 since the records were typed (stage.json
+# carries its own format); a directory whose marker lacks it (or that has none) is format 1.
+RUN_FORMAT = 2
+STAGE_RECORD = "stage.json"        # a stage's records.StageRecord, in its cache entry and its run folder
+TRAINER_LOG = "trainer_log.jsonl"  # a stage's logged curves, in the same two places
 
 
 class RunDir:
-    """runs/<name>/: recipe.resolved.yaml, env.json, stages/, evals/, results.jsonl, report.*"""
+    """runs/<name>/: every file posttrain writes there is named here, and only here.
+
+    A merged report's folder has the same layout (its report files and marker).
+    """
 
     def __init__(self, root: Path):
         self.root = Path(os.path.abspath(root))  # absolute: paths under it compare whatever the cwd
         self.area = Area(self.root)   # every write under the run directory goes through it
+
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER
+
+    @property
+    def env(self) -> Path:
+        """Versions, hardware, git commit; no secrets."""
+        return self.root / "env.json"
+
+    @property
+    def recipe(self) -> Path:
+        """The recipe after defaults, overrides and compute matching."""
+        return self.root / LEGACY_MARKER
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def data(self) -> Path:
+        """Per dataset: rows, fingerprint, curation."""
+        return self.root / "data.json"
+
+    @property
+    def pipelines(self) -> Path:
+        """{pipeline: {seed: [stage folder, ...]}}: which stage records make each pipeline."""
+        return self.root / "pipelines.json"
 
     @property
     def stages(self) -> Path:
@@ -38,12 +74,49 @@ class RunDir:
 
     @property
     def results(self) -> Path:
+        """The one source of the report: a records.ResultRow a line."""
         return self.root / "results.jsonl"
 
     @property
     def failed(self) -> Path:
         """Written when a stage fails (which one, why); removed when the run completes."""
         return self.root / "failed.json"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def results_csv(self) -> Path:
+        return self.root / "results.csv"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def stage_record(self, stage_dir: str) -> Path:
+        """stages/<stage folder>/stage.json (the folder as pipelines.json names it)."""
+        return self.area.child(self.stages, stage_dir, STAGE_RECORD)  # a recorded name never leads outside
+
+    def trainer_log(self, stage_dir: str) -> Path:
+        return self.area.child(self.stages, stage_dir, TRAINER_LOG)
+
+    @property
+    def format(self) -> int:
+        """The format the directory was written in (1: before the marker recorded it)."""
+        try:
+            version = json.loads(self.marker.read_text()).get("format", 1)
+        except (OSError, ValueError, AttributeError):
+            return 1
+        return version if isinstance(version, int) and not isinstance(version, bool) else 1
 
     def stage_dir(self, stage_name: str, seed: int, key: str) -> Path:
         return self.area.path("stages", f"{stage_name}-s{seed}-{key[:12]}")
@@ -69,7 +142,7 @@ class RunDir:
                 f"{self.root}: is the run directory of recipe {owner!r}, not {recipe_name!r}; choose another "
                 "--out, or add --force to write this recipe's results into it")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.area.write_json(self.root / MARKER, {"recipe": recipe_name, "kind": kind})
+        self.area.write_json(self.marker, {"recipe": recipe_name, "kind": kind, "format": RUN_FORMAT})
 
 
 def directory_owner(root: Path) -> str | None:

@@ -47,8 +47,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.artifacts import Area, name_problem
+from posttrain.artifacts import STAGE_RECORD, Area, name_problem
 from posttrain.errors import PosttrainError
+from posttrain.records import BadRecord, StageRecord
 
 PARTIAL_PREFIX = ".partial-"
 PROGRESS_FILE = "posttrain_progress.json"   # written into a checkpoint once it is complete
@@ -75,9 +76,6 @@ LOCK_NAME = re.compile(rf"{HEX64}\.lock")
 # Bigger entries (a 7B model is ~14 GB, ~10 s) get the size check on reuse, and hashes
 # from `posttrain cache verify`.
 HASH_LIMIT = 2**30
-# What a stage.json must hold for the pipeline, `plan` and the report to use it.
-STAGE_FIELDS = {"stage": str, "seed": int, "key": str, "chain": list, "adapter": bool, "cost": dict,
-                "metrics": dict}
 
 
 class CorruptEntry(PosttrainError):
@@ -188,13 +186,17 @@ class Cache:
         verdict = self.verify("stages", key)
         return verdict is not None and verdict.ok and verdict.manifest
 
+    def stage_record(self, key: str) -> StageRecord:
+        """The finished stage's record; a damaged one is a CorruptEntry naming its file."""
+        path = self.stage_dir(key) / STAGE_RECORD
+        try:
+            return parse_stage_record(read_json(path), key)
+        except BadRecord as exc:
+            raise CorruptEntry(f"{path}: {exc}; run again to retrain it, or `posttrain cache verify --fix`") from None
+
     def stage_info(self, key: str) -> dict:
-        path = self.stage_dir(key) / "stage.json"
-        info = read_json(path)
-        problem = stage_json_problem(info, key)
-        if problem:
-            raise CorruptEntry(f"{path}: {problem}; run again to retrain it, or `posttrain cache verify --fix`")
-        return info
+        """The record as JSON (what `pipeline.source_after` reads; prefer `stage_record`)."""
+        return self.stage_record(key).to_json()
 
     def touch(self, path: Path) -> None:
         """Mark an entry used now: `cache gc --older-than` evicts by last use. The marker
@@ -432,16 +434,20 @@ def manifest_problems(entry: Path, hashes: bool | None, hash_limit: int = HASH_L
     return problems, True, signature
 
 
-def stage_json_problem(info, key: str) -> str | None:
-    """Why a stage.json cannot be used (None when it can)."""
+def parse_stage_record(info, key: str) -> StageRecord:
+    """The record of stage `key` in a parsed stage.json (None: unreadable); BadRecord says
+    why it cannot be used."""
     if not isinstance(info, dict):
-        return "missing, unreadable or not a JSON object"
-    wrong = [f"{name} (a {kind.__name__})" for name, kind in STAGE_FIELDS.items()
-             if not isinstance(info.get(name), kind) or (kind is int and isinstance(info.get(name), bool))]
-    if wrong:
-        return "lacks valid " + ", ".join(wrong)
-    if info["key"] != key:
-        return f"is the record of stage {info['key'][:12]}, not of {key[:12]}"
+        raise BadRecord("missing, unreadable or not a JSON object")
+    return StageRecord.from_json(info, key)
+
+
+def stage_json_problem(info, key: str) -> str | None:
+    """Why a parsed stage.json cannot be used (None when it can)."""
+    try:
+        parse_stage_record(info, key)
+    except BadRecord as exc:
+        return str(exc)
     return None
 
 
@@ -457,8 +463,8 @@ def eval_json_problem(info) -> str | None:
 def content_problems(kind: str, key: str, entry: Path) -> list[str]:
     """The records an entry's users parse (stage.json, eval.json), checked for what they need."""
     if kind == "stages":
-        problem = stage_json_problem(read_json(entry / "stage.json"), key)
-        problems = [f"{entry / 'stage.json'}: {problem}"] if problem else []
+        problem = stage_json_problem(read_json(entry / STAGE_RECORD), key)
+        problems = [f"{entry / STAGE_RECORD}: {problem}"] if problem else []
         if not (entry / "model").is_dir():
             problems.append(f"{entry / 'model'}: missing")
         return problems
@@ -847,7 +853,7 @@ def entries(cache: Cache, kinds=KINDS) -> list[Entry]:
                 entry_kind, key = "partial", key[len(PARTIAL_PREFIX):]
             info = {}
             if entry_kind in ("stages", "partial"):
-                info = read_object(path / "stage.json") or read_object(path / "pending.json")
+                info = read_object(path / STAGE_RECORD) or read_object(path / "pending.json")
                 if entry_kind == "partial":
                     ckpt = latest_checkpoint(path / "trainer")
                     info["resume_step"] = checkpoint_step(ckpt) if ckpt else None

@@ -209,8 +209,11 @@ def print_plan(recipe_path: str, recipe, cache_dir: str | None, as_json: bool) -
 
 
 def show_report(report_dir: Path, as_json: bool) -> None:
+    from posttrain.artifacts import RunDir
+
+    report_json = RunDir(report_dir).report_json
     if as_json:
-        click.echo((report_dir / "report.json").read_text())
+        click.echo(report_json.read_text())
         return
     import json
 
@@ -220,7 +223,7 @@ def show_report(report_dir: Path, as_json: bool) -> None:
 
     # Off a terminal rich would wrap the table at 80 columns; let it be as wide as it needs.
     console = Console() if sys.stdout.isatty() else Console(width=200)
-    console.print(terminal_table(json.loads((report_dir / "report.json").read_text())))
+    console.print(terminal_table(json.loads(report_json.read_text())))
 
 
 @main.command()

@@ -214,17 +214,20 @@ def source_after(plan: Plan, node: StageNode | None, cache: Cache) -> ModelSourc
     return replace(previous, name=model_dir, adapter_dirs=(), revision=None)
 
 
-def record_stage(cache: Cache, node: StageNode, run: RunDir, reused: bool) -> dict:
-    """The run directory's view of a cached stage: its stage.json and curves, a link to the model."""
+def record_stage(cache: Cache, node: StageNode, run: RunDir, reused: bool):
+    """The run directory's view of a cached stage (a records.StageRecord): its stage.json
+    and curves, a link to the model."""
+    from posttrain.artifacts import TRAINER_LOG
+
     entry = cache.stage_dir(node.key)
     cache.touch(entry)
-    info = {**cache.stage_info(node.key), "cache_dir": str(entry), "reused": reused}
-    record = run.area.mkdir(run.stage_dir(node.stage, node.seed, node.key))
-    run.area.write_json(record / "stage.json", info)
-    if (entry / "trainer_log.jsonl").is_file():
-        run.area.copyfile(entry / "trainer_log.jsonl", record / "trainer_log.jsonl")
-    run.area.symlink(record / "model", entry / "model")
-    return info
+    record = replace(cache.stage_record(node.key), cache_dir=str(entry), reused=reused)
+    folder = run.area.mkdir(run.stage_dir(node.stage, node.seed, node.key))
+    record.write(run.area, run.stage_record(folder.name))
+    if (entry / TRAINER_LOG).is_file():
+        run.area.copyfile(entry / TRAINER_LOG, run.trainer_log(folder.name))
+    run.area.symlink(folder / "model", entry / "model")
+    return record
 
 
 @contextmanager
@@ -310,16 +313,18 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
                     raise TrainingDiverged(exc.message(ctx), stage=node.stage, seed=node.seed, key=node.key,
                                            step=exc.step, details=exc.details()) from None
                 stopped_after = ctx.stop_requested()
-        info = {
-            "stage": node.stage, "method": spec.method, "seed": node.seed, "key": node.key,
-            "chain": node.chain, "parent_key": node.parent.key if node.parent else None,
-            "start_model": ctx.start.name, "adapter": result.adapter,
-            "settings": spec.model_dump(mode="json"), "data": {
+        from posttrain.artifacts import STAGE_RECORD
+        from posttrain.records import Cost, StageRecord
+
+        StageRecord(
+            stage=node.stage, method=spec.method, seed=node.seed, key=node.key,
+            chain=node.chain, parent_key=node.parent.key if node.parent else None,
+            start_model=ctx.start.name, adapter=result.adapter,
+            settings=spec.model_dump(mode="json"), data={
                 "name": node.data.name, "format": node.data.format, "examples": len(node.data.examples),
                 "fingerprint": node.data.fingerprint, "skipped_rows": len(node.data.skipped)},
-            "cost": result.cost, "metrics": result.metrics, "key_inputs": node.inputs,
-        }
-        cache.area.write_json(partial / "stage.json", info)
+            cost=Cost.from_json(result.cost), metrics=result.metrics, key_inputs=node.inputs,
+        ).write(cache.area, partial / STAGE_RECORD)
         cache.area.unlink(partial / "pending.json")
         write_manifest(cache.area, partial)  # sizes and SHA-256: reuse verifies, never trusts
         cache.area.publish(partial, cache.stage_dir(node.key))
@@ -655,25 +660,25 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
         os.environ.setdefault("TQDM_DISABLE", "1")  # datasets/TRL bars are noise in logs
     run = RunDir(options.out_dir)
     run.claim(recipe.name, force=options.force)
-    run.area.write_json(run.root / "env.json", environment())
+    run.area.write_json(run.env, environment())
     wandb_spec = recipe.tracking.wandb
     tracker = Tracker(WandbSettings(**wandb_spec.model_dump()) if wandb_spec else None, run.root, recipe.name,
                       log=options.log)
 
     plan, setup, info = prepare_run(recipe, options, run)
     recipe = plan.recipe  # after compute matching
-    run.area.write_text(run.root / "recipe.resolved.yaml", dump_recipe(recipe))
+    run.area.write_text(run.recipe, dump_recipe(recipe))
     rows_of_plan = plan_rows(plan, options.cache, info["estimates"])
-    run.area.write_json(run.root / "plan.json", {"cache": str(options.cache.root), "stages": rows_of_plan,
-                                               "compute_match": info["compute_match"]})
-    run.area.write_json(run.root / "data.json", data_summary(plan))
+    run.area.write_json(run.plan, {"cache": str(options.cache.root), "stages": rows_of_plan,
+                                   "compute_match": info["compute_match"]})
+    run.area.write_json(run.data, data_summary(plan))
     for data in plan.data.values():
         if data.skipped:
             options.log(f"data {data.name}: skipped {len(data.skipped)} malformed rows (on_bad_rows: skip)")
     for pipeline, note in ((info["compute_match"] or {}).get("pipelines") or {}).items():
         options.log(f"compute matching: {pipeline} trains {note['max_steps']} steps to match "
                     f"{info['compute_match']['reference']}'s ~{note['target_tokens']:,} tokens")
-    run.area.write_json(run.root / "pipelines.json", pipeline_stage_dirs(plan, run))
+    run.area.write_json(run.pipelines, pipeline_stage_dirs(plan, run))
     to_train = {row["key"] for row in rows_of_plan if row["status"] != "reuse"}
     resumes = [f"{row['stage']} (seed {row['seed']}) from step {row['status'].split('@')[1]}"
                for row in rows_of_plan if row["status"].startswith("resume@")]
@@ -705,8 +710,10 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
         # External models are named, not content-addressed (a hub id or folder can change): never cached.
         rows += evaluate_cached(recipe, name, None, None, external_source(recipe, model), run, options, setup,
                                 tracker)
-    run.area.write_text(run.results, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    from posttrain.records import ResultRow, write_results
+
+    write_results(run.area, run.results, [ResultRow.from_json(row) for row in rows])
     report = write_report(run.root)
-    tracker.log_report(*main_table(report), run.root / "report.html")
+    tracker.log_report(*main_table(report), run.report_html)
     run.area.unlink(run.failed)  # an earlier attempt's failure, fixed now
     return run.root

@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from posttrain.recipe import references
 from posttrain.artifacts import Area
 from posttrain.recipe.load import load_recipe, validate_recipe
-from posttrain.recipe.schema import INT_MAX, Recipe
+from posttrain.recipe.fields import INT_MAX
+from posttrain.recipe.schema import Recipe
 from posttrain.errors import DataError, PosttrainError, RecipeError
 from posttrain.recipe import yamlfile
 from posttrain.recipe.yamlfile import YAML_MAX_ALIAS_NODES, YAML_MAX_BYTES, dotted, line_index, strict_yaml_load
@@ -306,15 +307,17 @@ FULL = yaml.safe_load(GOOD)
 FULL["model"]["lora"] = {"r": 4}
 FULL["data"]["ins"]["curate"] = {"select": {"strategy": "random", "n": 10}}
 FULL["data"]["mixed"] = {"mix": [{"data": "ins", "weight": 1.0}], "size": 10}
-FULL["stages"]["orpo"] = {"method": "orpo", "data": "prefs", "learning_rate": 1.0e-3}
-FULL["pipelines"]["orpo"] = ["orpo"]
+for _method in ("orpo", "kto", "cpo", "simpo"):
+    FULL["stages"][_method] = {"method": _method, "data": "prefs", "learning_rate": 1.0e-3}
+    FULL["pipelines"][_method] = [_method]
 FULL["eval"]["preferences"] = {"source": "builtin:skills-preferences", "split": "test"}
 FULL.update(output={}, report={}, tracking={"wandb": {}}, compare={"match": "tokens"})
 # Where each spec of the schema sits in FULL: a new spec must be added here.
 SPEC_PATHS = {"Recipe": (), "ModelSpec": ("model",), "LoraSpec": ("model", "lora"), "DataSpec": ("data", "ins"),
               "CurateSpec": ("data", "ins", "curate"), "SelectSpec": ("data", "ins", "curate", "select"),
               "MixPart": ("data", "mixed", "mix", 0), "SFTStage": ("stages", "sft"), "DPOStage": ("stages", "dpo"),
-              "ORPOStage": ("stages", "orpo"), "EvalSpec": ("eval",), "OutputSpec": ("output",),
+              "ORPOStage": ("stages", "orpo"), "KTOStage": ("stages", "kto"), "CPOStage": ("stages", "cpo"),
+              "SimPOStage": ("stages", "simpo"), "EvalSpec": ("eval",), "OutputSpec": ("output",),
               "ReportSpec": ("report",), "CompareSpec": ("compare",), "TrackingSpec": ("tracking",),
               "WandbSpec": ("tracking", "wandb")}
 

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from posttrain.report_html import SIGNIFICANT_MARK, render_html, render_plots, safe_name
+from posttrain.report.cells import SIGNIFICANT as SIGNIFICANT_MARK
+from posttrain.report.html import render_html
+from posttrain.report.plots import render_plots, safe_name
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["skills_exact/exact_match", "skills_mc/acc"]
@@ -166,7 +168,7 @@ def test_minimal_report(tmp_path):
 
 
 def test_import_is_cheap():
-    code = "import sys, posttrain.report_html; print('matplotlib' in sys.modules)"
+    code = "import sys, posttrain.report.html, posttrain.report.plots; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -207,3 +209,74 @@ def test_the_recipes_confidence_and_resamples_reach_every_label(tmp_path):
         assert "90% percentile bootstraps (500 seeded resamples)" in page
     assert "mean [90% CI]" in html and "their 90% interval" in html and "whiskers = 90% interval" in html
     assert "· 90% intervals." in text
+
+
+def _html_tables(page: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every <table> of the page as (header texts of its last header row, body rows of cell texts)."""
+    import html as html_module
+
+    def text(fragment: str) -> str:
+        plain = html_module.unescape(re.sub(r"<[^>]+>", "", fragment)).replace("\u2212", "-")
+        return plain.removesuffix(" (baseline)")
+
+    out = []
+    for head, body in re.findall(r"<thead>(.*?)</thead><tbody>(.*?)</tbody>", page):
+        header = [text(c) for c in re.findall(r"<th[^>]*>(.*?)</th>", re.findall(r"<tr>(.*?)</tr>", head)[-1])]
+        rows = [[text(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+                for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body)]
+        out.append((header, rows))
+    return out
+
+
+def _markdown_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    out = []
+    for block in text.split("\n\n"):
+        lines = [line for line in block.splitlines() if line.startswith("|")]
+        if lines:
+            cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
+            out.append((cells[0], cells[2:]))
+    return out
+
+
+def test_every_cell_reads_the_same_in_markdown_html_and_the_terminal(rendered):
+    """The tables are built once: each cell's text is the same in every rendering (HTML
+    shows an empty number as a dash, the baseline's own delta as "baseline")."""
+    from rich.console import Console
+
+    from posttrain.report import markdown, terminal_table
+
+    report, _, page = rendered
+    markdown_tables = _markdown_tables(markdown(report))
+    html_tables = _html_tables(page)
+    assert len(html_tables) == 4 and len(markdown_tables) == 5   # + the samples, which HTML shows as cards
+    for (md_header, md_rows), (html_header, html_rows) in zip(markdown_tables[:4], html_tables):
+        assert len(md_rows) == len(html_rows) == (len(report["pipelines"]) if md_header[0] == "pipeline" else 1)
+        for md_row, html_row in zip(md_rows, html_rows):
+            assert len(md_row) == len(html_row)
+            for md_cell, html_cell in zip(md_row, html_row):
+                assert html_cell == md_cell or (md_cell == "" and html_cell in ("\u2014", "baseline")), md_row
+        if md_header[0] != "pipeline" or "seeds" not in md_header:  # the comparison's header is grouped
+            assert md_header == html_header
+    console = Console(width=400, record=True)
+    console.print(terminal_table(report))
+    terminal = console.export_text()
+    for row in markdown_tables[0][1]:
+        assert all(cell in terminal for cell in row)
+
+
+def test_a_metric_that_is_not_a_fraction_is_shown_as_it_is():
+    """Markdown once showed every metric in percent: a perplexity of 12.3 read "1230.0"."""
+    from posttrain.report import markdown
+
+    report = make_report()
+    column = "wiki/perplexity"
+    report["columns"].append(column)
+    report["pipelines"][1]["metrics"][column] = _m(12.34, 11.0, 13.9)
+    report["pipelines"][2]["metrics"][column] = _m(10.5, 9.75, 11.2)
+    report["pipelines"][2]["delta"][column] = _d(-1.84, -2.5, -1.1, True)
+    for p in report["pipelines"]:
+        p.setdefault("reply_tokens", {})
+    text = markdown(report)
+    assert "| 12.3 [11, 13.9] |" in text and "| -1.84 [-2.5, -1.1] ✱ |" in text and "1234" not in text
+    page = render_html(report, {})
+    assert "12.3 <span" in page and "<code>wiki/perplexity</code></th>" in page

@@ -252,7 +252,7 @@ def finished_run(tmp_path_factory, repo):
     (lambda run: (run / "recipe.resolved.yaml").write_text("a: [\n"), "recipe.resolved.yaml:2: not valid YAML"),
     (lambda run: (run / "results.jsonl").write_text('{"pipeline": "sft", "seed": 0, "task": 1, "metric": [],'
                                                     ' "value": "x"}\n'),
-     "results.jsonl: row 1: wrong type for 'task', 'metric', 'value'"),
+     "results.jsonl:1: wrong type for 'task', 'metric', 'value'"),
 ])
 def test_report_on_damaged_records_names_the_file(finished_run, tmp_path, damage, expected):
     import shutil

@@ -7,7 +7,6 @@ import torch
 
 from posttrain.recipe.fields import LoraSpec
 from posttrain.stages.dpo import DPO_LOSS_TYPES, DPOStage
-from posttrain.stages.orpo import ORPOStage
 from posttrain.stages.sft import SFTStage
 from posttrain.data.builtin import instruction_rows, preference_rows
 from posttrain.models import ModelSource, load_model_and_tokenizer

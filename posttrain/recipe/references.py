@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 from posttrain.recipe.schema import BASE_PIPELINE, DATA_FORMATS, Recipe
 from posttrain.recipe.sweep import SweepPlan, plan_sweep
-from posttrain.recipe.yamlfile import dotted  # noqa: F401
 from posttrain.stages import METHODS
 
 
@@ -181,8 +180,9 @@ def _compare_problems(compare: dict, plan: "SweepPlan", stages: dict):
 
     reference, matched = _match_plan(chains, method_of, reference)
     if not matched:
-        single = ", ".join(name for name, method in METHODS.items() if method.single_step)
-        yield ("compare",), f"no single-step pipeline (a pipeline of one {single} stage) to match"
+        single = [name for name, method in METHODS.items() if method.single_step]
+        named = single[0] if len(single) == 1 else ", ".join(single[:-1]) + f" or {single[-1]}"
+        yield ("compare",), f"no single-step pipeline (a pipeline of one {named} stage) to match"
 
 
 def _match_plan(chains: dict[str, list[str]], method_of: Callable[[str], Any],

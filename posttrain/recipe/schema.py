@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from posttrain.recipe.fields import INT_MAX, LoraSpec, Seed, StageBase, Strict, Text  # noqa: F401 (re-exported)
+from posttrain.recipe.fields import LoraSpec, Seed, Strict, Text
 from posttrain.stages import METHODS
 
 BASE_PIPELINE = "base"

@@ -482,18 +482,20 @@ def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_col
     area.write_text(ctx.out_dir / "trainer_log.jsonl", "".join(json.dumps(entry) + "\n" for entry in log))
     epochs_done = trainer.state.epoch or 0.0
     examples_seen = round(len(trainer.train_dataset) * epochs_done)
-    cost = {
-        "optimizer_steps": trainer.state.global_step,
-        "examples_seen": examples_seen,
-        "train_tokens": round(dataset_tokens(trainer.train_dataset, token_columns) * epochs_done),
-        "forward_passes": examples_seen * method.sequences + extra_forwards,
-        "backward_passes": examples_seen * method.sequences,
-        "wall_s": round(meter.wall_s + attempts.get("earlier_attempts_wall_s", 0.0), 2),
-        "resumed_from_step": attempts.get("resumed_from_step"),
-        **(extra_cost or {}),
-        "peak_memory_mb": round(meter.peak_memory_mb, 1),
-        "peak_memory_kind": meter.memory_kind,
-    }
+    from posttrain.records import Cost
+
+    cost = Cost(  # as JSON (records.Cost is its one writer): StageResult.cost is read by key
+        optimizer_steps=trainer.state.global_step,
+        examples_seen=examples_seen,
+        train_tokens=round(dataset_tokens(trainer.train_dataset, token_columns) * epochs_done),
+        forward_passes=examples_seen * method.sequences + extra_forwards,
+        backward_passes=examples_seen * method.sequences,
+        wall_s=round(meter.wall_s + attempts.get("earlier_attempts_wall_s", 0.0), 2),
+        resumed_from_step=attempts.get("resumed_from_step"),
+        peak_memory_mb=round(meter.peak_memory_mb, 1),
+        peak_memory_kind=meter.memory_kind,
+        extra=dict(extra_cost or {}),
+    ).to_json()
     # Checkpoints exist to resume this stage; once it is finished they are dead weight.
     area.rmtree(ctx.out_dir / "trainer")
     return StageResult(adapter=bool(ctx.lora), metrics=final_metrics(log, method.metrics), cost=cost)
