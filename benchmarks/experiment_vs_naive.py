@@ -74,8 +74,9 @@ def naive(recipe_path: Path, out: Path, overrides: list[str]) -> None:
     from posttrain.recipe.load import load_recipe
     from posttrain.recipe.schema import resolve_lora
     from posttrain.models import ModelSource
-    from posttrain.pipeline import (STAGE_DATA_KIND, RunOptions, base_source, data_env, evaluate_source,
-                                    load_stage_data, prepare_eval)
+    from posttrain.evaluation import evaluate_source, prepare_eval
+    from posttrain.plan import base_source, data_env, data_key, load_stage_data
+    from posttrain.training import RunOptions
     from posttrain.stages import run_stage
     from posttrain.stages.common import StageContext
 
@@ -96,7 +97,7 @@ def naive(recipe_path: Path, out: Path, overrides: list[str]) -> None:
                     spec = spec.model_copy(update={"precompute_ref_log_probs": False})
                 stage_dir = out / "naive" / f"{pipeline}-s{seed}-{index}-{stage_name}"
                 stage_dir.mkdir(parents=True, exist_ok=True)
-                examples = data[f"{spec.data}:{STAGE_DATA_KIND[spec.method]}"].examples
+                examples = data[data_key(spec)].examples
                 result = run_stage(StageContext(name=stage_name, spec=spec,
                                                 seed=spec.seed if spec.seed is not None else seed, start=source,
                                                 examples=examples, out_dir=stage_dir, lora=resolve_lora(recipe, spec)))

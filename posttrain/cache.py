@@ -22,7 +22,7 @@ evicts or removes names of the exact shape it gives its entries (see ENTRY_NAMES
 a user's `stages/mywork/` is not an entry and is never touched.
 
 A stage's key hashes everything that determines its output (see
-`pipeline.stage_key`), so an entry is valid wherever it is found. Entries only
+`plan.stage_key_inputs`), so an entry is valid wherever it is found. Entries only
 appear complete: each is written aside and renamed into place.
 
 Entries are verified, not trusted. Stage, evaluation and dataset entries carry a
@@ -59,7 +59,7 @@ MANIFESTED = ("stages", "evals", "datasets")  # the kinds that carry one
 CACHE_MARKER = ".posttrain-cache.json"      # in the root: the folder is posttrain's cache
 HEX64 = "[0-9a-f]{64}"                      # a SHA-256 hexdigest: every key and data fingerprint
 # The exact names posttrain gives the entries in each kind folder: stage and eval keys
-# (pipeline.stage_key, eval_key), dataset fingerprints (data.sources.fingerprint),
+# (plan.stage_key_inputs, evaluation.eval_key), dataset fingerprints (data.sources.fingerprint),
 # reference log-prob keys (stages.dpo.reflogps_key) and curated sets
 # `<dataset>-<16 hex>.jsonl` beside their `.curation.json`. Nothing else is an entry.
 ENTRY_NAMES = {
@@ -194,10 +194,6 @@ class Cache:
         except BadRecord as exc:
             raise CorruptEntry(f"{path}: {exc}; run again to retrain it, or `posttrain cache verify --fix`") from None
 
-    def stage_info(self, key: str) -> dict:
-        """The record as JSON (what `pipeline.source_after` reads; prefer `stage_record`)."""
-        return self.stage_record(key).to_json()
-
     def touch(self, path: Path) -> None:
         """Mark an entry used now: `cache gc --older-than` evicts by last use. The marker
         is written afresh through the area (write aside, rename), never opened in place:
@@ -246,9 +242,6 @@ class Cache:
 
     def curated_dir(self) -> Path:
         return self.root / "curated"
-
-    def reflogps_file(self, key: str) -> Path:
-        return self.root / "reflogps" / f"{key}.npz"
 
     def eval_dir(self, key: str) -> Path:
         return self.root / "evals" / key

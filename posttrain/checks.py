@@ -115,7 +115,7 @@ def check_before_training(recipe, refs: list, task_dir: Path | None,
     """Raise RecipeError listing every problem that would stop the run after training started.
 
     ``refs``/``task_dir``: the resolved eval tasks and their prepared folder
-    (``pipeline.prepare_eval``). Loads tokenizers and model configs, never weights.
+    (``evaluation.prepare_eval``). Loads tokenizers and model configs, never weights.
     """
     started = time.perf_counter()
     problems = model_problems(recipe) + eval_task_problems(refs, task_dir, log)
@@ -184,7 +184,7 @@ def check_max_lengths(recipe, data: dict, log: Callable[[str], None] = lambda li
     max_length would all drop (nothing to train: the stage would fail once its upstream
     stages had trained); log how many rows each other stage drops.
 
-    ``data``: the loaded stage data (``pipeline.load_stage_data``), keyed
+    ``data``: the loaded stage data (``plan.load_stage_data``), keyed
     ``<dataset>:<instruction|preference>``. Runs in `plan` and `run` before any stage trains.
     """
     problems, notes = max_length_problems(recipe, data, tokenizer)

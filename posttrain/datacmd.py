@@ -59,7 +59,8 @@ def curate_to_file(recipe_path: Path, dataset: str, out_file: Path, overrides: l
     """Curate one dataset of a recipe as `posttrain run` would; write rows and report."""
     from posttrain.artifacts import RunDir, write_json_atomic, write_text_atomic
     from posttrain.recipe.load import load_recipe
-    from posttrain.pipeline import data_env, prepare_eval
+    from posttrain.evaluation import prepare_eval
+    from posttrain.plan import data_env
 
     recipe = load_recipe(recipe_path, overrides)
     name = pick_dataset(recipe, dataset)

@@ -30,11 +30,6 @@ def split_metric(metric: str) -> tuple[str, str]:
     return name, (rest[:-1] if rest.endswith("]") else "none")
 
 
-def base_metric(metric: str) -> str:
-    """`exact_match[strip]` -> `exact_match`: the key lm-eval uses in a sample record."""
-    return split_metric(metric)[0]
-
-
 def item_scores(path: Path, metric: str) -> dict[int, float]:
     """{doc_id: score} of one metric from a per-sample file (lm-eval's or ours).
 

@@ -266,7 +266,7 @@ def test_listing_survives_any_broken_record(tmp_path):
     verify = runner.invoke(main, ["cache", "verify", "--cache", str(tmp_path)])
     assert verify.exit_code == 2 and "5 corrupt" in verify.output and "Traceback" not in verify.output
     with pytest.raises(Exception, match="stage.json: missing, unreadable"):
-        cache.stage_info("0" * 64)
+        cache.stage_record("0" * 64)
 
 
 def test_hashes_are_not_recomputed_while_files_are_unchanged(tmp_path, monkeypatch):
@@ -667,7 +667,7 @@ def test_plan_and_run_skip_a_damaged_checkpoint(copy, tmp_path, monkeypatch):
     plan shows the resume that will happen, the run resumes from step 2 without a traceback."""
     from contextlib import contextmanager
 
-    import posttrain.pipeline as pipeline
+    import posttrain.training as training
 
     shutil.rmtree(copy["stage"])
     calls = []
@@ -676,7 +676,7 @@ def test_plan_and_run_skip_a_damaged_checkpoint(copy, tmp_path, monkeypatch):
     def stop_at_step_3(log):
         yield lambda: calls.append(1) or len(calls) >= 3
 
-    monkeypatch.setattr(pipeline, "stop_on_signals", stop_at_step_3)
+    monkeypatch.setattr(training, "stop_on_signals", stop_at_step_3)
     stopped = run(copy["recipe"], tmp_path / "stopped", copy["cache"], "-o", "output.checkpoint_steps=1")
     assert stopped.exit_code == 130, stopped.output
     monkeypatch.undo()

@@ -286,7 +286,7 @@ def test_orpo_drops_pairs_whose_prompt_fills_max_length():
     """TRL's ORPO kept them with an empty completion: loss 0/0 = NaN, every weight NaN after."""
     from datasets import Dataset
 
-    from posttrain.stages.orpo import trained_pairs
+    from posttrain.stages.paired import trained_pairs
 
     pairs = Dataset.from_dict({"chosen_labels": [[-100, 5], [-100, -100], [-100, 7], [1]],
                                "rejected_labels": [[-100, 3], [-100, 4], [-100, -100], [2]]})

@@ -190,10 +190,10 @@ def test_plan_shows_what_would_train_and_reuse(engine_runs, tmp_path):
 
 
 def test_plan_says_a_library_upgrade_retrains_every_stage(engine_runs, monkeypatch):
-    import posttrain.pipeline as pipeline
+    import posttrain.plan as plan
 
-    real = pipeline.library_versions()
-    monkeypatch.setattr(pipeline, "library_versions", lambda: {**real, "trl": "99.0"})
+    real = plan.library_versions()
+    monkeypatch.setattr(plan, "library_versions", lambda: {**real, "trl": "99.0"})
     result = CliRunner().invoke(main, ["plan", str(engine_runs["recipe"]), "--cache",
                                        str(engine_runs["root"] / "cache-clean")])
     assert result.exit_code == 0, result.output

@@ -12,9 +12,10 @@ from posttrain.stages.simpo import SimPOStage, loss_settings
 MICRO = ModelSource(name="builtin:micro-llama")
 
 
-def test_declared_reference_free_single_step_on_pairs():
+def test_declared_reference_free_after_sft_on_pairs():
+    """Not single-step: with no NLL term SimPO from a base model never learns to answer."""
     method = METHODS["simpo"]
-    assert (method.data, method.reference, method.single_step, method.sequences) == ("preference", None, True, 2)
+    assert (method.data, method.reference, method.single_step, method.sequences) == ("preference", None, False, 2)
 
 
 def test_settings_become_cpo_simpo_without_nll(tmp_path):

@@ -385,7 +385,7 @@ def test_compare_errors():
     assert problems_of(QUICKSTART, ["compare={match: tokens, reference: dpo}"]) == [
         "quickstart.yaml: compare.reference: unknown pipeline 'dpo' (pipelines: sft, sft+dpo, orpo)"]
     assert problems_of(QUICKSTART, ["compare={match: tokens}", "pipelines={sft: [sft], sft+dpo: [sft, dpo]}"]) == [
-        "quickstart.yaml: compare: no single-step pipeline (a pipeline of one cpo, orpo or simpo stage) to match"]
+        "quickstart.yaml: compare: no single-step pipeline (a pipeline of one cpo or orpo stage) to match"]
     problems = problems_of(QUICKSTART, ["compare={match: steps}"])
     assert problems == ["quickstart.yaml: compare.match: must be one of 'tokens'"]
 
@@ -393,4 +393,4 @@ def test_compare_errors():
 def test_compare_in_the_file_with_lines(tmp_path):
     path = write(tmp_path, GOOD.replace("  orpo: [orpo]\n", "") + "compare:\n  match: tokens\n")
     assert problems_of(path) == [
-        "recipe.yaml:14: compare: no single-step pipeline (a pipeline of one cpo, orpo or simpo stage) to match"]
+        "recipe.yaml:14: compare: no single-step pipeline (a pipeline of one cpo or orpo stage) to match"]

@@ -120,17 +120,10 @@ MESSAGES = {
     "missing": lambda e: "required",
     "literal_error": lambda e: f"must be one of {e['ctx']['expected']}",
     "union_tag_invalid": lambda e: f"unknown method {e['ctx']['tag']!r} (use {e['ctx']['expected_tags']})",
-    "union_tag_not_found": lambda e: f"missing 'method' ({_method_names()})",
     "value_error": lambda e: str(e["ctx"]["error"]),
     "too_short": lambda e: "must not be empty",
     "string_too_short": lambda e: "must not be empty",
 }
-
-
-def _method_names() -> str:
-    from posttrain.stages import method_names  # the registry imports this module: imported when needed
-
-    return method_names()
 
 
 def error_message(err: dict) -> str:

@@ -14,7 +14,7 @@ from posttrain.recipe.references import PATH_NAME_SECTIONS, cross_problems
 from posttrain.recipe.schema import Recipe
 from posttrain.recipe.sweep import expand_sweep, plan_sweep, sweep_lines
 from posttrain.recipe.yamlfile import YAML_MAX_BYTES, problems_error, strict_yaml_load
-from posttrain.stages import METHODS
+from posttrain.stages import METHODS, method_names
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -59,7 +59,8 @@ def validate_recipe(raw: dict, where: str, lines: dict[tuple, int] | None = None
 
 
 def _pydantic_problems(exc: ValidationError) -> list[tuple[tuple, str]]:
-    return [(_strip_union_tags(err["loc"]), error_message(err))
+    return [(_strip_union_tags(err["loc"]),
+             f"missing 'method' ({method_names()})" if err["type"] == "union_tag_not_found" else error_message(err))
             for err in exc.errors()
             # a name that is not a string: _name_problems says so, with the naming rule
             if not (len(err["loc"]) == 3 and err["loc"][0] in PATH_NAME_SECTIONS and err["loc"][2] == "[key]")]

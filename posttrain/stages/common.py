@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.artifacts import Area
+from posttrain.artifacts import TRAINER_LOG, Area
 from posttrain.models import ModelSource, load_model_and_tokenizer, lora_config
 
 
@@ -479,7 +479,7 @@ def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_col
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     log = trainer.state.log_history
-    area.write_text(ctx.out_dir / "trainer_log.jsonl", "".join(json.dumps(entry) + "\n" for entry in log))
+    area.write_text(ctx.out_dir / TRAINER_LOG, "".join(json.dumps(entry) + "\n" for entry in log))
     epochs_done = trainer.state.epoch or 0.0
     examples_seen = round(len(trainer.train_dataset) * epochs_done)
     from posttrain.records import Cost

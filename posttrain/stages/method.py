@@ -48,15 +48,14 @@ class Method:
 def method_lines(method: Method, settings: bool = False) -> list[str]:
     """A method described for `posttrain methods`: what it trains on, its reference, its
     TRL trainer, and (with `settings`) the settings it adds to every stage's."""
-    from posttrain.recipe.fields import StageBase
-
+    common = set().union(*(base.model_fields for base in method.settings.__bases__ if hasattr(base, "model_fields")))
     lines = [f"{method.name}: {method.summary}",
              f"  trains on: {method.data} data; reference: {method.reference or 'none'}"
              + ("; single-step (compute matching may set its steps)" if method.single_step else ""),
              f"  TRL: {method.trainer}"]
     if settings:
         own = [(name, field) for name, field in method.settings.model_fields.items()
-               if name not in StageBase.model_fields and name != "method"]
+               if name not in common and name != "method"]
         for name, field in own:
             default = field.get_default(call_default_factory=True)
             lines.append(f"  {name} (default {default!r})" + (f": {field.description}" if field.description else ""))

@@ -4,6 +4,10 @@ margin (Meng et al., 2024): -log sigmoid(beta * (mean logp chosen - mean logp re
 TRL implements it as CPO's `loss_type: simpo` with no NLL term; this method is that
 trainer (posttrain.stages.cpo) with SimPO's settings and defaults. CPO-SimPO (with an
 NLL term) is the `cpo` method with `loss_type: simpo`.
+
+Reference-free but not single-step: without an NLL term nothing teaches the model to
+answer, so SimPO starts from an SFT model, as in the paper (from the quickstart's
+random-init base it trained to 0% correct, on CPU and GPU alike).
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ class SimPOStage(StageBase):
 METHOD = Method(
     name="simpo", settings=SimPOStage, trainer="trl.experimental.cpo.CPOTrainer (loss_type simpo, cpo_alpha 0)",
     data=PREFERENCE, summary="SimPO: reference-free preference loss on length-normalised log-probs with a target "
-                             "margin, in one stage from the base model",
-    single_step=True, sequences=2, prompt_bos=True, metrics=cpo.CPO_METRICS,
+                             "margin, after SFT (no NLL term: it does not teach answering itself)",
+    single_step=False, sequences=2, prompt_bos=True, metrics=cpo.CPO_METRICS,
 )
 
 

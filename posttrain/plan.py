@@ -1,0 +1,307 @@
+"""The plan: a recipe's stage graph and its keys, the data each stage reads, estimates
+and compute matching, and the plan as text. Trains and evaluates nothing.
+
+Pipelines are chains of stages; a stage is identified by a hash of everything that
+determines its output (upstream key, its settings, its data fingerprint, the base
+model, the seed, library versions). Pipelines sharing a prefix share its stages:
+`sft` and `sft+dpo` train SFT once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from posttrain.artifacts import RunDir, content_hash, library_versions
+from posttrain.cache import Cache, checkpoint_step
+from posttrain.data.sources import DataEnv, LoadedData, load_data
+from posttrain.errors import DataError
+from posttrain.models import ModelSource
+from posttrain.recipe.schema import Recipe, pipelines_with_base, resolve_lora
+from posttrain.stages import METHODS
+
+
+@dataclass
+class StageNode:
+    """One stage to train for one seed, after `parent` (None: from the base model)."""
+
+    stage: str
+    seed: int
+    key: str
+    parent: "StageNode | None"
+    data: LoadedData = field(repr=False)
+    inputs: dict = field(default_factory=dict, repr=False)   # what the key hashes (stage_key_inputs)
+
+    @property
+    def chain(self) -> list[str]:
+        return (self.parent.chain if self.parent else []) + [self.stage]
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    nodes: dict[str, StageNode]                  # key -> node, in training order
+    finals: dict[tuple[str, int], StageNode | None]  # (pipeline, seed) -> last node (None: base)
+    data: dict[str, LoadedData]
+
+
+def base_source(recipe: Recipe) -> ModelSource:
+    return ModelSource.of(recipe.model)
+
+
+def base_key(recipe: Recipe) -> str:
+    """Identity of the untrained model (weights by name and revision; template and dtype)."""
+    return content_hash({"base_model": recipe.model.model_dump(mode="json", exclude={"lora"})})
+
+
+def stage_key_inputs(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None,
+                     data: LoadedData) -> dict:
+    """Everything a stage's key hashes; recorded in stage.json so `plan` can say what changed."""
+    stage = recipe.stages[stage_name]
+    lora = resolve_lora(recipe, stage)
+    return {
+        "parent": parent_key,
+        "base_model": recipe.model.model_dump(mode="json", exclude={"lora"}),
+        "stage": stage.key_settings(),
+        "lora": lora.model_dump(mode="json") if lora else None,
+        "data": data.fingerprint,
+        "seed": stage.seed if stage.seed is not None else seed,
+        "versions": {k: v for k, v in library_versions().items() if k not in ("lm_eval", "wandb")},
+    }
+
+
+# What each input of a stage key is called when `plan` says why a stage trains again.
+KEY_INPUT_NAMES = {"parent": "upstream stage", "base_model": "base model", "stage": "settings", "lora": "LoRA",
+                   "data": "data fingerprint", "seed": "seed", "versions": "library versions"}
+
+
+def key_changes(before: dict, now: dict) -> list[str]:
+    """Which inputs of a stage key differ between an earlier stage and now, readably."""
+    changes = []
+    for name, label in KEY_INPUT_NAMES.items():
+        old, new = before.get(name), now.get(name)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            fields = [f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in sorted({*old, *new})
+                      if old.get(k) != new.get(k)]
+            changes.append(f"{label}: {', '.join(fields)}")
+        elif name in ("parent", "data"):
+            changes.append(f"{label} changed ({str(old)[:12]} -> {str(new)[:12]})")
+        else:
+            changes.append(f"{label}: {old} -> {new}")
+    return changes
+
+
+def why_trains(cache: Cache, node: StageNode) -> str | None:
+    """Why `node` trains although a stage of the same name and seed is in the cache:
+    the inputs of its key that changed since the most recently used such stage."""
+    from posttrain.artifacts import STAGE_RECORD
+    from posttrain.cache import last_used, read_json
+
+    folder = cache.root / "stages"
+    candidates = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        info = read_json(entry / STAGE_RECORD) if not entry.name.startswith(".") else None
+        if isinstance(info, dict) and info.get("stage") == node.stage and info.get("seed") == node.seed:
+            candidates.append((info.get("chain") == node.chain, last_used(entry), info))
+    if not candidates:
+        return None
+    _, _, info = max(candidates, key=lambda c: (c[0], c[1]))
+    before = info.get("key_inputs")
+    if not isinstance(before, dict):
+        return f"differs from cached {str(info.get('key'))[:12]} (which predates recorded key inputs)"
+    changes = key_changes(before, node.inputs)
+    return "; ".join(changes) if changes else None
+
+
+def data_key(stage) -> str:
+    """Where a stage's data is in `load_stage_data`'s result: the dataset in its method's kind."""
+    return f"{stage.data}:{METHODS[stage.method].data}"
+
+
+def load_stage_data(recipe: Recipe, env: DataEnv) -> dict[str, LoadedData]:
+    """Each dataset once, in the kind its stages need (preference data may feed SFT)."""
+    loaded: dict[tuple[str, str], LoadedData] = {}
+    problems = []
+    for stage_name, stage in recipe.stages.items():
+        want = METHODS[stage.method].data
+        if (stage.data, want) not in loaded:
+            loaded[(stage.data, want)] = load_data(stage.data, recipe.data[stage.data], want, env)
+        data = loaded[(stage.data, want)]
+        if not data.examples:
+            after = (f" after curation (it had {data.rows_before_curation:,} rows)"
+                     if data.rows_before_curation else "")
+            problems.append(f"data.{stage.data}: no rows{after}; stages.{stage_name} has nothing to train on")
+    if problems:
+        raise DataError("nothing to train on", problems)
+    return {f"{name}:{want}": data for (name, want), data in loaded.items()}
+
+
+def data_env(recipe: Recipe, base_dir: Path, cache_dir: Path | None = None, eval_texts=None,
+             log: Callable[[str], None] = lambda line: None) -> DataEnv:
+    """How datasets are loaded for this recipe: its tokenizer counts tokens, its model scores."""
+    from functools import cache
+
+    @cache
+    def count_tokens():
+        from posttrain.models import load_tokenizer
+
+        tokenizer = load_tokenizer(base_source(recipe))
+        return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def scorer(name: str | None):
+        from posttrain.data.curate import Scorer
+
+        source = base_source(recipe) if name is None else replace(base_source(recipe), name=name)
+        return Scorer.from_source(source)
+
+    return DataEnv(base_dir=base_dir, datasets=dict(recipe.data), count_tokens=count_tokens,
+                   eval_texts=eval_texts, scorer=scorer, cache_dir=cache_dir, seed=recipe.seeds[0], log=log)
+
+
+def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] | None = None) -> Plan:
+    env = env if isinstance(env, DataEnv) else data_env(recipe, env)
+    data = data if data is not None else load_stage_data(recipe, env)
+    nodes: dict[str, StageNode] = {}
+    finals: dict[tuple[str, int], StageNode | None] = {}
+    for pipeline, chain in pipelines_with_base(recipe).items():
+        for seed in recipe.seeds:
+            parent = None
+            for stage_name in chain:
+                stage = recipe.stages[stage_name]
+                stage_data = data[data_key(stage)]
+                inputs = stage_key_inputs(recipe, stage_name, seed, parent.key if parent else None, stage_data)
+                key = content_hash(inputs)
+                parent = nodes.setdefault(key, StageNode(stage_name, seed, key, parent, stage_data, inputs))
+            finals[(pipeline, seed)] = parent
+    return Plan(recipe, nodes, finals, data)
+
+
+def source_after(plan: Plan, node: StageNode | None, cache: Cache) -> ModelSource:
+    """The model a pipeline has after `node`: full weights, or base + merged adapters."""
+    if node is None:
+        return base_source(plan.recipe)
+    previous = source_after(plan, node.parent, cache)
+    model_dir = str(cache.stage_dir(node.key) / "model")
+    if cache.stage_record(node.key).adapter:
+        return replace(previous, adapter_dirs=previous.adapter_dirs + (model_dir,))
+    return replace(previous, name=model_dir, adapter_dirs=(), revision=None)
+
+
+def stage_estimates(recipe: Recipe, data: dict[str, LoadedData], tokenizer=None) -> dict[str, dict]:
+    """Per stage name: examples, steps and train tokens before it runs (seed-independent).
+    `tokenizer`: the recipe's chat tokenizer (`models.chat_tokenizer`), loaded when not given."""
+    from posttrain.estimate import chat_token_counter, estimate_stage, truncation
+    from posttrain.models import chat_tokenizer
+
+    count = chat_token_counter(tokenizer or chat_tokenizer(base_source(recipe)))
+    used = {name for chain in recipe.pipelines.values() for name in chain}
+    # Per dataset and cut: DPO and ORPO on one dataset count it once.
+    per_epoch: dict[tuple[str, int | None], int] = {}
+    estimates = {}
+    for name, spec in recipe.stages.items():
+        if name in used:
+            key = data_key(spec)
+            counted = (key, truncation(spec))
+            estimate = estimate_stage(spec, data[key].examples, count, per_epoch.get(counted))
+            per_epoch[counted] = estimate.tokens_per_epoch
+            estimates[name] = estimate.as_dict()
+    return estimates
+
+
+def match_compute(recipe: Recipe, data: dict[str, LoadedData],
+                  estimates: dict[str, dict]) -> tuple[Recipe, dict[str, dict], dict]:
+    """compare.match: tokens — give single-step pipelines the reference pipeline's train tokens.
+
+    Returns the recipe with the matched stages' max_steps set, the estimates updated for
+    them (their per-epoch token counts are reused, not counted again), and the notes.
+    """
+    from posttrain.recipe.references import matched_pipelines
+    from posttrain.estimate import StageEstimate, estimate_stage, match_steps
+
+    reference, matched = matched_pipelines(recipe)
+    target = sum(estimates[name]["tokens"] for name in recipe.pipelines[reference])
+    stages, estimates = dict(recipe.stages), dict(estimates)
+    notes = {}
+    for pipeline in matched:
+        (stage_name,) = recipe.pipelines[pipeline]
+        before = StageEstimate(**estimates[stage_name])
+        steps = match_steps(target, before)
+        spec = stages[stage_name] = stages[stage_name].model_copy(update={"max_steps": steps})
+        examples = data[data_key(spec)].examples
+        estimates[stage_name] = estimate_stage(spec, examples, None, before.tokens_per_epoch).as_dict()
+        notes[pipeline] = {"stage": stage_name, "max_steps": steps, "was_steps": before.steps,
+                           "target_tokens": target}
+    return (recipe.model_copy(update={"stages": stages}), estimates,
+            {"match": "tokens", "reference": reference, "pipelines": notes})
+
+
+def plan_rows(plan: Plan, cache: Cache, estimates: dict[str, dict]) -> list[dict]:
+    """The stage graph in training order: what runs, what is reused, keys and sizes."""
+    rows = []
+    for node in plan.nodes.values():
+        verdict = cache.verify("stages", node.key)  # a corrupt entry is retrained, never used
+        corrupt = verdict.problems if verdict else []
+        if verdict is not None and not corrupt:
+            status = "reuse"
+        elif corrupt:
+            status = "train (corrupt)"
+        else:
+            checkpoint = cache.resume_checkpoint(node.key)
+            status = f"resume@{checkpoint_step(checkpoint)}" if checkpoint else "train"
+        spec = plan.recipe.stages[node.stage]
+        rows.append({"status": status, "stage": node.stage, "method": spec.method, "seed": node.seed,
+                     "key": node.key, "after": " -> ".join(node.chain[:-1]) or "base",
+                     "why": ("the cached entry is corrupt: " + "; ".join(corrupt) if corrupt
+                             else why_trains(cache, node) if status == "train" else None),
+                     **estimates.get(node.stage, {})})
+    return rows
+
+
+def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
+    """The plan as text: a table of stages, then pipelines and compute matching."""
+    header = ["status", "stage", "seed", "key", "after", "examples", "steps", "~tokens"]
+    table = [[r["status"], f"{r['stage']} ({r['method']})", str(r["seed"]), r["key"][:12], r["after"],
+              f"{r.get('examples', 0):,}", f"{r.get('steps', 0):,}", f"{r.get('tokens', 0):,}"] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    for r in rows:
+        if r.get("why"):
+            lines.append(f"  why {r['stage']} (seed {r['seed']}) trains again: {r['why']}")
+    todo = [r for r in rows if r["status"] != "reuse"]
+    lines.append(f"\n{len(rows)} stage runs: {len(rows) - len(todo)} reused from the cache, {len(todo)} to train "
+                 f"(~{sum(r.get('steps', 0) for r in todo):,} steps, ~{sum(r.get('tokens', 0) for r in todo):,} "
+                 "tokens)")
+    evals = len({p for p, _ in plan.finals}) - 1
+    lines.append(f"evaluations: base + {evals} pipeline(s) x {len(plan.recipe.seeds)} seed(s)"
+                 + (f" + {len(plan.recipe.external)} external" if plan.recipe.external else ""))
+    matching = info.get("compute_match")
+    if matching:
+        for pipeline, note in matching["pipelines"].items():
+            lines.append(f"compute matching: {pipeline}: {note['stage']}.max_steps = {note['max_steps']} "
+                         f"(was {note['was_steps']}) to match {matching['reference']}'s "
+                         f"~{note['target_tokens']:,} train tokens")
+    return "\n".join(lines)
+
+
+def data_summary(plan: Plan) -> dict:
+    """Per dataset used: rows, format, fingerprint, skipped rows, curation report."""
+    return {key: {"name": d.name, "kind": d.kind, "format": d.format, "rows": len(d.examples),
+                  "fingerprint": d.fingerprint, "skipped_rows": len(d.skipped), "skipped": d.skipped[:20],
+                  "rows_before_curation": d.rows_before_curation, "curation": d.curation}
+            for key, d in plan.data.items()}
+
+
+def pipeline_stage_dirs(plan: Plan, run: RunDir) -> dict:
+    """{pipeline: {seed: [stage dir names in order]}}: how the report sums cost."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for (pipeline, seed), node in plan.finals.items():
+        dirs = []
+        while node is not None:
+            dirs.insert(0, run.stage_dir(node.stage, node.seed, node.key).name)
+            node = node.parent
+        out.setdefault(pipeline, {})[str(seed)] = dirs
+    return out
