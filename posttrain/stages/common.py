@@ -112,6 +112,21 @@ def load_start(ctx: StageContext):
     return model, tokenizer
 
 
+def start_with_reference(ctx: StageContext):
+    """(model, tokenizer, LoRA config, reference) for a method that compares against the
+    model the stage starts from (DPO, KTO). The reference handed to TRL is None with LoRA
+    (the adapter disabled is the reference) or with precomputed log-probs; otherwise a
+    frozen copy of the starting model (TRL would rebuild one from the model's hub name)."""
+    import copy
+
+    model, tokenizer = load_start(ctx)
+    lora = peft_config(ctx)
+    reference = None
+    if lora is None and not ctx.spec.precompute_ref_log_probs:
+        reference = copy.deepcopy(model).eval()
+    return model, tokenizer, lora, reference
+
+
 def trainer_kwargs(ctx: StageContext) -> dict:
     """Every TrainingArguments setting a stage depends on, named explicitly.
 
@@ -457,8 +472,36 @@ def dataset_tokens(dataset, columns: dict[str, int]) -> int:
                for col, times in columns.items() if col in dataset.column_names)
 
 
-def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_columns: dict[str, int],
-           extra_forwards: int = 0, attempts: dict | None = None, extra_cost: dict | None = None) -> StageResult:
+@dataclass
+class Trained:
+    """A stage's trainer after training, with what its cost summary needs."""
+
+    trainer: Any
+    tokenizer: Any
+    meter: CostMeter
+    attempts: dict   # earlier attempts (resumed_from_step, earlier_attempts_wall_s)
+
+    @property
+    def epochs(self) -> float:
+        return self.trainer.state.epoch or 0.0
+
+    def reference_forwards(self, precomputed: bool, per_example: int) -> int:
+        """A frozen reference's passes: `per_example` scores per example, once up front when
+        precomputed (a pipeline's cost, even when this run found them cached), else each epoch."""
+        examples = len(self.trainer.train_dataset)
+        return per_example * examples if precomputed else round(per_example * examples * self.epochs)
+
+
+def train_built(ctx: StageContext, build_trainer) -> Trained:
+    """Build the stage's trainer with `build_trainer(ctx)` and train it, metered."""
+    with CostMeter() as meter:
+        trainer, tokenizer = build_trainer(ctx)
+        attempts = run_training(trainer, ctx)
+    return Trained(trainer, tokenizer, meter, attempts)
+
+
+def finish(ctx: StageContext, done: Trained, *, token_columns: dict[str, int], extra_forwards: int = 0,
+           extra_cost: dict | None = None) -> StageResult:
     """Save the model/adapter, the trainer log, and summarise cost and final metrics.
 
     Passes count sequences, as many per example as the method declares
@@ -472,8 +515,8 @@ def finish(ctx: StageContext, trainer, tokenizer, meter: CostMeter, *, token_col
     from posttrain.stages import METHODS
 
     method = METHODS[ctx.spec.method]
+    trainer, tokenizer, meter, attempts = done.trainer, done.tokenizer, done.meter, done.attempts
     refuse_nonfinite_weights(trainer)
-    attempts = attempts or {}
     area = Area(ctx.out_dir)
     model_dir = ctx.out_dir / "model"
     trainer.save_model(str(model_dir))

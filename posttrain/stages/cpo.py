@@ -14,10 +14,10 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from posttrain.recipe.fields import StageBase
-from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start, peft_config,
-                                     quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
+from posttrain.stages.common import (StageContext, StageResult, load_start, peft_config, quiet_trainer,
+                                     quiet_transformers, train_built, train_dataset, trainer_kwargs)
 from posttrain.stages.method import PREFERENCE, Method
-from posttrain.stages.paired import drop_prompt_only_pairs
+from posttrain.stages.paired import drop_prompt_only_pairs, finish_pairs
 
 CPO_METRICS = ("loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "grad_norm")
@@ -84,12 +84,7 @@ def build_trainer(ctx: StageContext, loss: dict | None = None):
 
 def train_with(ctx: StageContext, loss: dict | None = None) -> StageResult:
     """Train with the given loss settings (see build_trainer): CPO's and SimPO's `train`."""
-    with CostMeter() as meter:
-        trainer, tokenizer = build_trainer(ctx, loss)
-        attempts = run_training(trainer, ctx)
-    return finish(ctx, trainer, tokenizer, meter,
-                  token_columns={"chosen_input_ids": 1, "rejected_input_ids": 1},
-                  attempts=attempts, extra_cost={"dropped_pairs": trainer.dropped_pairs})
+    return finish_pairs(ctx, train_built(ctx, lambda ctx: build_trainer(ctx, loss)))
 
 
 def train(ctx: StageContext) -> StageResult:

@@ -7,7 +7,6 @@ kept; with LoRA the reference is the same model with the adapter disabled.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 from pathlib import Path
@@ -17,8 +16,9 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from posttrain.artifacts import Area
 from posttrain.recipe.fields import StageBase
-from posttrain.stages.common import (CostMeter, StageContext, StageResult, device, finish, load_start, peft_config,
-                                     quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
+from posttrain.stages.common import (StageContext, StageResult, device, finish, quiet_trainer,
+                                     quiet_transformers, start_with_reference, train_built, train_dataset,
+                                     trainer_kwargs)
 
 from posttrain.stages.method import PREFERENCE, REFERENCE_START, Method
 
@@ -159,14 +159,8 @@ def build_trainer(ctx: StageContext):
     quiet_transformers()
     from trl import DPOConfig
 
-    model, tokenizer = load_start(ctx)
+    model, tokenizer, lora, ref_model = start_with_reference(ctx)
     spec = ctx.spec
-    lora = peft_config(ctx)
-    # Without LoRA or precomputation TRL would rebuild the reference from the
-    # model's hub name; pass a frozen copy of the starting model instead, explicitly.
-    ref_model = None
-    if lora is None and not spec.precompute_ref_log_probs:
-        ref_model = copy.deepcopy(model).eval()
     args = DPOConfig(
         **trainer_kwargs(ctx),
         beta=spec.beta,
@@ -193,16 +187,9 @@ def build_trainer(ctx: StageContext):
 
 
 def train(ctx: StageContext) -> StageResult:
-    with CostMeter() as meter:
-        trainer, tokenizer = build_trainer(ctx)
-        attempts = run_training(trainer, ctx)
-    # The reference scores chosen and rejected too: once per pair up front when
-    # precomputed (a pipeline's cost, even when this run found them cached), else
-    # alongside every policy step (with LoRA: adapter disabled).
-    pairs = len(trainer.train_dataset)
-    epochs = trainer.state.epoch or 0.0
-    reference_forwards = 2 * pairs if ctx.spec.precompute_ref_log_probs else round(2 * pairs * epochs)
-    cached = bool(getattr(trainer, "reference_cached", False))
-    return finish(ctx, trainer, tokenizer, meter, token_columns={"prompt_ids": 2, "chosen_ids": 1, "rejected_ids": 1},
-                  extra_forwards=reference_forwards,
-                  attempts=attempts, extra_cost={"reference_logps_cached": cached})
+    done = train_built(ctx, build_trainer)
+    # The reference scores chosen and rejected of every pair (with LoRA: adapter disabled).
+    cached = bool(getattr(done.trainer, "reference_cached", False))
+    return finish(ctx, done, token_columns={"prompt_ids": 2, "chosen_ids": 1, "rejected_ids": 1},
+                  extra_forwards=done.reference_forwards(ctx.spec.precompute_ref_log_probs, per_example=2),
+                  extra_cost={"reference_logps_cached": cached})

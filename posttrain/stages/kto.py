@@ -9,14 +9,14 @@ log-probs precomputed once, or a frozen copy, or (LoRA) the adapter disabled.
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from posttrain.recipe.fields import StageBase
-from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start, peft_config,
-                                     quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
+from posttrain.stages.common import (StageContext, StageResult, finish, quiet_trainer,
+                                     quiet_transformers, start_with_reference, train_built, train_dataset,
+                                     trainer_kwargs)
 from posttrain.stages.method import REFERENCE_START, UNPAIRED, Method
 
 
@@ -56,14 +56,8 @@ def build_trainer(ctx: StageContext):
     quiet_transformers()
     from trl import KTOConfig, KTOTrainer
 
-    model, tokenizer = load_start(ctx)
+    model, tokenizer, lora, ref_model = start_with_reference(ctx)
     spec = ctx.spec
-    lora = peft_config(ctx)
-    # As for DPO: with neither LoRA nor precomputation TRL would rebuild the reference
-    # from the model's hub name; a frozen copy of the starting model is passed instead.
-    ref_model = None
-    if lora is None and not spec.precompute_ref_log_probs:
-        ref_model = copy.deepcopy(model).eval()
     args = KTOConfig(
         **trainer_kwargs(ctx),
         beta=spec.beta,
@@ -91,16 +85,11 @@ def build_trainer(ctx: StageContext):
 
 
 def train(ctx: StageContext) -> StageResult:
-    with CostMeter() as meter:
-        trainer, tokenizer = build_trainer(ctx)
-        attempts = run_training(trainer, ctx)
-    # Without a backward: the KL sequence (each prompt with its neighbour's completion) per
-    # example and step, and the reference's two scores per example (once when precomputed).
-    examples = len(trainer.train_dataset)
-    epochs = trainer.state.epoch or 0.0
-    kl = trainer.args.loss_type == "kto"
-    per_example = 2 if kl else 1
-    reference = per_example * examples if ctx.spec.precompute_ref_log_probs else round(per_example * examples * epochs)
-    policy_kl = round(examples * epochs) if kl else 0
-    return finish(ctx, trainer, tokenizer, meter, token_columns={"prompt_ids": 1, "completion_ids": 1},
-                  extra_forwards=reference + policy_kl, attempts=attempts)
+    done = train_built(ctx, build_trainer)
+    # Without a backward: the policy's KL sequence (each prompt with its neighbour's
+    # completion) per example and epoch, and the reference's scores of both sequences.
+    kl = done.trainer.args.loss_type == "kto"
+    policy_kl = round(len(done.trainer.train_dataset) * done.epochs) if kl else 0
+    reference = done.reference_forwards(ctx.spec.precompute_ref_log_probs, per_example=2 if kl else 1)
+    return finish(ctx, done, token_columns={"prompt_ids": 1, "completion_ids": 1},
+                  extra_forwards=reference + policy_kl)

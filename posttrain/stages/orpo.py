@@ -8,10 +8,10 @@ from typing import Literal
 from pydantic import Field
 
 from posttrain.recipe.fields import StageBase
-from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start, peft_config,
-                                     quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
+from posttrain.stages.common import (StageContext, StageResult, load_start, peft_config, quiet_trainer,
+                                     quiet_transformers, train_built, train_dataset, trainer_kwargs)
 from posttrain.stages.method import PREFERENCE, Method
-from posttrain.stages.paired import drop_prompt_only_pairs
+from posttrain.stages.paired import drop_prompt_only_pairs, finish_pairs
 
 
 class ORPOStage(StageBase):
@@ -52,10 +52,4 @@ def build_trainer(ctx: StageContext):
 
 
 def train(ctx: StageContext) -> StageResult:
-    with CostMeter() as meter:
-        trainer, tokenizer = build_trainer(ctx)
-        attempts = run_training(trainer, ctx)
-    return finish(ctx, trainer, tokenizer, meter,
-                  token_columns={"chosen_input_ids": 1, "rejected_input_ids": 1},
-                  attempts=attempts,
-                  extra_cost={"dropped_pairs": trainer.dropped_pairs})
+    return finish_pairs(ctx, train_built(ctx, build_trainer))

@@ -4,7 +4,7 @@ each pair becomes `chosen_*`/`rejected_*` columns with prompt tokens labelled -1
 from __future__ import annotations
 
 from posttrain.errors import DataError
-from posttrain.stages.common import StageContext
+from posttrain.stages.common import StageContext, StageResult, Trained, finish
 
 
 def trained_pairs(dataset):
@@ -39,3 +39,10 @@ def drop_prompt_only_pairs(trainer, ctx: StageContext) -> int:
     if not keep.all():
         trainer.train_dataset = dataset.select(keep.nonzero()[0])
     return int(len(keep) - keep.sum())
+
+
+def finish_pairs(ctx: StageContext, done: Trained) -> StageResult:
+    """finish() for these trainers: their chosen/rejected sequences hold the prompt; the
+    pairs dropped before training are part of the cost."""
+    return finish(ctx, done, token_columns={"chosen_input_ids": 1, "rejected_input_ids": 1},
+                  extra_cost={"dropped_pairs": done.trainer.dropped_pairs})

@@ -6,8 +6,8 @@ from typing import Literal
 
 from posttrain.models import template_has_generation_markers
 from posttrain.recipe.fields import StageBase
-from posttrain.stages.common import (CostMeter, StageContext, StageResult, finish, load_start, peft_config,
-                                     quiet_trainer, quiet_transformers, run_training, train_dataset, trainer_kwargs)
+from posttrain.stages.common import (StageContext, StageResult, finish, load_start, peft_config, quiet_trainer,
+                                     quiet_transformers, train_built, train_dataset, trainer_kwargs)
 from posttrain.stages.method import INSTRUCTION, Method
 
 
@@ -66,7 +66,4 @@ def build_trainer(ctx: StageContext):
 
 
 def train(ctx: StageContext) -> StageResult:
-    with CostMeter() as meter:
-        trainer, tokenizer = build_trainer(ctx)
-        attempts = run_training(trainer, ctx)
-    return finish(ctx, trainer, tokenizer, meter, token_columns={"input_ids": 1}, attempts=attempts)
+    return finish(ctx, train_built(ctx, build_trainer), token_columns={"input_ids": 1})
