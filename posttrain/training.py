@@ -72,7 +72,8 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
     complete, so a crash never leaves a half-written stage that looks finished.
     """
     from posttrain.stages import run_stage
-    from posttrain.stages.common import StageContext, StageDiverged, StageInterrupted
+    from posttrain.stages.common import StageContext, StageInterrupted
+    from posttrain.stages.divergence import StageDiverged
 
     cache = options.cache
     if cache.has_stage(node.key):

@@ -23,8 +23,9 @@ from posttrain.stages.sft import SFTStage
 from posttrain.data.builtin import instruction_rows, preference_rows
 from posttrain.models import ModelSource
 from posttrain.stages import common, run_stage
-from posttrain.stages.common import (EXPLODED_LOSS_FLOOR, MAX_SKIPPED_IN_A_ROW, StageContext, StageDiverged,
-                                     divergence, divergence_guard, exploded_loss_limit, nonfinite_parameters)
+from posttrain.stages.common import StageContext
+from posttrain.stages.divergence import (EXPLODED_LOSS_FLOOR, MAX_SKIPPED_IN_A_ROW, StageDiverged, divergence,
+                                         divergence_guard, exploded_loss_limit, nonfinite_parameters)
 from tiny_recipes import write_recipe
 
 NAN, INF = float("nan"), float("inf")
