@@ -122,3 +122,50 @@ def test_unpaired_rows_curate(tmp_path):
     rows = to_kind(PAIRS + PAIRS[:1], "preference", "unpaired")      # the first pair twice
     kept, report = curate(rows, CurateSpec(dedup="exact", max_reply_tokens=1), count_tokens=lambda t: len(t.split()))
     assert len(kept) == 8 and report.to_dict()["rows_out"] == 8
+
+
+def test_a_kto_file_runs_through_the_cli(tmp_path, repo):
+    """As a user would: a .jsonl in TRL's KTO layout (prompt/completion/label, as
+    trl-lib's KTO datasets publish it) feeds an SFT stage (desirable rows only) and a KTO
+    stage after it; `plan` counts each stage's rows, `run` trains both and reports."""
+    from click.testing import CliRunner
+
+    from posttrain.cli import main
+    from posttrain.data.builtin import preference_rows
+    from tiny_recipes import write_recipe
+
+    rows = []
+    for pair in preference_rows("train", 12):
+        prompt = pair["prompt"][0]["content"]
+        rows.append({"prompt": prompt, "completion": pair["chosen"][0]["content"], "label": True})
+        rows.append({"prompt": prompt, "completion": pair["rejected"][0]["content"], "label": False})
+    rows = rows[:23]   # 12 desirable, 11 undesirable
+    (tmp_path / "kto.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = write_recipe(tmp_path, repo, """
+        name: kto-file
+        model: {name: builtin:micro-llama}
+        data:
+          judged: {source: kto.jsonl}
+        stages:
+          sft: {method: sft, data: judged, learning_rate: 1.0e-2, max_steps: 2, batch_size: 4, max_length: 96}
+          kto: {method: kto, data: judged, learning_rate: 1.0e-3, max_steps: 2, batch_size: 4, max_length: 96}
+        pipelines:
+          sft+kto: [sft, kto]
+        eval:
+          tasks: [{repo}/evals/skills_exact.yaml]
+          limit: 4
+          samples: 0
+        report: {resamples: 200}
+        """)
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    plan = CliRunner().invoke(main, ["plan", str(recipe), "--cache", str(cache), "--json"])
+    assert plan.exit_code == 0, plan.output
+    stages = {row["stage"]: row for row in json.loads(plan.stdout)["stages"]}
+    assert (stages["sft"]["examples"], stages["kto"]["examples"]) == (12, 23)
+    run = CliRunner().invoke(main, ["run", str(recipe), "--cache", str(cache), "--out", str(out), "--no-wandb"])
+    assert run.exit_code == 0, run.output
+    data = json.loads((out / "data.json").read_text())
+    assert {key: (entry["format"], entry["rows"]) for key, entry in data.items()} == {
+        "judged:instruction": ("unpaired", 12), "judged:unpaired": ("unpaired", 23)}
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["pipelines"]] == ["base", "sft+kto"]
