@@ -169,3 +169,20 @@ def test_a_kto_file_runs_through_the_cli(tmp_path, repo):
         "judged:instruction": ("unpaired", 12), "judged:unpaired": ("unpaired", 23)}
     report = json.loads((out / "report.json").read_text())
     assert [p["name"] for p in report["pipelines"]] == ["base", "sft+kto"]
+
+
+def test_data_inspect_reads_unpaired_files(tmp_path):
+    """`posttrain data inspect` on a KTO file: its kind and label counts, no traceback."""
+    from click.testing import CliRunner
+
+    from posttrain.cli import main
+
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"prompt": "q1", "completion": "a1", "label": True}, {"prompt": "q1", "completion": "a1", "label": False},
+        {"messages": [user("q3"), bot("a3")], "label": True}]))
+    result = CliRunner().invoke(main, ["data", "inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "format      unpaired (detected), unpaired data" in result.output
+    assert "labels      2 desirable, 1 undesirable" in result.output
+    assert "duplicates  0 exact" in result.output   # one completion judged both ways is two judgements

@@ -106,6 +106,7 @@ class _Tally:
         self.lengths: dict[str, list[int]] = {"prompt": [], "reply": []}
         if kind == "preference":
             self.lengths["rejected"] = []
+        self.labels = {True: 0, False: 0}   # unpaired data: desirable / undesirable completions
         self.seen: set[int] = set()
         self.duplicates = 0
         # Reservoir sampling: `samples` rows spread over the whole file, same ones every run.
@@ -126,6 +127,10 @@ class _Tally:
             prompt, reply = example["prompt"], example["chosen"]
             self.lengths["rejected"].append(self.count(example["rejected"][0]["content"]))
             extra = example["rejected"][0]["content"]
+        elif self.kind == "unpaired":
+            prompt, reply = example["prompt"], example["completion"]
+            self.labels[example["label"]] += 1
+            extra = str(example["label"])   # the same completion judged both ways is not a duplicate
         else:
             prompt, reply = example["messages"][:-1], example["messages"][-1:]
             extra = ""
@@ -170,6 +175,8 @@ class _Tally:
             "duplicates": {"count": self.duplicates,
                            "rate": round(self.duplicates / valid, 4) if valid else 0.0},
             "empty_replies": self.empty_replies,
+            **({"labels": {"desirable": self.labels[True], "undesirable": self.labels[False]}}
+               if self.kind == "unpaired" else {}),
             "samples": [{"row": number, **_shorten(example)}
                         for number, example in sorted(self.reservoir, key=lambda pair: pair[0])],
         }
@@ -260,6 +267,8 @@ def format_inspection(stats: dict) -> str:
         f"  duplicates  {dup['count']:,} exact ({dup['rate']:.1%}; case and whitespace ignored)",
         f"  empty replies {stats['empty_replies']:,}" + (" (counted among the malformed rows)"
                                                        if stats["empty_replies"] else ""),
+        *([f"  labels      {stats['labels']['desirable']:,} desirable, {stats['labels']['undesirable']:,} undesirable"]
+          if "labels" in stats else []),
         f"  lengths in {stats['unit']}:",
         "    " + f"{'':<9}" + "".join(f"{name:>8}" for name in [*(f"p{p}" for p in PERCENTILES), "max"]),
     ]
