@@ -105,3 +105,15 @@ def test_adding_a_method_is_adding_its_module(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "posttrain", "methods"], cwd=tmp_path, capture_output=True,
                             text=True, env=env)
     assert "toy: a toy" in listed.stdout, listed.stderr
+
+
+def test_a_setting_added_later_keeps_the_keys_of_stages_that_never_set_it():
+    """DPO's label_smoothing and discopop_tau came after stage keys were published: at their
+    defaults they are not hashed (cached stages and results stay valid); set, they are."""
+    from posttrain.stages.dpo import DPOStage
+
+    plain = DPOStage(method="dpo", data="d", learning_rate=1e-3)
+    assert set(plain.key_settings()) == set(plain.model_dump()) - {"lora", "logging_steps", "label_smoothing",
+                                                                    "discopop_tau"}
+    robust = DPOStage(method="dpo", data="d", learning_rate=1e-3, loss_type="robust", label_smoothing=0.1)
+    assert robust.key_settings()["label_smoothing"] == 0.1 and "discopop_tau" not in robust.key_settings()
