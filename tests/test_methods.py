@@ -117,3 +117,10 @@ def test_a_setting_added_later_keeps_the_keys_of_stages_that_never_set_it():
                                                                     "discopop_tau"}
     robust = DPOStage(method="dpo", data="d", learning_rate=1e-3, loss_type="robust", label_smoothing=0.1)
     assert robust.key_settings()["label_smoothing"] == 0.1 and "discopop_tau" not in robust.key_settings()
+
+
+def test_each_method_plots_curves_it_logs():
+    """The report plots a stage's declared curves; each is one of the method's metrics."""
+    for method in METHODS.values():
+        assert method.curves and set(method.curves) <= set(method.metrics), method.name
+    assert "kl" in METHODS["kto"].curves

@@ -17,6 +17,7 @@ from statistics import mean
 from posttrain.artifacts import RUN_FORMAT, PathEscape, RunDir
 from posttrain.errors import DataError, PosttrainError
 from posttrain.records import COST_COLUMNS, DAMAGED_HINT, ResultRow, StageRecord, read_json, read_jsonl, read_results
+from posttrain.stages import METHODS
 
 CURVE_KEYS = ("loss", "nll_loss", "log_odds_ratio", "rewards/margins", "rewards/accuracies", "mean_token_accuracy")
 NOT_COLUMNS = ("reply_tokens",)          # reported separately, no per-item records
@@ -201,8 +202,10 @@ def curves(runs: list[Run]) -> list[dict]:
             record = run.stage(stage_dir)
             log_path = run.dir.trainer_log(stage_dir)
             series: dict[str, list] = defaultdict(list)
+            method = METHODS.get(record.method)   # a run made with a method this version lacks: the defaults
+            keys = method.curves if method else CURVE_KEYS
             for entry in read_jsonl(log_path) if log_path.is_file() else []:
-                for key in CURVE_KEYS:
+                for key in keys:
                     if key in entry and "step" in entry:
                         series[key].append([entry["step"], entry[key]])
             label = f"{record.stage} (seed {record.seed})" + (f" [{run.name}]" if len(runs) > 1 else "")

@@ -21,6 +21,7 @@ from posttrain.stages.paired import drop_prompt_only_pairs, finish_pairs
 
 CPO_METRICS = ("loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "grad_norm")
+CPO_CURVES = ("loss", "nll_loss", "rewards/margins", "rewards/accuracies")
 
 
 class CPOStage(StageBase):
@@ -48,7 +49,7 @@ METHOD = Method(
     name="cpo", settings=CPOStage, trainer="trl.experimental.cpo.CPOTrainer", data=PREFERENCE,
     summary="contrastive preference optimization: a reference-free preference loss plus NLL on chosen, "
             "in one stage from the base model (loss_type simpo: CPO-SimPO)",
-    single_step=True, sequences=2, prompt_bos=True, metrics=CPO_METRICS,
+    single_step=True, sequences=2, prompt_bos=True, metrics=CPO_METRICS, curves=CPO_CURVES,
 )
 
 

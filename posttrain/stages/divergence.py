@@ -5,10 +5,7 @@ or resumed from (StageDiverged carries what the failure record and message need)
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from posttrain.stages.common import StageContext
+from typing import Any
 
 
 class StageDiverged(Exception):
@@ -34,7 +31,7 @@ class StageDiverged(Exception):
                 "recent_steps": [{key: number(value) if key != "step" else value for key, value in row.items()}
                                  for row in self.recent]}
 
-    def message(self, ctx: "StageContext") -> str:
+    def message(self, ctx: Any) -> str:   # a stages.common.StageContext
         """The user's message: where, what, the last finite loss, and what to change (by recipe key)."""
         spec = ctx.spec
         last = (f"last finite loss {self.last_finite[1]:.4g} at step {self.last_finite[0]}" if self.last_finite

@@ -70,7 +70,8 @@ METHOD = Method(
             f"losses: {', '.join(DPO_LOSS_TYPES)}",
     sequences=2,
     metrics=("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-             "logps/chosen", "logps/rejected", "grad_norm"),
+             "logps/chosen", "logps/rejected", "mean_token_accuracy", "grad_norm"),
+    curves=("loss", "rewards/margins", "rewards/accuracies", "mean_token_accuracy"),
 )
 
 

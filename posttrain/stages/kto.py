@@ -48,6 +48,7 @@ METHOD = Method(
     sequences=1,
     metrics=("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
              "logps/rejected", "grad_norm"),
+    curves=("loss", "kl", "rewards/margins"),
 )
 
 

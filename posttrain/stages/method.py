@@ -3,7 +3,8 @@
 Everything else derives from these declarations: the recipe schema's stage union
 (`settings`), which data a stage loads (`data`), the plan and its estimates
 (`sequences`, `estimate_truncates`), the max_length checks (`prompt_bos`),
-compute matching (`single_step`), the stage record (`metrics`), the CLI's help
+compute matching (`single_step`), the stage record (`metrics`), the report's
+training curves (`curves`), the CLI's help
 (`summary`, `trainer`, `reference`). A module declares `METHOD = Method(...)`,
 `build_trainer(ctx)` and `train(ctx) -> StageResult`; it imports TRL only inside
 functions, so declaring costs nothing at `posttrain validate`.
@@ -32,12 +33,16 @@ class Method:
     reference: str | None = None   # REFERENCE_START, or None (reference-free)
     single_step: bool = False      # one stage from the base model: compute matching may set its steps
     metrics: tuple[str, ...] = ()  # trainer-log keys kept as the stage's final metrics
+    curves: tuple[str, ...] = ("loss",)  # trainer-log keys the report plots over steps
     sequences: int = 1             # sequences trained per example (passes; tokens are counted per sequence)
     estimate_truncates: bool = False  # the estimate caps each sequence at max_length (as TRL's SFT does)
     prompt_bos: bool = False       # its tokenization puts BOS before a prompt that lacks it (first trained token)
     module: str = ""               # filled in by the registry: where `train` lives
 
     def __post_init__(self):
+        if not set(self.curves) <= set(self.metrics):
+            raise ValueError(f"method {self.name}: curves {sorted(set(self.curves) - set(self.metrics))} are not "
+                             "among its metrics")
         if self.data not in (INSTRUCTION, PREFERENCE, UNPAIRED):
             raise ValueError(f"method {self.name}: unknown data kind {self.data!r}")
         declared = self.settings.model_fields["method"].annotation.__args__

@@ -25,6 +25,7 @@ METHOD = Method(
     single_step=True, sequences=2, prompt_bos=True,
     metrics=("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
              "rewards/accuracies", "rewards/margins", "grad_norm"),
+    curves=("loss", "nll_loss", "log_odds_ratio", "rewards/margins", "rewards/accuracies"),
 )
 
 

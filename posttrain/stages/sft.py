@@ -18,7 +18,8 @@ class SFTStage(StageBase):
 METHOD = Method(
     name="sft", settings=SFTStage, trainer="trl.SFTTrainer", data=INSTRUCTION,
     summary="supervised fine-tuning on conversations; loss on the assistant's tokens only",
-    metrics=("loss", "mean_token_accuracy", "grad_norm"), sequences=1, estimate_truncates=True,
+    metrics=("loss", "mean_token_accuracy", "grad_norm"), curves=("loss", "mean_token_accuracy"), sequences=1,
+    estimate_truncates=True,
 )
 
 

@@ -34,6 +34,7 @@ METHOD = Method(
     data=PREFERENCE, summary="SimPO: reference-free preference loss on length-normalised log-probs with a target "
                              "margin, after SFT (no NLL term: it does not teach answering itself)",
     single_step=False, sequences=2, prompt_bos=True, metrics=cpo.CPO_METRICS,
+    curves=("loss", "rewards/margins", "rewards/accuracies"),   # no NLL term: its nll_loss is 0
 )
 
 
