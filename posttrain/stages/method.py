@@ -33,7 +33,7 @@ class Method:
     reference: str | None = None   # REFERENCE_START, or None (reference-free)
     single_step: bool = False      # one stage from the base model: compute matching may set its steps
     metrics: tuple[str, ...] = ()  # trainer-log keys kept as the stage's final metrics
-    curves: tuple[str, ...] = ("loss",)  # trainer-log keys the report plots over steps
+    curves: tuple[str, ...] = ()   # trainer-log keys (of `metrics`) the report plots over steps
     sequences: int = 1             # sequences trained per example (passes; tokens are counted per sequence)
     estimate_truncates: bool = False  # the estimate caps each sequence at max_length (as TRL's SFT does)
     prompt_bos: bool = False       # its tokenization puts BOS before a prompt that lacks it (first trained token)
