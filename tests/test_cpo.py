@@ -66,3 +66,14 @@ def test_simpo_loss_is_the_length_normalised_margin(tmp_path):
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo"])
+def test_every_accepted_loss_builds_a_trainer_and_a_finite_loss(tmp_path, loss_type):
+    from posttrain.stages.cpo import build_trainer
+
+    trainer, _ = build_trainer(StageContext(name="cpo", spec=cpo(loss_type=loss_type), seed=0, start=MICRO,
+                                            out_dir=tmp_path, examples=preference_rows("train", 4)))
+    assert trainer.loss_type == loss_type
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))

@@ -186,3 +186,19 @@ def test_data_inspect_reads_unpaired_files(tmp_path):
     assert "format      unpaired (detected), unpaired data" in result.output
     assert "labels      2 desirable, 1 undesirable" in result.output
     assert "duplicates  0 exact" in result.output   # one completion judged both ways is two judgements
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_every_accepted_loss_builds_a_trainer_and_a_finite_loss(tmp_path, loss_type):
+    import torch
+
+    from posttrain.data.builtin import preference_rows
+    from posttrain.stages.kto import build_trainer
+
+    spec = KTOStage(method="kto", data="d", learning_rate=1e-3, max_steps=1, batch_size=4, max_length=128,
+                    loss_type=loss_type, precompute_ref_log_probs=False)
+    trainer, _ = build_trainer(StageContext(name="kto", spec=spec, seed=0, start=MICRO, out_dir=tmp_path,
+                                            examples=to_kind(preference_rows("train", 4), "preference", "unpaired")))
+    assert trainer.args.loss_type == loss_type
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
