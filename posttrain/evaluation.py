@@ -15,7 +15,7 @@ from posttrain.artifacts import RunDir, content_hash, library_versions
 from posttrain.cache import write_manifest
 from posttrain.data.sources import fingerprint, load_data
 from posttrain.models import ModelSource
-from posttrain.plan import Plan, base_key, source_after
+from posttrain.plan import Plan, source_after
 from posttrain.recipe.schema import Recipe
 from posttrain.samples import PREFERENCE_FILE, generated_replies, samples_file
 
@@ -155,7 +155,7 @@ def evaluate_plan(plan: Plan, run: RunDir, options: "RunOptions", setup: EvalSet
         if node is None and seed != recipe.seeds[0]:
             continue  # an untrained model does not depend on the training seed
         eval_seed = None if node is None else seed
-        identity = base_key(recipe) if node is None else node.key
+        identity = plan.base_key if node is None else node.key
         rows += evaluate_cached(recipe, pipeline, eval_seed, identity, source_after(plan, node, options.cache),
                                 run, options, setup, tracker)
     for name, model in recipe.external.items():

@@ -39,7 +39,7 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     matching = None
     if recipe.compare is not None:
         recipe, estimates, matching = match_compute(recipe, data, estimates)
-    plan = make_plan(recipe, env, data)
+    plan = make_plan(recipe, env, data, cache_root=options.cache.root)
     return plan, setup, {"estimates": estimates, "compute_match": matching}
 
 

@@ -44,25 +44,34 @@ class Plan:
     nodes: dict[str, StageNode]                  # key -> node, in training order
     finals: dict[tuple[str, int], StageNode | None]  # (pipeline, seed) -> last node (None: base)
     data: dict[str, LoadedData]
+    weights: str | None = None                   # identity.weights_identity of the base model
+
+    @property
+    def base_key(self) -> str:
+        return base_key(self.recipe, self.weights)
 
 
 def base_source(recipe: Recipe) -> ModelSource:
     return ModelSource.of(recipe.model)
 
 
-def base_key(recipe: Recipe) -> str:
-    """Identity of the untrained model (weights by name and revision; template and dtype)."""
-    return content_hash({"base_model": recipe.model.model_dump(mode="json", exclude={"lora"})})
+def base_key(recipe: Recipe, weights: str | None = None) -> str:
+    """Identity of the untrained model: its spec (name, revision, template, dtype) and what
+    its weights are (`identity.weights_identity`: a hub commit or a local folder's digest;
+    none for builtin models, whose keys stay as they were before weights were hashed)."""
+    return content_hash({"base_model": recipe.model.model_dump(mode="json", exclude={"lora"}),
+                         **({"weights": weights} if weights else {})})
 
 
 def stage_key_inputs(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None,
-                     data: LoadedData) -> dict:
+                     data: LoadedData, weights: str | None = None) -> dict:
     """Everything a stage's key hashes; recorded in stage.json so `plan` can say what changed."""
     stage = recipe.stages[stage_name]
     lora = resolve_lora(recipe, stage)
     return {
         "parent": parent_key,
         "base_model": recipe.model.model_dump(mode="json", exclude={"lora"}),
+        **({"weights": weights} if weights else {}),
         "stage": stage.key_settings(),
         "lora": lora.model_dump(mode="json") if lora else None,
         "data": data.fingerprint,
@@ -72,8 +81,9 @@ def stage_key_inputs(recipe: Recipe, stage_name: str, seed: int, parent_key: str
 
 
 # What each input of a stage key is called when `plan` says why a stage trains again.
-KEY_INPUT_NAMES = {"parent": "upstream stage", "base_model": "base model", "stage": "settings", "lora": "LoRA",
-                   "data": "data fingerprint", "seed": "seed", "versions": "library versions"}
+KEY_INPUT_NAMES = {"parent": "upstream stage", "base_model": "base model", "weights": "base model's weights",
+                   "stage": "settings", "lora": "LoRA", "data": "data fingerprint", "seed": "seed",
+                   "versions": "library versions"}
 
 
 def key_changes(before: dict, now: dict) -> list[str]:
@@ -89,6 +99,8 @@ def key_changes(before: dict, now: dict) -> list[str]:
             changes.append(f"{label}: {', '.join(fields)}")
         elif name in ("parent", "data"):
             changes.append(f"{label} changed ({str(old)[:12]} -> {str(new)[:12]})")
+        elif name == "weights":   # "sha256:<64 hex>" / "commit:<40 hex>"
+            changes.append(f"{label} changed ({str(old)[:19]} -> {str(new)[:19]})")
         else:
             changes.append(f"{label}: {old} -> {new}")
     return changes
@@ -161,9 +173,15 @@ def data_env(recipe: Recipe, base_dir: Path, cache_dir: Path | None = None, eval
                    eval_texts=eval_texts, scorer=scorer, cache_dir=cache_dir, seed=recipe.seeds[0], log=log)
 
 
-def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] | None = None) -> Plan:
+def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] | None = None,
+              cache_root: Path | None = None) -> Plan:
+    """The stage graph with every key. `cache_root`: where a local model folder's file
+    hashes are remembered (None: hashed afresh)."""
+    from posttrain.identity import weights_identity
+
     env = env if isinstance(env, DataEnv) else data_env(recipe, env)
     data = data if data is not None else load_stage_data(recipe, env)
+    weights = weights_identity(recipe.model.name, recipe.model.revision, cache_root)
     nodes: dict[str, StageNode] = {}
     finals: dict[tuple[str, int], StageNode | None] = {}
     for pipeline, chain in pipelines_with_base(recipe).items():
@@ -172,11 +190,12 @@ def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] |
             for stage_name in chain:
                 stage = recipe.stages[stage_name]
                 stage_data = data[data_key(stage)]
-                inputs = stage_key_inputs(recipe, stage_name, seed, parent.key if parent else None, stage_data)
+                inputs = stage_key_inputs(recipe, stage_name, seed, parent.key if parent else None, stage_data,
+                                          weights)
                 key = content_hash(inputs)
                 parent = nodes.setdefault(key, StageNode(stage_name, seed, key, parent, stage_data, inputs))
             finals[(pipeline, seed)] = parent
-    return Plan(recipe, nodes, finals, data)
+    return Plan(recipe, nodes, finals, data, weights)
 
 
 def source_after(plan: Plan, node: StageNode | None, cache: Cache) -> ModelSource:

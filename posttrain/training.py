@@ -13,7 +13,7 @@ from typing import Callable
 from posttrain.artifacts import STAGE_RECORD, TRAINER_LOG, RunDir
 from posttrain.cache import Cache, checkpoint_step, drop_incomplete_checkpoints, save_dataset, write_manifest
 from posttrain.errors import Interrupted, TrainingDiverged
-from posttrain.plan import Plan, StageNode, base_key, source_after
+from posttrain.plan import Plan, StageNode, source_after
 from posttrain.records import Cost, StageRecord
 from posttrain.recipe.schema import Recipe, resolve_lora
 
@@ -108,7 +108,7 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
                 name=node.stage, spec=spec, seed=spec.seed if spec.seed is not None else node.seed,
                 start=source_after(plan, node.parent, cache), examples=node.data.examples, out_dir=partial,
                 lora=resolve_lora(recipe, spec), show_progress=options.show_progress, report_to=report_to,
-                dataset_dir=dataset_dir, start_key=node.parent.key if node.parent else base_key(recipe),
+                dataset_dir=dataset_dir, start_key=node.parent.key if node.parent else plan.base_key,
                 reflogps_dir=cache.root / "reflogps", checkpoint=checkpoint_policy(recipe), resume_from=resume,
             )
             with stop_on_signals(options.log) as ctx.stop_requested:
