@@ -201,12 +201,29 @@ def test_detect_format(row, expected):
     assert detect_format([row]) == expected
 
 
-def test_detect_format_want_breaks_ties_and_majority_wins():
-    both = {"prompt": "q", "chosen": "a", "rejected": "b", "messages": [user("q"), bot("a")]}
-    assert detect_format([both], want="instruction") == "messages"
-    assert detect_format([both], want="preference") == "preference"
+def test_detect_format_majority_wins():
     rows = [{"messages": []}] * 3 + [{"instruction": "q"}]
     assert detect_format(rows) == "messages"
+
+
+SHAREGPT_PAIR = {"conversations": [{"from": "human", "value": "q"}],
+                 "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}}
+# UltraFeedback-binarized: the pair, plus "messages" holding the chosen conversation again.
+ULTRAFEEDBACK = {"prompt": "q", "chosen": [user("q"), bot("good")], "rejected": [user("q"), bot("bad")],
+                 "messages": [user("q"), bot("good")]}
+
+
+@pytest.mark.parametrize("row", [SHAREGPT_PAIR, ULTRAFEEDBACK])
+def test_detection_does_not_depend_on_the_stage(tmp_path, row):
+    """SFT on chosen, then DPO on the same file: one layout detected for every stage,
+    then converted (SFT reads prompt + chosen; KTO the two replies, labelled)."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", [row])
+    results = {want: load_examples(str(path), want=want) for want in ("instruction", "preference", "unpaired")}
+    assert len({result.format for result in results.values()}) == 1
+    assert results["instruction"].examples == [{"messages": [user("q"), bot("good")]}]
+    assert results["preference"].examples == [
+        {"prompt": [user("q")], "chosen": [bot("good")], "rejected": [bot("bad")]}]
+    assert [e["label"] for e in results["unpaired"].examples] == [True, False]
 
 
 def test_detect_format_unknown_keys():
@@ -391,6 +408,18 @@ def test_real_samples_convert_every_row(name, fmt, rows):
     assert (result.format, result.detected, len(result.examples), result.skipped) == (fmt, True, rows, [])
     assert all(example == convert_row(example_row, fmt) for example, example_row
                in zip(result.examples, json.loads(path.read_text())))
+
+
+def test_real_preference_sample_feeds_every_stage_kind():
+    """LLaMA-Factory's DPO demo (sharegpt_preference) read by SFT is prompt + chosen."""
+    path = SHARED_DATA / "sharegpt_preference_sample.json"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    pairs = load_examples(str(path), want="preference")
+    sft = load_examples(str(path), want="instruction")
+    assert (pairs.format, sft.format, len(pairs.examples), sft.skipped) == (
+        "sharegpt_preference", "sharegpt_preference", 200, [])
+    assert sft.examples == [{"messages": e["prompt"] + e["chosen"]} for e in pairs.examples]
 
 
 def test_real_hh_sample_has_one_empty_chosen_reply():

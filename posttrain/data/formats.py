@@ -441,19 +441,21 @@ def _candidates(row: dict) -> list[str]:
     return found
 
 
-def detect_format(rows: list[dict], want: str | None = None) -> str:
+def detect_format(rows: list[dict]) -> str:
     """Guess the layout from the keys of the first rows (a majority vote over up to 20).
 
-    ``want`` ("instruction"/"preference") breaks ties in favour of that kind when a
-    row fits both; it never turns one kind into the other.
+    A function of the rows only: each row votes for the most specific layout whose
+    telltale keys it has, whichever stage reads the data (``to_kind`` then converts
+    the examples to what that stage trains on).  Letting the stage break ties read
+    LLaMA-Factory preference data (``conversations`` + ``chosen``/``rejected``) as
+    plain ShareGPT in an SFT stage and rejected every row.
     """
     votes: Counter[str] = Counter()
     sample = [row for row in rows if isinstance(row, dict)][:20]
     for row in sample:
         found = _candidates(row)
-        preferred = [name for name in found if FORMATS[name] == want]
-        if preferred or found:
-            votes[(preferred or found)[0]] += 1
+        if found:
+            votes[found[0]] += 1
     if not votes:
         keys = sorted({key for row in sample for key in row})
         raise ValueError(

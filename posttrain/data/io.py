@@ -271,13 +271,14 @@ def peek(records: Iterator[Record]) -> tuple[list[dict], Iterator[Record]]:
     return rows, itertools.chain(head, records)
 
 
-def choose_format(fmt: str, rows: list[dict], want: str | None, label: str) -> str:
+def choose_format(fmt: str, rows: list[dict], label: str) -> str:
+    """`fmt`, or the layout detected from `rows` (never from the stage that reads them)."""
     if fmt != "auto":
         return fmt
     if not rows:
         raise DataError(f"{label}: no readable rows to detect the format from")
     try:
-        return detect_format(rows, want)
+        return detect_format(rows)
     except ValueError as error:
         raise DataError(f"{label}: {error}") from None
 
@@ -340,7 +341,7 @@ def load_examples(
     if fmt == "auto" and not sample:  # every row is bad (peek read them all): say why
         problems = [f"{label}:{number}: {row}" for number, row in records]
         raise DataError(f"{label}: no readable rows to detect the format from", problems=_capped(problems))
-    chosen_format = choose_format(fmt, sample, want, label)
+    chosen_format = choose_format(fmt, sample, label)
     _check_kind(chosen_format, want, label)
     examples, problems = _convert_all(records, chosen_format, label, limit)
     if problems and on_bad_rows == "error":
