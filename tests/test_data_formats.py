@@ -142,6 +142,88 @@ def test_preference_to_instruction():
         user("hi"), bot("hello"), user("a pen prank?"), bot("Draw on it.")]}
 
 
+# --------------------------------------------------------------------------- typed parts, v1 pairs
+
+
+def parts(*texts, key="text"):
+    """Content as typed parts: OpenAI writes the text under "text", LLaMA-Factory v1 under "value"."""
+    return [{"type": "text", key: text} for text in texts]
+
+
+def test_content_as_openai_text_parts_is_joined():
+    row = {"messages": [{"role": "system", "content": parts("Be ", "brief.")},
+                        {"role": "user", "content": parts("What is ", "2+2?")},
+                        {"role": "assistant", "content": parts("4")}]}
+    assert detect_format([row]) == "messages"
+    assert convert_row(row, "messages") == {"messages": [sys_("Be brief."), user("What is 2+2?"), bot("4")]}
+
+
+def test_llamafactory_v1_sft_sample_with_default_loss_weights():
+    """LLaMA-Factory v1's standard SFT sample: "value" parts, loss_weight 0 on the prompt, 1 on replies."""
+    row = {"messages": [
+        {"role": "system", "content": parts("You are a helpful assistant.", key="value"), "loss_weight": 0.0},
+        {"role": "user", "content": parts("Hello, who are you?", key="value"), "loss_weight": 0.0},
+        {"role": "assistant", "content": parts("I am an AI assistant.", key="value"), "loss_weight": 1.0}]}
+    assert convert_row(row, "messages") == {"messages": [
+        sys_("You are a helpful assistant."), user("Hello, who are you?"), bot("I am an AI assistant.")]}
+
+
+def v1_turn(role, text):
+    return {"role": role, "content": parts(text, key="value"), "loss_weight": float(role == "assistant")}
+
+
+def test_llamafactory_v1_pair_of_full_conversations():
+    """LLaMA-Factory v1's DPO sample: chosen_messages / rejected_messages, each prompt + reply."""
+    history = [v1_turn("user", "hi"), v1_turn("assistant", "hello"), v1_turn("user", "2+2?")]
+    row = {"chosen_messages": history + [v1_turn("assistant", "4")],
+           "rejected_messages": history + [v1_turn("assistant", "5")]}
+    assert detect_format([row]) == "messages_preference"
+    assert convert_row(row, "messages_preference") == {
+        "prompt": [user("hi"), bot("hello"), user("2+2?")], "chosen": [bot("4")], "rejected": [bot("5")]}
+
+
+@pytest.mark.parametrize("prompt_key, prompt", [("prompt", "2+2?"), ("messages", [sys_("S"), user("2+2?")])])
+def test_chosen_messages_replies_after_a_prompt_column(prompt_key, prompt):
+    row = {prompt_key: prompt, "chosen_messages": [bot("4")], "rejected_messages": [bot("5")]}
+    expected_prompt = [user(prompt)] if isinstance(prompt, str) else prompt
+    assert detect_format([row]) == "messages_preference"
+    assert convert_row(row, "messages_preference") == {
+        "prompt": expected_prompt, "chosen": [bot("4")], "rejected": [bot("5")]}
+
+
+def test_chosen_messages_feed_sft_as_prompt_and_chosen(tmp_path):
+    row = {"chosen_messages": [user("q"), bot("good")], "rejected_messages": [user("q"), bot("bad")]}
+    result = load_examples(str(write_jsonl(tmp_path / "v1.jsonl", [row])), want="instruction")
+    assert (result.format, result.examples) == ("messages_preference", [{"messages": [user("q"), bot("good")]}])
+
+
+@pytest.mark.parametrize("row, fmt, reason", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cat.jpg"}},
+                                                {"type": "text", "text": "What is this?"}]}, bot("a cat")]},
+     "messages", '"messages" turn 1 (user): content part 1 is of type "image_url"; posttrain trains text models'),
+    ({"messages": [user("q"), {"role": "assistant", "content": [{"type": "reasoning", "value": "hmm"}]}]},
+     "messages", 'content part 1 is of type "reasoning"'),
+    ({"messages": [user("q"), {"role": "assistant", "content": [{"text": "a"}]}]},
+     "messages", 'content part 1 is without a "type"'),
+    ({"messages": [user("q"), {"role": "assistant", "content": [{"type": "text", "text": 3}]}]},
+     "messages", 'content part 1 ("text") must hold a string'),
+    ({"messages": [user("q"), {"role": "assistant", "content": []}]}, "messages", "turn 2 (assistant) is empty"),
+    ({"messages": [v1_turn("user", "q"), {**v1_turn("assistant", "a"), "loss_weight": 0.0}]},
+     "messages", '"messages" turn 2 (assistant): "loss_weight" 0.0 is not supported'),
+    ({"messages": [{**v1_turn("user", "q"), "loss_weight": 1.0}, v1_turn("assistant", "a")]},
+     "messages", '"messages" turn 1 (user): "loss_weight" 1.0 is not supported'),
+    ({"chosen_messages": [user("q"), bot("a")], "rejected_messages": [user("other"), bot("b")]},
+     "messages_preference", "chosen_messages and rejected_messages have different prompts"),
+    ({"chosen_messages": [user("q"), bot("a")]}, "messages_preference", '"rejected_messages" is missing'),
+    ({"messages": [user("q"), bot("a")], "chosen_messages": [bot("b")], "rejected_messages": [bot("c")]},
+     "messages_preference", '"messages" must end with a user turn (it is the prompt)'),
+])
+def test_typed_parts_and_v1_pairs_refused_with_a_reason(row, fmt, reason):
+    with pytest.raises(RowError) as error:
+        convert_row(row, fmt)
+    assert reason in str(error.value)
+
+
 # --------------------------------------------------------------------------- row errors
 
 
@@ -177,7 +259,8 @@ def test_kind_of():
     assert {name: kind_of(name) for name in FORMATS} == {
         "alpaca": "instruction", "messages": "instruction", "sharegpt": "instruction",
         "prompt_completion": "instruction", "preference": "preference",
-        "sharegpt_preference": "preference", "hh": "preference", "unpaired": "unpaired"}
+        "sharegpt_preference": "preference", "messages_preference": "preference", "hh": "preference",
+        "unpaired": "unpaired"}
     with pytest.raises(ValueError, match="unknown data format"):
         kind_of("nope")
 

@@ -37,6 +37,7 @@ UNPAIRED = "unpaired"
 # format name -> kind. The order is the detection priority (see detect_format).
 FORMATS: dict[str, str] = {
     "sharegpt_preference": PREFERENCE,
+    "messages_preference": PREFERENCE,
     "hh": PREFERENCE,
     "preference": PREFERENCE,
     "unpaired": UNPAIRED,
@@ -113,12 +114,50 @@ def _message(turn: Any, field: str, index: int) -> Message:
     if role is None:
         raise RowError(f'{where}: unknown role "{raw_role}"')
     content = turn.get(content_key)
+    if isinstance(content, list):
+        content = _text_parts(content, f"{where} ({role})")
     if not isinstance(content, str):
         got = "missing" if content is None else _type_name(content)
-        raise RowError(f'{where} ({role}): "{content_key}" must be a string, got {got}')
+        raise RowError(f'{where} ({role}): "{content_key}" must be a string or a list of parts, got {got}')
     if not content.strip() and role != "system":
         raise RowError(f"{where} ({role}) is empty")
+    _check_loss_weight(turn.get("loss_weight"), role, where)
     return {"role": role, "content": content}
+
+
+def _text_parts(parts: list, where: str) -> str:
+    """Content as typed parts: OpenAI ``{"type": "text", "text": ...}`` or LLaMA-Factory v1
+    ``{"type": "text", "value": ...}``. Text parts are concatenated with no separator, as
+    LLaMA-Factory and Hugging Face chat templates render them; any other part (an image,
+    audio, a tool call, reasoning) is refused: posttrain trains text models, and dropping
+    the part would train on a turn that no longer says what the data meant."""
+    texts = []
+    for j, part in enumerate(parts, 1):
+        if not isinstance(part, dict):
+            raise RowError(f"{where}: content part {j} must be an object, not {_type_name(part)}")
+        kind = part.get("type")
+        if kind != "text":
+            what = f'of type "{kind}"' if kind is not None else 'without a "type"'
+            raise RowError(f'{where}: content part {j} is {what}; posttrain trains text models '
+                           'and reads only "text" parts')
+        text = part.get("text", part.get("value"))
+        if not isinstance(text, str):
+            got = "missing" if text is None else _type_name(text)
+            raise RowError(f'{where}: content part {j} ("text") must hold a string in "text" or "value", got {got}')
+        texts.append(text)
+    return "".join(texts)
+
+
+def _check_loss_weight(weight: Any, role: str, where: str) -> None:
+    """LLaMA-Factory v1 gives each turn a ``loss_weight``: 1 on replies, 0 on the rest by
+    default. posttrain trains assistant replies and never the prompt, so any other weight
+    would be ignored, silently changing what is learned: refused instead."""
+    if weight is None:
+        return
+    expected = 1.0 if role == "assistant" else 0.0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight != expected:
+        raise RowError(f'{where} ({role}): "loss_weight" {weight!r} is not supported; posttrain does '
+                       "not weight turns (it reads 1 on assistant turns and 0 on others, the defaults)")
 
 
 def _messages(value: Any, field: str) -> list[Message]:
@@ -246,16 +285,17 @@ def _from_unpaired(row: dict) -> Example:
 # --------------------------------------------------------------------------- preference
 
 
-def _split_preference(chosen: list[Message], rejected: list[Message]) -> Example:
+def _split_preference(chosen: list[Message], rejected: list[Message],
+                      fields: tuple[str, str] = ("chosen", "rejected")) -> Example:
     """Two full conversations -> shared prompt + the two final assistant replies.
 
     Both must be valid conversations ending on an assistant turn, and everything
     before their final replies must be identical (that is the prompt both answer).
     """
-    _check_order(chosen, "assistant", "chosen")
-    _check_order(rejected, "assistant", "rejected")
+    _check_order(chosen, "assistant", fields[0])
+    _check_order(rejected, "assistant", fields[1])
     if chosen[:-1] != rejected[:-1]:
-        raise RowError("chosen and rejected have different prompts")
+        raise RowError(f"{fields[0]} and {fields[1]} have different prompts")
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
@@ -312,6 +352,24 @@ def _from_sharegpt_preference(row: dict) -> Example:
     return {"prompt": prompt, "chosen": replies["chosen"], "rejected": replies["rejected"]}
 
 
+def _from_messages_preference(row: dict) -> Example:
+    """LLaMA-Factory v1 DPO layout: ``chosen_messages`` / ``rejected_messages``, each a full
+    conversation (prompt and reply), or only the replies after a prompt given in ``prompt``
+    or ``messages`` (the prompt is stripped when the conversations repeat it)."""
+    given = [key for key in ("prompt", "messages") if row.get(key) is not None]
+    if len(given) == 2:
+        raise RowError('both "prompt" and "messages" are given; which one is the prompt?')
+    prompt: list[Message] = []
+    if given:
+        prompt = _text_or_messages(row[given[0]], given[0], "user")
+        _check_order(prompt, "user", given[0])
+    system = _optional_str(row, "system")
+    sides = []
+    for key in ("chosen_messages", "rejected_messages"):
+        sides.append(_with_system(system, prompt + _strip_prompt(_messages(row.get(key), key), prompt)))
+    return _split_preference(*sides, fields=("chosen_messages", "rejected_messages")) | _scores(row)
+
+
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
@@ -351,6 +409,7 @@ _CONVERTERS: dict[str, Callable[[dict], Example]] = {
     "prompt_completion": _from_prompt_completion,
     "preference": _from_preference,
     "sharegpt_preference": _from_sharegpt_preference,
+    "messages_preference": _from_messages_preference,
     "hh": _from_hh,
     "unpaired": _from_unpaired,
 }
@@ -423,10 +482,12 @@ def _candidates(row: dict) -> list[str]:
     """
     keys = row.keys()
     found = []
-    has_pair = "chosen" in keys or "rejected" in keys
+    has_pair = not keys.isdisjoint(("chosen", "rejected", "chosen_messages", "rejected_messages"))
     if isinstance(row.get("label"), bool) and ("completion" in keys or "messages" in keys) and not has_pair:
         return ["unpaired"]  # a boolean label judges the reply: never plain instruction data
-    if "conversations" in keys and has_pair:
+    if "chosen_messages" in keys or "rejected_messages" in keys:
+        found.append("messages_preference")
+    elif "conversations" in keys and has_pair:
         found.append("sharegpt_preference")
     elif has_pair:
         found.append("hh" if "prompt" not in keys and _looks_like_hh(row) else "preference")

@@ -29,7 +29,8 @@ MAX_REPORTED = 20  # bad-row messages shown in one error; the rest are counted
 DETECT_ROWS = 20  # rows whose keys decide the format when format is "auto"
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 # CSV cells are text; these columns may hold JSON (lists of messages, history pairs).
-JSON_COLUMNS = {"messages", "conversations", "history", "prompt", "completion", "chosen", "rejected"}
+JSON_COLUMNS = {"messages", "conversations", "history", "prompt", "completion", "chosen", "rejected",
+                "chosen_messages", "rejected_messages"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
