@@ -224,6 +224,79 @@ def test_typed_parts_and_v1_pairs_refused_with_a_reason(row, fmt, reason):
     assert reason in str(error.value)
 
 
+# --------------------------------------------------------------------------- columns that change meaning
+
+
+SCORES = {"score_chosen": 8, "score_rejected": 7.5}
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "q", "chosen": [user("q"), bot("good")], "rejected": [user("q"), bot("bad")],
+     "messages": [user("q"), bot("good")], **SCORES},                                   # UltraFeedback-binarized
+    {"chosen_messages": [user("q"), bot("good")], "rejected_messages": [user("q"), bot("bad")], **SCORES},
+    {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "good"},
+     "rejected": {"from": "gpt", "value": "bad"}, **SCORES},
+])
+def test_pair_scores_are_kept_for_curation(tmp_path, row):
+    """Curation's min_score_margin reads score_chosen/score_rejected: every pair layout keeps them."""
+    from posttrain.data.curate import curate
+    from posttrain.recipe.schema import CurateSpec
+
+    examples = load_examples(str(write_jsonl(tmp_path / "scored.jsonl", [row])), want="preference").examples
+    assert examples == [{"prompt": [user("q")], "chosen": [bot("good")], "rejected": [bot("bad")],
+                         "score_chosen": 8.0, "score_rejected": 7.5}]
+    kept, report = curate(examples, CurateSpec(min_score_margin=1.0), count_tokens=lambda text: len(text.split()))
+    assert kept == [] and report.removed["score margin"] == 1
+
+
+def test_a_score_that_is_not_a_number_is_refused():
+    with pytest.raises(RowError, match='"score_chosen" must be a number, not a string'):
+        convert_row({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high"}, "preference")
+
+
+@pytest.mark.parametrize("label", [1, "true"])
+def test_a_label_that_is_not_a_boolean_is_refused_not_dropped(tmp_path, label):
+    """messages + label 1 is KTO data with a mistyped label: reading it as plain messages
+    would train SFT on the undesirable replies too."""
+    row = {"messages": [user("q"), bot("a")], "label": label}
+    assert detect_format([row]) == "unpaired"
+    with pytest.raises(DataError) as error:
+        load_examples(str(write_jsonl(tmp_path / "kto.jsonl", [row])), want="instruction")
+    assert error.value.problems[0].startswith('kto.jsonl:1: "label" must be true (desirable) or false')
+
+
+@pytest.mark.parametrize("row, fmt", [
+    ({"messages": [user("<image>What is this?"), bot("a cat")], "images": ["cat.jpg"]}, "messages"),
+    ({"conversations": [{"from": "human", "value": "<video>?"}, {"from": "gpt", "value": "a"}],
+      "videos": ["v.mp4"]}, "sharegpt"),
+    ({"instruction": "<audio>transcribe", "output": "hi", "audios": ["a.wav"]}, "alpaca"),
+])
+def test_rows_with_media_are_refused(row, fmt):
+    """LLaMA-Factory's multimodal columns: the text points at media a text model never sees."""
+    key = next(k for k in ("images", "videos", "audios") if k in row)
+    with pytest.raises(RowError, match=f'"{key}" 1 given; posttrain trains text models'):
+        convert_row(row, fmt)
+    assert convert_row({**row, key: []}, fmt)  # an empty media column is no media
+
+
+@pytest.mark.parametrize("row, fmt, expected", [
+    ({"system": "S", "messages": [user("q"), bot("a")]}, "messages", {"messages": [sys_("S"), user("q"), bot("a")]}),
+    ({"system": "S", "prompt": "q", "completion": "a"}, "prompt_completion",
+     {"messages": [sys_("S"), user("q"), bot("a")]}),
+    ({"system": "S", "prompt": "q", "chosen": "good", "rejected": "bad"}, "preference",
+     {"prompt": [sys_("S"), user("q")], "chosen": [bot("good")], "rejected": [bot("bad")]}),
+    ({"system": "S", "messages": [user("q"), bot("a")], "label": True}, "unpaired",
+     {"prompt": [sys_("S"), user("q")], "completion": [bot("a")], "label": True}),
+])
+def test_a_system_column_is_the_system_message_in_every_layout(row, fmt, expected):
+    assert convert_row(row, fmt) == expected
+
+
+def test_a_system_column_and_a_system_message_are_refused_together():
+    with pytest.raises(RowError, match='both a "system" field and a system message'):
+        convert_row({"system": "S", "messages": [sys_("S2"), user("q"), bot("a")]}, "messages")
+
+
 # --------------------------------------------------------------------------- row errors
 
 

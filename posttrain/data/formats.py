@@ -236,7 +236,8 @@ def _alpaca_history(history: Any) -> list[Message]:
 
 
 def _from_messages(row: dict) -> Example:
-    return _conversation(_messages(row.get("messages"), "messages"), "messages")
+    turns = _messages(row.get("messages"), "messages")
+    return _conversation(_with_system(_optional_str(row, "system"), turns), "messages")
 
 
 def _from_sharegpt(row: dict) -> Example:
@@ -260,7 +261,7 @@ def _text_or_messages(value: Any, field: str, role: str) -> list[Message]:
 def _from_prompt_completion(row: dict) -> Example:
     prompt = _text_or_messages(row.get("prompt"), "prompt", "user")
     completion = _text_or_messages(row.get("completion"), "completion", "assistant")
-    return _conversation(prompt + completion, "prompt + completion")
+    return _conversation(_with_system(_optional_str(row, "system"), prompt + completion), "prompt + completion")
 
 
 # --------------------------------------------------------------------------- unpaired
@@ -274,11 +275,9 @@ def _from_unpaired(row: dict) -> Example:
         got = "missing" if label is None else _type_name(label)
         raise RowError(f'"label" must be true (desirable) or false (undesirable), got {got}')
     if "messages" in row and "completion" not in row:
-        messages = _conversation(_messages(row.get("messages"), "messages"), "messages")["messages"]
+        messages = _from_messages(row)["messages"]
     else:
-        prompt = _text_or_messages(row.get("prompt"), "prompt", "user")
-        completion = _text_or_messages(row.get("completion"), "completion", "assistant")
-        messages = _conversation(prompt + completion, "prompt + completion")["messages"]
+        messages = _from_prompt_completion(row)["messages"]
     return {"prompt": messages[:-1], "completion": messages[-1:], "label": label}
 
 
@@ -318,7 +317,9 @@ def _from_preference(row: dict) -> Example:
         raise RowError('"prompt" is missing (chosen/rejected are plain replies)')
     chosen = _strip_prompt(_text_or_messages(row["chosen"], "chosen", "assistant"), prompt)
     rejected = _strip_prompt(_text_or_messages(row["rejected"], "rejected", "assistant"), prompt)
-    return _split_preference(prompt + chosen, prompt + rejected) | _scores(row)
+    system = _optional_str(row, "system")
+    return _split_preference(_with_system(system, prompt + chosen),
+                             _with_system(system, prompt + rejected)) | _scores(row)
 
 
 def _scores(row: dict) -> dict[str, float]:
@@ -349,7 +350,7 @@ def _from_sharegpt_preference(row: dict) -> Example:
         if len(turns) != 1 or turns[0]["role"] != "assistant":
             raise RowError(f'"{key}" must be a single assistant turn')
         replies[key] = turns
-    return {"prompt": prompt, "chosen": replies["chosen"], "rejected": replies["rejected"]}
+    return {"prompt": prompt, "chosen": replies["chosen"], "rejected": replies["rejected"]} | _scores(row)
 
 
 def _from_messages_preference(row: dict) -> Example:
@@ -420,7 +421,22 @@ def convert_row(row: dict, fmt: str) -> Example:
     kind_of(fmt)  # unknown format: ValueError naming the known ones
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, not {_type_name(row)}")
+    _refuse_media(row)
     return _CONVERTERS[fmt](row)
+
+
+MEDIA_COLUMNS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal columns
+
+
+def _refuse_media(row: dict) -> None:
+    """A row with images (videos, audios) refers to them from its text (``<image>``):
+    training a text model on it without them would learn replies to a question it never
+    saw, so such a row is refused rather than read without its media."""
+    for key in MEDIA_COLUMNS:
+        value = row.get(key)
+        if value not in (None, "", []):
+            count = f"{len(value)} given" if isinstance(value, list) else "given"
+            raise RowError(f'"{key}" {count}; posttrain trains text models (a row with media is refused)')
 
 
 def preference_to_instruction(example: Example) -> Example:
@@ -483,8 +499,10 @@ def _candidates(row: dict) -> list[str]:
     keys = row.keys()
     found = []
     has_pair = not keys.isdisjoint(("chosen", "rejected", "chosen_messages", "rejected_messages"))
-    if isinstance(row.get("label"), bool) and ("completion" in keys or "messages" in keys) and not has_pair:
-        return ["unpaired"]  # a boolean label judges the reply: never plain instruction data
+    if row.get("label") is not None and ("completion" in keys or "messages" in keys) and not has_pair:
+        # A label judges the reply: never plain instruction data (a label that is not a
+        # boolean is then refused with its reason, rather than dropped).
+        return ["unpaired"]
     if "chosen_messages" in keys or "rejected_messages" in keys:
         found.append("messages_preference")
     elif "conversations" in keys and has_pair:
