@@ -142,6 +142,161 @@ def test_preference_to_instruction():
         user("hi"), bot("hello"), user("a pen prank?"), bot("Draw on it.")]}
 
 
+# --------------------------------------------------------------------------- typed parts, v1 pairs
+
+
+def parts(*texts, key="text"):
+    """Content as typed parts: OpenAI writes the text under "text", LLaMA-Factory v1 under "value"."""
+    return [{"type": "text", key: text} for text in texts]
+
+
+def test_content_as_openai_text_parts_is_joined():
+    row = {"messages": [{"role": "system", "content": parts("Be ", "brief.")},
+                        {"role": "user", "content": parts("What is ", "2+2?")},
+                        {"role": "assistant", "content": parts("4")}]}
+    assert detect_format([row]) == "messages"
+    assert convert_row(row, "messages") == {"messages": [sys_("Be brief."), user("What is 2+2?"), bot("4")]}
+
+
+def test_llamafactory_v1_sft_sample_with_default_loss_weights():
+    """LLaMA-Factory v1's standard SFT sample: "value" parts, loss_weight 0 on the prompt, 1 on replies."""
+    row = {"messages": [
+        {"role": "system", "content": parts("You are a helpful assistant.", key="value"), "loss_weight": 0.0},
+        {"role": "user", "content": parts("Hello, who are you?", key="value"), "loss_weight": 0.0},
+        {"role": "assistant", "content": parts("I am an AI assistant.", key="value"), "loss_weight": 1.0}]}
+    assert convert_row(row, "messages") == {"messages": [
+        sys_("You are a helpful assistant."), user("Hello, who are you?"), bot("I am an AI assistant.")]}
+
+
+def v1_turn(role, text):
+    return {"role": role, "content": parts(text, key="value"), "loss_weight": float(role == "assistant")}
+
+
+def test_llamafactory_v1_pair_of_full_conversations():
+    """LLaMA-Factory v1's DPO sample: chosen_messages / rejected_messages, each prompt + reply."""
+    history = [v1_turn("user", "hi"), v1_turn("assistant", "hello"), v1_turn("user", "2+2?")]
+    row = {"chosen_messages": history + [v1_turn("assistant", "4")],
+           "rejected_messages": history + [v1_turn("assistant", "5")]}
+    assert detect_format([row]) == "messages_preference"
+    assert convert_row(row, "messages_preference") == {
+        "prompt": [user("hi"), bot("hello"), user("2+2?")], "chosen": [bot("4")], "rejected": [bot("5")]}
+
+
+@pytest.mark.parametrize("prompt_key, prompt", [("prompt", "2+2?"), ("messages", [sys_("S"), user("2+2?")])])
+def test_chosen_messages_replies_after_a_prompt_column(prompt_key, prompt):
+    row = {prompt_key: prompt, "chosen_messages": [bot("4")], "rejected_messages": [bot("5")]}
+    expected_prompt = [user(prompt)] if isinstance(prompt, str) else prompt
+    assert detect_format([row]) == "messages_preference"
+    assert convert_row(row, "messages_preference") == {
+        "prompt": expected_prompt, "chosen": [bot("4")], "rejected": [bot("5")]}
+
+
+def test_chosen_messages_feed_sft_as_prompt_and_chosen(tmp_path):
+    row = {"chosen_messages": [user("q"), bot("good")], "rejected_messages": [user("q"), bot("bad")]}
+    result = load_examples(str(write_jsonl(tmp_path / "v1.jsonl", [row])), want="instruction")
+    assert (result.format, result.examples) == ("messages_preference", [{"messages": [user("q"), bot("good")]}])
+
+
+@pytest.mark.parametrize("row, fmt, reason", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cat.jpg"}},
+                                                {"type": "text", "text": "What is this?"}]}, bot("a cat")]},
+     "messages", '"messages" turn 1 (user): content part 1 is of type "image_url"; posttrain trains text models'),
+    ({"messages": [user("q"), {"role": "assistant", "content": [{"type": "reasoning", "value": "hmm"}]}]},
+     "messages", 'content part 1 is of type "reasoning"'),
+    ({"messages": [user("q"), {"role": "assistant", "content": [{"text": "a"}]}]},
+     "messages", 'content part 1 is without a "type"'),
+    ({"messages": [user("q"), {"role": "assistant", "content": [{"type": "text", "text": 3}]}]},
+     "messages", 'content part 1 ("text") must hold a string'),
+    ({"messages": [user("q"), {"role": "assistant", "content": []}]}, "messages", "turn 2 (assistant) is empty"),
+    ({"messages": [v1_turn("user", "q"), {**v1_turn("assistant", "a"), "loss_weight": 0.0}]},
+     "messages", '"messages" turn 2 (assistant): "loss_weight" 0.0 is not supported'),
+    ({"messages": [{**v1_turn("user", "q"), "loss_weight": 1.0}, v1_turn("assistant", "a")]},
+     "messages", '"messages" turn 1 (user): "loss_weight" 1.0 is not supported'),
+    ({"chosen_messages": [user("q"), bot("a")], "rejected_messages": [user("other"), bot("b")]},
+     "messages_preference", "chosen_messages and rejected_messages have different prompts"),
+    ({"chosen_messages": [user("q"), bot("a")]}, "messages_preference", '"rejected_messages" is missing'),
+    ({"messages": [user("q"), bot("a")], "chosen_messages": [bot("b")], "rejected_messages": [bot("c")]},
+     "messages_preference", '"messages" must end with a user turn (it is the prompt)'),
+])
+def test_typed_parts_and_v1_pairs_refused_with_a_reason(row, fmt, reason):
+    with pytest.raises(RowError) as error:
+        convert_row(row, fmt)
+    assert reason in str(error.value)
+
+
+# --------------------------------------------------------------------------- columns that change meaning
+
+
+SCORES = {"score_chosen": 8, "score_rejected": 7.5}
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "q", "chosen": [user("q"), bot("good")], "rejected": [user("q"), bot("bad")],
+     "messages": [user("q"), bot("good")], **SCORES},                                   # UltraFeedback-binarized
+    {"chosen_messages": [user("q"), bot("good")], "rejected_messages": [user("q"), bot("bad")], **SCORES},
+    {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "good"},
+     "rejected": {"from": "gpt", "value": "bad"}, **SCORES},
+])
+def test_pair_scores_are_kept_for_curation(tmp_path, row):
+    """Curation's min_score_margin reads score_chosen/score_rejected: every pair layout keeps them."""
+    from posttrain.data.curate import curate
+    from posttrain.recipe.schema import CurateSpec
+
+    examples = load_examples(str(write_jsonl(tmp_path / "scored.jsonl", [row])), want="preference").examples
+    assert examples == [{"prompt": [user("q")], "chosen": [bot("good")], "rejected": [bot("bad")],
+                         "score_chosen": 8.0, "score_rejected": 7.5}]
+    kept, report = curate(examples, CurateSpec(min_score_margin=1.0), count_tokens=lambda text: len(text.split()))
+    assert kept == [] and report.removed["score margin"] == 1
+
+
+def test_a_score_that_is_not_a_number_is_refused():
+    with pytest.raises(RowError, match='"score_chosen" must be a number, not a string'):
+        convert_row({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high"}, "preference")
+
+
+@pytest.mark.parametrize("label", [1, "true"])
+def test_a_label_that_is_not_a_boolean_is_refused_not_dropped(tmp_path, label):
+    """messages + label 1 is KTO data with a mistyped label: reading it as plain messages
+    would train SFT on the undesirable replies too."""
+    row = {"messages": [user("q"), bot("a")], "label": label}
+    assert detect_format([row]) == "unpaired"
+    with pytest.raises(DataError) as error:
+        load_examples(str(write_jsonl(tmp_path / "kto.jsonl", [row])), want="instruction")
+    assert error.value.problems[0].startswith('kto.jsonl:1: "label" must be true (desirable) or false')
+
+
+@pytest.mark.parametrize("row, fmt", [
+    ({"messages": [user("<image>What is this?"), bot("a cat")], "images": ["cat.jpg"]}, "messages"),
+    ({"conversations": [{"from": "human", "value": "<video>?"}, {"from": "gpt", "value": "a"}],
+      "videos": ["v.mp4"]}, "sharegpt"),
+    ({"instruction": "<audio>transcribe", "output": "hi", "audios": ["a.wav"]}, "alpaca"),
+])
+def test_rows_with_media_are_refused(row, fmt):
+    """LLaMA-Factory's multimodal columns: the text points at media a text model never sees."""
+    key = next(k for k in ("images", "videos", "audios") if k in row)
+    with pytest.raises(RowError, match=f'"{key}" 1 given; posttrain trains text models'):
+        convert_row(row, fmt)
+    assert convert_row({**row, key: []}, fmt)  # an empty media column is no media
+
+
+@pytest.mark.parametrize("row, fmt, expected", [
+    ({"system": "S", "messages": [user("q"), bot("a")]}, "messages", {"messages": [sys_("S"), user("q"), bot("a")]}),
+    ({"system": "S", "prompt": "q", "completion": "a"}, "prompt_completion",
+     {"messages": [sys_("S"), user("q"), bot("a")]}),
+    ({"system": "S", "prompt": "q", "chosen": "good", "rejected": "bad"}, "preference",
+     {"prompt": [sys_("S"), user("q")], "chosen": [bot("good")], "rejected": [bot("bad")]}),
+    ({"system": "S", "messages": [user("q"), bot("a")], "label": True}, "unpaired",
+     {"prompt": [sys_("S"), user("q")], "completion": [bot("a")], "label": True}),
+])
+def test_a_system_column_is_the_system_message_in_every_layout(row, fmt, expected):
+    assert convert_row(row, fmt) == expected
+
+
+def test_a_system_column_and_a_system_message_are_refused_together():
+    with pytest.raises(RowError, match='both a "system" field and a system message'):
+        convert_row({"system": "S", "messages": [sys_("S2"), user("q"), bot("a")]}, "messages")
+
+
 # --------------------------------------------------------------------------- row errors
 
 
@@ -177,7 +332,8 @@ def test_kind_of():
     assert {name: kind_of(name) for name in FORMATS} == {
         "alpaca": "instruction", "messages": "instruction", "sharegpt": "instruction",
         "prompt_completion": "instruction", "preference": "preference",
-        "sharegpt_preference": "preference", "hh": "preference", "unpaired": "unpaired"}
+        "sharegpt_preference": "preference", "messages_preference": "preference", "hh": "preference",
+        "unpaired": "unpaired"}
     with pytest.raises(ValueError, match="unknown data format"):
         kind_of("nope")
 
@@ -201,12 +357,29 @@ def test_detect_format(row, expected):
     assert detect_format([row]) == expected
 
 
-def test_detect_format_want_breaks_ties_and_majority_wins():
-    both = {"prompt": "q", "chosen": "a", "rejected": "b", "messages": [user("q"), bot("a")]}
-    assert detect_format([both], want="instruction") == "messages"
-    assert detect_format([both], want="preference") == "preference"
+def test_detect_format_majority_wins():
     rows = [{"messages": []}] * 3 + [{"instruction": "q"}]
     assert detect_format(rows) == "messages"
+
+
+SHAREGPT_PAIR = {"conversations": [{"from": "human", "value": "q"}],
+                 "chosen": {"from": "gpt", "value": "good"}, "rejected": {"from": "gpt", "value": "bad"}}
+# UltraFeedback-binarized: the pair, plus "messages" holding the chosen conversation again.
+ULTRAFEEDBACK = {"prompt": "q", "chosen": [user("q"), bot("good")], "rejected": [user("q"), bot("bad")],
+                 "messages": [user("q"), bot("good")]}
+
+
+@pytest.mark.parametrize("row", [SHAREGPT_PAIR, ULTRAFEEDBACK])
+def test_detection_does_not_depend_on_the_stage(tmp_path, row):
+    """SFT on chosen, then DPO on the same file: one layout detected for every stage,
+    then converted (SFT reads prompt + chosen; KTO the two replies, labelled)."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", [row])
+    results = {want: load_examples(str(path), want=want) for want in ("instruction", "preference", "unpaired")}
+    assert len({result.format for result in results.values()}) == 1
+    assert results["instruction"].examples == [{"messages": [user("q"), bot("good")]}]
+    assert results["preference"].examples == [
+        {"prompt": [user("q")], "chosen": [bot("good")], "rejected": [bot("bad")]}]
+    assert [e["label"] for e in results["unpaired"].examples] == [True, False]
 
 
 def test_detect_format_unknown_keys():
@@ -391,6 +564,18 @@ def test_real_samples_convert_every_row(name, fmt, rows):
     assert (result.format, result.detected, len(result.examples), result.skipped) == (fmt, True, rows, [])
     assert all(example == convert_row(example_row, fmt) for example, example_row
                in zip(result.examples, json.loads(path.read_text())))
+
+
+def test_real_preference_sample_feeds_every_stage_kind():
+    """LLaMA-Factory's DPO demo (sharegpt_preference) read by SFT is prompt + chosen."""
+    path = SHARED_DATA / "sharegpt_preference_sample.json"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    pairs = load_examples(str(path), want="preference")
+    sft = load_examples(str(path), want="instruction")
+    assert (pairs.format, sft.format, len(pairs.examples), sft.skipped) == (
+        "sharegpt_preference", "sharegpt_preference", 200, [])
+    assert sft.examples == [{"messages": e["prompt"] + e["chosen"]} for e in pairs.examples]
 
 
 def test_real_hh_sample_has_one_empty_chosen_reply():

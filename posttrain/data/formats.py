@@ -37,6 +37,7 @@ UNPAIRED = "unpaired"
 # format name -> kind. The order is the detection priority (see detect_format).
 FORMATS: dict[str, str] = {
     "sharegpt_preference": PREFERENCE,
+    "messages_preference": PREFERENCE,
     "hh": PREFERENCE,
     "preference": PREFERENCE,
     "unpaired": UNPAIRED,
@@ -113,12 +114,50 @@ def _message(turn: Any, field: str, index: int) -> Message:
     if role is None:
         raise RowError(f'{where}: unknown role "{raw_role}"')
     content = turn.get(content_key)
+    if isinstance(content, list):
+        content = _text_parts(content, f"{where} ({role})")
     if not isinstance(content, str):
         got = "missing" if content is None else _type_name(content)
-        raise RowError(f'{where} ({role}): "{content_key}" must be a string, got {got}')
+        raise RowError(f'{where} ({role}): "{content_key}" must be a string or a list of parts, got {got}')
     if not content.strip() and role != "system":
         raise RowError(f"{where} ({role}) is empty")
+    _check_loss_weight(turn.get("loss_weight"), role, where)
     return {"role": role, "content": content}
+
+
+def _text_parts(parts: list, where: str) -> str:
+    """Content as typed parts: OpenAI ``{"type": "text", "text": ...}`` or LLaMA-Factory v1
+    ``{"type": "text", "value": ...}``. Text parts are concatenated with no separator, as
+    LLaMA-Factory and Hugging Face chat templates render them; any other part (an image,
+    audio, a tool call, reasoning) is refused: posttrain trains text models, and dropping
+    the part would train on a turn that no longer says what the data meant."""
+    texts = []
+    for j, part in enumerate(parts, 1):
+        if not isinstance(part, dict):
+            raise RowError(f"{where}: content part {j} must be an object, not {_type_name(part)}")
+        kind = part.get("type")
+        if kind != "text":
+            what = f'of type "{kind}"' if kind is not None else 'without a "type"'
+            raise RowError(f'{where}: content part {j} is {what}; posttrain trains text models '
+                           'and reads only "text" parts')
+        text = part.get("text", part.get("value"))
+        if not isinstance(text, str):
+            got = "missing" if text is None else _type_name(text)
+            raise RowError(f'{where}: content part {j} ("text") must hold a string in "text" or "value", got {got}')
+        texts.append(text)
+    return "".join(texts)
+
+
+def _check_loss_weight(weight: Any, role: str, where: str) -> None:
+    """LLaMA-Factory v1 gives each turn a ``loss_weight``: 1 on replies, 0 on the rest by
+    default. posttrain trains assistant replies and never the prompt, so any other weight
+    would be ignored, silently changing what is learned: refused instead."""
+    if weight is None:
+        return
+    expected = 1.0 if role == "assistant" else 0.0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight != expected:
+        raise RowError(f'{where} ({role}): "loss_weight" {weight!r} is not supported; posttrain does '
+                       "not weight turns (it reads 1 on assistant turns and 0 on others, the defaults)")
 
 
 def _messages(value: Any, field: str) -> list[Message]:
@@ -197,7 +236,8 @@ def _alpaca_history(history: Any) -> list[Message]:
 
 
 def _from_messages(row: dict) -> Example:
-    return _conversation(_messages(row.get("messages"), "messages"), "messages")
+    turns = _messages(row.get("messages"), "messages")
+    return _conversation(_with_system(_optional_str(row, "system"), turns), "messages")
 
 
 def _from_sharegpt(row: dict) -> Example:
@@ -221,7 +261,7 @@ def _text_or_messages(value: Any, field: str, role: str) -> list[Message]:
 def _from_prompt_completion(row: dict) -> Example:
     prompt = _text_or_messages(row.get("prompt"), "prompt", "user")
     completion = _text_or_messages(row.get("completion"), "completion", "assistant")
-    return _conversation(prompt + completion, "prompt + completion")
+    return _conversation(_with_system(_optional_str(row, "system"), prompt + completion), "prompt + completion")
 
 
 # --------------------------------------------------------------------------- unpaired
@@ -235,27 +275,26 @@ def _from_unpaired(row: dict) -> Example:
         got = "missing" if label is None else _type_name(label)
         raise RowError(f'"label" must be true (desirable) or false (undesirable), got {got}')
     if "messages" in row and "completion" not in row:
-        messages = _conversation(_messages(row.get("messages"), "messages"), "messages")["messages"]
+        messages = _from_messages(row)["messages"]
     else:
-        prompt = _text_or_messages(row.get("prompt"), "prompt", "user")
-        completion = _text_or_messages(row.get("completion"), "completion", "assistant")
-        messages = _conversation(prompt + completion, "prompt + completion")["messages"]
+        messages = _from_prompt_completion(row)["messages"]
     return {"prompt": messages[:-1], "completion": messages[-1:], "label": label}
 
 
 # --------------------------------------------------------------------------- preference
 
 
-def _split_preference(chosen: list[Message], rejected: list[Message]) -> Example:
+def _split_preference(chosen: list[Message], rejected: list[Message],
+                      fields: tuple[str, str] = ("chosen", "rejected")) -> Example:
     """Two full conversations -> shared prompt + the two final assistant replies.
 
     Both must be valid conversations ending on an assistant turn, and everything
     before their final replies must be identical (that is the prompt both answer).
     """
-    _check_order(chosen, "assistant", "chosen")
-    _check_order(rejected, "assistant", "rejected")
+    _check_order(chosen, "assistant", fields[0])
+    _check_order(rejected, "assistant", fields[1])
     if chosen[:-1] != rejected[:-1]:
-        raise RowError("chosen and rejected have different prompts")
+        raise RowError(f"{fields[0]} and {fields[1]} have different prompts")
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
@@ -278,7 +317,9 @@ def _from_preference(row: dict) -> Example:
         raise RowError('"prompt" is missing (chosen/rejected are plain replies)')
     chosen = _strip_prompt(_text_or_messages(row["chosen"], "chosen", "assistant"), prompt)
     rejected = _strip_prompt(_text_or_messages(row["rejected"], "rejected", "assistant"), prompt)
-    return _split_preference(prompt + chosen, prompt + rejected) | _scores(row)
+    system = _optional_str(row, "system")
+    return _split_preference(_with_system(system, prompt + chosen),
+                             _with_system(system, prompt + rejected)) | _scores(row)
 
 
 def _scores(row: dict) -> dict[str, float]:
@@ -309,7 +350,25 @@ def _from_sharegpt_preference(row: dict) -> Example:
         if len(turns) != 1 or turns[0]["role"] != "assistant":
             raise RowError(f'"{key}" must be a single assistant turn')
         replies[key] = turns
-    return {"prompt": prompt, "chosen": replies["chosen"], "rejected": replies["rejected"]}
+    return {"prompt": prompt, "chosen": replies["chosen"], "rejected": replies["rejected"]} | _scores(row)
+
+
+def _from_messages_preference(row: dict) -> Example:
+    """LLaMA-Factory v1 DPO layout: ``chosen_messages`` / ``rejected_messages``, each a full
+    conversation (prompt and reply), or only the replies after a prompt given in ``prompt``
+    or ``messages`` (the prompt is stripped when the conversations repeat it)."""
+    given = [key for key in ("prompt", "messages") if row.get(key) is not None]
+    if len(given) == 2:
+        raise RowError('both "prompt" and "messages" are given; which one is the prompt?')
+    prompt: list[Message] = []
+    if given:
+        prompt = _text_or_messages(row[given[0]], given[0], "user")
+        _check_order(prompt, "user", given[0])
+    system = _optional_str(row, "system")
+    sides = []
+    for key in ("chosen_messages", "rejected_messages"):
+        sides.append(_with_system(system, prompt + _strip_prompt(_messages(row.get(key), key), prompt)))
+    return _split_preference(*sides, fields=("chosen_messages", "rejected_messages")) | _scores(row)
 
 
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
@@ -351,6 +410,7 @@ _CONVERTERS: dict[str, Callable[[dict], Example]] = {
     "prompt_completion": _from_prompt_completion,
     "preference": _from_preference,
     "sharegpt_preference": _from_sharegpt_preference,
+    "messages_preference": _from_messages_preference,
     "hh": _from_hh,
     "unpaired": _from_unpaired,
 }
@@ -361,7 +421,22 @@ def convert_row(row: dict, fmt: str) -> Example:
     kind_of(fmt)  # unknown format: ValueError naming the known ones
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, not {_type_name(row)}")
+    _refuse_media(row)
     return _CONVERTERS[fmt](row)
+
+
+MEDIA_COLUMNS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal columns
+
+
+def _refuse_media(row: dict) -> None:
+    """A row with images (videos, audios) refers to them from its text (``<image>``):
+    training a text model on it without them would learn replies to a question it never
+    saw, so such a row is refused rather than read without its media."""
+    for key in MEDIA_COLUMNS:
+        value = row.get(key)
+        if value not in (None, "", []):
+            count = f"{len(value)} given" if isinstance(value, list) else "given"
+            raise RowError(f'"{key}" {count}; posttrain trains text models (a row with media is refused)')
 
 
 def preference_to_instruction(example: Example) -> Example:
@@ -423,10 +498,14 @@ def _candidates(row: dict) -> list[str]:
     """
     keys = row.keys()
     found = []
-    has_pair = "chosen" in keys or "rejected" in keys
-    if isinstance(row.get("label"), bool) and ("completion" in keys or "messages" in keys) and not has_pair:
-        return ["unpaired"]  # a boolean label judges the reply: never plain instruction data
-    if "conversations" in keys and has_pair:
+    has_pair = not keys.isdisjoint(("chosen", "rejected", "chosen_messages", "rejected_messages"))
+    if row.get("label") is not None and ("completion" in keys or "messages" in keys) and not has_pair:
+        # A label judges the reply: never plain instruction data (a label that is not a
+        # boolean is then refused with its reason, rather than dropped).
+        return ["unpaired"]
+    if "chosen_messages" in keys or "rejected_messages" in keys:
+        found.append("messages_preference")
+    elif "conversations" in keys and has_pair:
         found.append("sharegpt_preference")
     elif has_pair:
         found.append("hh" if "prompt" not in keys and _looks_like_hh(row) else "preference")
@@ -441,19 +520,21 @@ def _candidates(row: dict) -> list[str]:
     return found
 
 
-def detect_format(rows: list[dict], want: str | None = None) -> str:
+def detect_format(rows: list[dict]) -> str:
     """Guess the layout from the keys of the first rows (a majority vote over up to 20).
 
-    ``want`` ("instruction"/"preference") breaks ties in favour of that kind when a
-    row fits both; it never turns one kind into the other.
+    A function of the rows only: each row votes for the most specific layout whose
+    telltale keys it has, whichever stage reads the data (``to_kind`` then converts
+    the examples to what that stage trains on).  Letting the stage break ties read
+    LLaMA-Factory preference data (``conversations`` + ``chosen``/``rejected``) as
+    plain ShareGPT in an SFT stage and rejected every row.
     """
     votes: Counter[str] = Counter()
     sample = [row for row in rows if isinstance(row, dict)][:20]
     for row in sample:
         found = _candidates(row)
-        preferred = [name for name in found if FORMATS[name] == want]
-        if preferred or found:
-            votes[(preferred or found)[0]] += 1
+        if found:
+            votes[found[0]] += 1
     if not votes:
         keys = sorted({key for row in sample for key in row})
         raise ValueError(

@@ -55,7 +55,7 @@ def inspect_source(
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f'unknown data format "{fmt}" (known: auto, {", ".join(sorted(FORMATS))})')
     head, records = peek(read_records(path))
-    chosen = choose_format(fmt, head, None, path.name)
+    chosen = choose_format(fmt, head, path.name)
     tally = _Tally(path.name, count_tokens or _words, samples, kind_of(chosen))
     with _progress_bar(path, enabled=progress) as advance:
         for number, row in records:

@@ -29,7 +29,8 @@ MAX_REPORTED = 20  # bad-row messages shown in one error; the rest are counted
 DETECT_ROWS = 20  # rows whose keys decide the format when format is "auto"
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 # CSV cells are text; these columns may hold JSON (lists of messages, history pairs).
-JSON_COLUMNS = {"messages", "conversations", "history", "prompt", "completion", "chosen", "rejected"}
+JSON_COLUMNS = {"messages", "conversations", "history", "prompt", "completion", "chosen", "rejected",
+                "chosen_messages", "rejected_messages"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -271,13 +272,14 @@ def peek(records: Iterator[Record]) -> tuple[list[dict], Iterator[Record]]:
     return rows, itertools.chain(head, records)
 
 
-def choose_format(fmt: str, rows: list[dict], want: str | None, label: str) -> str:
+def choose_format(fmt: str, rows: list[dict], label: str) -> str:
+    """`fmt`, or the layout detected from `rows` (never from the stage that reads them)."""
     if fmt != "auto":
         return fmt
     if not rows:
         raise DataError(f"{label}: no readable rows to detect the format from")
     try:
-        return detect_format(rows, want)
+        return detect_format(rows)
     except ValueError as error:
         raise DataError(f"{label}: {error}") from None
 
@@ -340,7 +342,7 @@ def load_examples(
     if fmt == "auto" and not sample:  # every row is bad (peek read them all): say why
         problems = [f"{label}:{number}: {row}" for number, row in records]
         raise DataError(f"{label}: no readable rows to detect the format from", problems=_capped(problems))
-    chosen_format = choose_format(fmt, sample, want, label)
+    chosen_format = choose_format(fmt, sample, label)
     _check_kind(chosen_format, want, label)
     examples, problems = _convert_all(records, chosen_format, label, limit)
     if problems and on_bad_rows == "error":

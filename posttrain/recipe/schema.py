@@ -18,7 +18,7 @@ from posttrain.stages import METHODS
 
 BASE_PIPELINE = "base"
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion",
-                "preference", "sharegpt_preference", "hh", "unpaired")
+                "preference", "sharegpt_preference", "messages_preference", "hh", "unpaired")
 
 
 class ModelSpec(Strict):
