@@ -179,24 +179,28 @@ def eval_task_problems(refs: list, task_dir: Path | None, log: Callable[[str], N
 # ---------------------------------------------------------------- once the data is loaded
 
 
-def check_max_lengths(recipe, data: dict, log: Callable[[str], None] = lambda line: None, tokenizer=None) -> None:
+def check_max_lengths(recipe, data: dict, log: Callable[[str], None] = lambda line: None,
+                      tokenizer=None) -> dict[str, int]:
     """Raise RecipeError naming ``stages.<name>.max_length`` for every stage whose rows
     max_length would all drop (nothing to train: the stage would fail once its upstream
-    stages had trained); log how many rows each other stage drops.
+    stages had trained); log how many rows each other stage drops, and return that count
+    per stage name (estimated from a sample beyond estimate.SAMPLE_ROWS rows).
 
     ``data``: the loaded stage data (``plan.load_stage_data``), keyed
     ``<dataset>:<instruction|preference>``. Runs in `plan` and `run` before any stage trains.
     """
-    problems, notes = max_length_problems(recipe, data, tokenizer)
+    problems, notes, dropped = max_length_problems(recipe, data, tokenizer)
     for note in notes:
         log(note)
     if problems:
         raise RecipeError(f"{len(problems)} problem(s) found before training (nothing was trained)",
                           [_render(loc, message) for loc, message in problems])
+    return dropped
 
 
-def max_length_problems(recipe, data: dict, tokenizer=None) -> tuple[list[Problem], list[str]]:
-    """(problems of stages whose every row is dropped, a note per stage that drops some).
+def max_length_problems(recipe, data: dict, tokenizer=None) -> tuple[list[Problem], list[str], dict[str, int]]:
+    """(problems of stages whose every row is dropped, a note per stage that drops some,
+    the rows each stage drops).
 
     Each used stage's rows are measured with estimate.first_trained_position (all rows
     up to estimate.SAMPLE_ROWS, a seeded sample beyond), once per dataset and method.
@@ -213,6 +217,7 @@ def max_length_problems(recipe, data: dict, tokenizer=None) -> tuple[list[Proble
     positions: dict[tuple[str, str], list[int]] = {}
     problems: list[Problem] = []
     notes: list[str] = []
+    dropped: dict[str, int] = {}
     for name, spec in recipe.stages.items():
         if name not in used:
             continue
@@ -226,11 +231,12 @@ def max_length_problems(recipe, data: dict, tokenizer=None) -> tuple[list[Proble
                                                      add_bos=add_bos)
                               for i in measured_rows(len(examples))]
         fill = prompt_fill(positions[key], len(examples), spec.max_length)
+        dropped[name] = fill.dropped_rows
         if fill.all_dropped:
             problems.append((("stages", name, "max_length"), _all_dropped_message(spec, kind, fill)))
         elif fill.dropped:
             notes.append(_dropped_note(name, spec, kind, fill))
-    return problems, notes
+    return problems, notes, dropped
 
 
 def _unit(kind: str) -> str:

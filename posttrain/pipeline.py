@@ -35,7 +35,9 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     data = load_stage_data(recipe, env)
     tokenizer = chat_tokenizer(base_source(recipe))   # loaded once for both
     estimates = stage_estimates(recipe, data, tokenizer)
-    check_max_lengths(recipe, data, options.log, tokenizer)   # no stage whose max_length leaves nothing to train
+    # No stage whose max_length leaves nothing to train; the rows each will drop go in the plan.
+    for name, rows in check_max_lengths(recipe, data, options.log, tokenizer).items():
+        estimates[name]["dropped"] = rows
     matching = None
     if recipe.compare is not None:
         recipe, estimates, matching = match_compute(recipe, data, estimates)

@@ -246,11 +246,12 @@ def match_compute(recipe: Recipe, data: dict[str, LoadedData],
     notes = {}
     for pipeline in matched:
         (stage_name,) = recipe.pipelines[pipeline]
-        before = StageEstimate(**estimates[stage_name])
+        before = StageEstimate(**{k: v for k, v in estimates[stage_name].items() if k != "dropped"})
         steps = match_steps(target, before)
         spec = stages[stage_name] = stages[stage_name].model_copy(update={"max_steps": steps})
         examples = data[data_key(spec)].examples
-        estimates[stage_name] = estimate_stage(spec, examples, None, before.tokens_per_epoch).as_dict()
+        estimates[stage_name] = {**estimate_stage(spec, examples, None, before.tokens_per_epoch).as_dict(),
+                                 "dropped": estimates[stage_name].get("dropped", 0)}
         notes[pipeline] = {"stage": stage_name, "max_steps": steps, "was_steps": before.steps,
                            "target_tokens": target}
     return (recipe.model_copy(update={"stages": stages}), estimates,
@@ -283,7 +284,8 @@ def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
     """The plan as text: a table of stages, then pipelines and compute matching."""
     header = ["status", "stage", "seed", "key", "after", "examples", "steps", "~tokens"]
     table = [[r["status"], f"{r['stage']} ({r['method']})", str(r["seed"]), r["key"][:12], r["after"],
-              f"{r.get('examples', 0):,}", f"{r.get('steps', 0):,}", f"{r.get('tokens', 0):,}"] for r in rows]
+              f"{r.get('examples', 0):,}" + (f" ({r['dropped']:,} dropped)" if r.get("dropped") else ""),
+              f"{r.get('steps', 0):,}", f"{r.get('tokens', 0):,}"] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]

@@ -133,12 +133,22 @@ class Cost:
     peak_memory_kind: str | None = None  # RSS on CPU, max allocated on GPU
     examples_seen: int = 0
     resumed_from_step: int | None = None
+    # The rows the stage was given (its data, in its method's kind) and those its trainer
+    # kept: TRL drops pairs whose prompt fills max_length, posttrain the pairs ORPO/CPO would
+    # turn NaN on. None in records written before they were counted.
+    rows_given: int | None = None
+    rows_trained: int | None = None
     extra: dict = field(default_factory=dict)  # a method's own counts (DPO: reference_logps_cached)
 
     _TYPES: ClassVar[dict] = {"optimizer_steps": NUMBER, "examples_seen": NUMBER, "train_tokens": NUMBER,
                               "forward_passes": NUMBER, "backward_passes": NUMBER, "wall_s": NUMBER,
                               "resumed_from_step": (int, type(None)), "peak_memory_mb": NUMBER,
-                              "peak_memory_kind": (str, type(None))}
+                              "peak_memory_kind": (str, type(None)), "rows_given": (int, type(None)),
+                              "rows_trained": (int, type(None))}
+
+    @property
+    def rows_dropped(self) -> int:
+        return (self.rows_given - self.rows_trained) if None not in (self.rows_given, self.rows_trained) else 0
 
     @classmethod
     def from_json(cls, data) -> Cost:
@@ -151,7 +161,9 @@ class Cost:
         return cls(**known, extra={k: v for k, v in data.items() if k not in cls._TYPES})
 
     def to_json(self) -> dict:
-        return {**{name: getattr(self, name) for name in self._TYPES}, **self.extra}
+        # Counts added after format 1 are written only when known: an older record reads back unchanged.
+        return {**{name: getattr(self, name) for name in self._TYPES
+                   if not (name in ("rows_given", "rows_trained") and getattr(self, name) is None)}, **self.extra}
 
 
 # The report's cost columns: {field: (label, number format)}, in the order of Cost's fields.

@@ -467,3 +467,34 @@ def test_sampled_drop_counts_scale_to_the_whole_data():
     assert (fill.dropped, fill.dropped_rows, fill.shortest, fill.all_dropped) == (1500, 15_000, 10, False)
     assert prompt_fill([60, 70], rows=2, max_length=60).all_dropped
     assert not prompt_fill([], rows=0, max_length=60).all_dropped
+
+
+def test_rows_a_trainer_drops_are_counted_in_the_stage_record_and_the_report(tmp_path, repo):
+    """DPO at max_length 60 drops the 16 of 64 pairs whose prompt fills it (TRL does); ORPO at
+    96 keeps all: stage.json counts given and trained rows, the report says so and warns
+    that the two pipelines did not train on the same rows."""
+    out = tmp_path / "run"
+    result = invoke("run", *tiny(tmp_path, repo, "stages.dpo.max_length=60"), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    records = {json.loads(p.read_text())["stage"]: json.loads(p.read_text())
+               for p in (out / "stages").glob("*/stage.json")}
+    assert (records["dpo"]["cost"]["rows_given"], records["dpo"]["cost"]["rows_trained"]) == (64, 48)
+    assert (records["orpo"]["cost"]["rows_given"], records["orpo"]["cost"]["rows_trained"]) == (64, 64)
+    assert records["dpo"]["cost"]["examples_seen"] == 16   # 2 steps x batch 8, of the 48 kept
+    notes = json.loads((out / "report.json").read_text())["notes"]
+    assert ("Stage dpo trained on 48 of the 64 rows of 'prefs': 16 were dropped before training (the prompt filled "
+            "max_length, leaving nothing to train on).") in notes
+    warning = next(note for note in notes if note.startswith("Stages given the same 64 rows of 'prefs' trained on "
+                                                             "different numbers of them"))
+    assert "dpo 48" in warning and "orpo 64" in warning
+    assert "16 were dropped before training" in (out / "report.md").read_text()
+
+
+def test_plan_counts_the_rows_each_stage_will_drop(tmp_path, repo):
+    result = invoke("plan", *tiny(tmp_path, repo, "stages.dpo.max_length=60", "compare.match=tokens"), "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["stage"]: row for row in json.loads(result.stdout)["stages"]}
+    assert (rows["dpo"]["examples"], rows["dpo"]["dropped"]) == (64, 16)
+    assert rows["sft"]["dropped"] == 0 and rows["orpo"]["dropped"] == 0
+    text = invoke("plan", *tiny(tmp_path, repo, "stages.dpo.max_length=60"))
+    assert "64 (16 dropped)" in text.output

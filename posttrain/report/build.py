@@ -280,6 +280,35 @@ def compute_match_notes(runs: list[Run], names: dict) -> list[str]:
     return notes
 
 
+def row_notes(runs: list[Run], names: dict) -> list[str]:
+    """Stages whose trainer kept fewer rows than it was given, once per stage (first seed),
+    and a warning when stages given the same rows of a dataset trained different numbers
+    of them."""
+    notes, seen = [], set()
+    trained_of = defaultdict(dict)   # (dataset, rows given) -> {stage label: rows trained}
+    for run in runs:
+        for seeds in run.stages.values():
+            for stage_dir in next(iter(seeds.values()), []):
+                record = run.stage(stage_dir)
+                cost, dataset = record.cost, record.data.get("name", "?")
+                if cost.rows_trained is None or record.key in seen:
+                    continue
+                seen.add(record.key)
+                label = f"{record.stage} ({record.method})" if record.method != record.stage else record.stage
+                trained_of[(dataset, cost.rows_given)][label] = cost.rows_trained
+                if cost.rows_dropped:
+                    notes.append(f"Stage {label} trained on {cost.rows_trained:,} of the {cost.rows_given:,} rows of "
+                                 f"{dataset!r}: {cost.rows_dropped:,} were dropped before training (the prompt "
+                                 "filled max_length, leaving nothing to train on).")
+    for (dataset, given), counts in trained_of.items():
+        if len(set(counts.values())) > 1:
+            shown = ", ".join(f"{label} {rows:,}" for label, rows in counts.items())
+            notes.append(f"Stages given the same {given:,} rows of {dataset!r} trained on different numbers of them "
+                         f"({shown}): the pipelines' differences include which rows each saw, not only how each "
+                         "trained.")
+    return notes
+
+
 def build_report(run_dirs: list[Path]) -> dict:
     from posttrain.stats import ci_method_text
 
@@ -320,5 +349,5 @@ def build_report(run_dirs: list[Path]) -> dict:
         "columns": columns, "pipelines": pipelines, "curves": curves(runs),
         "samples": side_by_side(runs, names, settings["samples"]),
         "curation": curation_summary(runs),
-        "notes": compute_match_notes(runs, names),
+        "notes": compute_match_notes(runs, names) + row_notes(runs, names),
     }

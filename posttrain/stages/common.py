@@ -330,6 +330,8 @@ def finish(ctx: StageContext, done: Trained, *, token_columns: dict[str, int], e
         resumed_from_step=attempts.get("resumed_from_step"),
         peak_memory_mb=round(meter.peak_memory_mb, 1),
         peak_memory_kind=meter.memory_kind,
+        rows_given=len(ctx.examples) if ctx.examples is not None else None,
+        rows_trained=len(trainer.train_dataset),
         extra=dict(extra_cost or {}),
     ).to_json()
     # Checkpoints exist to resume this stage; once it is finished they are dead weight.
