@@ -24,11 +24,12 @@ def pick_dataset(recipe, dataset: str | None) -> str:
 
 
 def dataset_kind(recipe, name: str) -> str:
-    """What the recipe's stages need from dataset `name` (preference if any stage prefers)."""
+    """What the recipe's stages need from dataset `name`: the richest kind any stage reads
+    (preference pairs, else labelled completions, else conversations)."""
     from posttrain.stages import METHODS
 
     wants = {METHODS[s.method].data for s in recipe.stages.values() if s.data == name}
-    return "preference" if "preference" in wants else "instruction"
+    return next((kind for kind in ("preference", "unpaired") if kind in wants), "instruction")
 
 
 def inspect_target(target: Path, dataset: str | None, fmt: str, samples: int, progress: bool) -> str:
@@ -51,7 +52,9 @@ def inspect_target(target: Path, dataset: str | None, fmt: str, samples: int, pr
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.jsonl"
         path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
-        return format_inspection(inspect_source(path, "auto", samples=samples, progress=progress))
+        stats = inspect_source(path, "auto", samples=samples, progress=progress)
+    # The rows were generated or mixed into a scratch file: name what the user asked for.
+    return format_inspection({**stats, "path": f"{target}: data.{name} ({spec.source or 'mix'})"})
 
 
 def curate_to_file(recipe_path: Path, dataset: str, out_file: Path, overrides: list[str],

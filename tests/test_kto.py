@@ -202,3 +202,27 @@ def test_every_accepted_loss_builds_a_trainer_and_a_finite_loss(tmp_path, loss_t
     assert trainer.args.loss_type == loss_type
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
+
+
+def test_data_inspect_reads_a_kto_stage_dataset_in_its_kind(tmp_path, repo):
+    """A recipe dataset only a KTO stage reads is inspected as the labelled rows KTO trains on."""
+    from click.testing import CliRunner
+
+    from posttrain.cli import main
+    from tiny_recipes import write_recipe
+
+    recipe = write_recipe(tmp_path, repo, """
+        name: kto-inspect
+        model: {name: builtin:micro-llama}
+        data:
+          prefs: {source: builtin:skills-preferences, limit: 10}
+        stages:
+          kto: {method: kto, data: prefs, learning_rate: 1.0e-3}
+        pipelines:
+          kto: [kto]
+        eval:
+          tasks: [{repo}/evals/skills_exact.yaml]
+        """)
+    result = CliRunner().invoke(main, ["data", "inspect", str(recipe), "--dataset", "prefs"])
+    assert result.exit_code == 0, result.output
+    assert "unpaired data" in result.output and "labels      10 desirable, 10 undesirable" in result.output

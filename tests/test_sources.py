@@ -70,5 +70,6 @@ def test_data_curate_and_inspect_commands(tmp_path, repo):
     by_recipe = runner.invoke(main, ["data", "inspect", str(recipe), "--dataset", "both"])
     assert by_recipe.exit_code == 0, by_recipe.output
     assert "80 read" in by_recipe.output
+    assert by_recipe.output.startswith(f"{recipe}: data.both (mix)")   # not the scratch file it was read from
     unknown = runner.invoke(main, ["data", "curate", str(recipe), "--dataset", "nope", "--out", str(out)])
     assert unknown.exit_code == 2 and "unknown dataset" in unknown.output
