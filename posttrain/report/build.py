@@ -10,7 +10,7 @@ written before the records were typed).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
 
@@ -32,13 +32,18 @@ class Run:
     rows: list[ResultRow]
     recipe: dict
     stages: dict          # pipelines.json: {pipeline: {seed: [stage folder, ...]}}
+    records: dict = field(default_factory=dict, repr=False)   # stage folder -> StageRecord, read once
 
     @property
     def name(self) -> str:
         return self.dir.root.name
 
     def stage(self, stage_dir: str) -> StageRecord:
-        return StageRecord.read(self.dir.stage_record(stage_dir))
+        """A stage's record, read once however many tables, curves and notes need it (a stage
+        shared by several pipelines is in each of them)."""
+        if stage_dir not in self.records:
+            self.records[stage_dir] = StageRecord.read(self.dir.stage_record(stage_dir))
+        return self.records[stage_dir]
 
 
 # ---------------------------------------------------------------- reading

@@ -84,6 +84,22 @@ def start_with_reference(ctx: StageContext):
     return model, tokenizer, lora, reference
 
 
+def reference_config(ctx: StageContext) -> dict:
+    """The config settings DPO and KTO share, named once: the reference is the starting
+    model, scored once up front when precomputed (in batches of the training batch size),
+    never synced to the policy; dropout off in both; sequences cut at max_length."""
+    spec = ctx.spec
+    return dict(
+        max_length=spec.max_length,
+        precompute_ref_log_probs=spec.precompute_ref_log_probs,
+        precompute_ref_batch_size=spec.batch_size,
+        sync_ref_model=False,
+        disable_dropout=True,
+        activation_offloading=False,
+        dataset_num_proc=None,
+    )
+
+
 def trainer_kwargs(ctx: StageContext) -> dict:
     """Every TrainingArguments setting a stage depends on, named explicitly.
 

@@ -8,16 +8,14 @@ base model in one stage.
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from posttrain.recipe.fields import StageBase
-from posttrain.stages.common import (StageContext, StageResult, load_start, peft_config, quiet_trainer,
-                                     quiet_transformers, train_built, train_dataset, trainer_kwargs)
+from posttrain.stages.common import StageContext, StageResult, train_built
 from posttrain.stages.method import PREFERENCE, Method
-from posttrain.stages.paired import drop_prompt_only_pairs, finish_pairs
+from posttrain.stages.paired import build_paired, finish_pairs
 
 CPO_METRICS = ("loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "grad_norm")
@@ -56,31 +54,13 @@ METHOD = Method(
 def build_trainer(ctx: StageContext, loss: dict | None = None):
     """The CPOTrainer for this stage, before training. `loss`: beta, loss_type, cpo_alpha,
     simpo_gamma and label_smoothing (default: the stage's own settings)."""
-    quiet_transformers()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # trl.experimental warns on import
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
-
-    spec = ctx.spec
-    loss = loss or {name: getattr(spec, name) for name in
+    loss = loss or {name: getattr(ctx.spec, name) for name in
                     ("beta", "loss_type", "cpo_alpha", "simpo_gamma", "label_smoothing")}
-    model, tokenizer = load_start(ctx)
-    args = CPOConfig(
-        **trainer_kwargs(ctx),
-        **loss,
-        alpha=0.0,                 # AlphaPO's reward shape off: log-prob rewards
-        max_length=spec.max_length,
-        max_completion_length=spec.max_length,
-        disable_dropout=True,
-        generate_during_eval=False,
-        is_encoder_decoder=False,
-        dataset_num_proc=None,
-    )
-    trainer = CPOTrainer(model=model, args=args, train_dataset=train_dataset(ctx),
-                         processing_class=tokenizer, peft_config=peft_config(ctx))
-    # SimPO's mean log-prob of an empty completion is 0/0 as ORPO's is: such pairs go.
-    trainer.dropped_pairs = drop_prompt_only_pairs(trainer, ctx)
-    return quiet_trainer(trainer, ctx), tokenizer
+    # SimPO's mean log-prob of an empty completion is 0/0 as ORPO's is: build_paired drops such pairs.
+    return build_paired(ctx, "cpo", **loss,
+                        alpha=0.0,                 # AlphaPO's reward shape off: log-prob rewards
+                        generate_during_eval=False,
+                        is_encoder_decoder=False)
 
 
 def train_with(ctx: StageContext, loss: dict | None = None) -> StageResult:

@@ -17,7 +17,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from posttrain.artifacts import Area
 from posttrain.recipe.fields import StageBase
 from posttrain.stages.common import (StageContext, StageResult, device, finish, quiet_trainer,
-                                     quiet_transformers, start_with_reference, train_built, train_dataset,
+                                     quiet_transformers, reference_config, start_with_reference, train_built, train_dataset,
                                      trainer_kwargs)
 
 from posttrain.stages.method import PREFERENCE, REFERENCE_START, Method
@@ -164,23 +164,17 @@ def build_trainer(ctx: StageContext):
     spec = ctx.spec
     args = DPOConfig(
         **trainer_kwargs(ctx),
+        **reference_config(ctx),
         beta=spec.beta,
         loss_type=[spec.loss_type],
-        max_length=spec.max_length,
         truncation_mode="keep_start",
-        precompute_ref_log_probs=spec.precompute_ref_log_probs,
-        precompute_ref_batch_size=spec.batch_size,
-        disable_dropout=True,
         padding_free=False,
-        sync_ref_model=False,
         label_smoothing=spec.label_smoothing,
         discopop_tau=spec.discopop_tau,
         loss_weights=None,
         ld_alpha=None,
         f_divergence_type="reverse_kl",
         use_weighting=False,
-        activation_offloading=False,
-        dataset_num_proc=None,
     )
     trainer = trainer_class(ctx)(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset(ctx),
                                  processing_class=tokenizer, peft_config=lora)

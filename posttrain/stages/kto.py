@@ -15,7 +15,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from posttrain.recipe.fields import StageBase
 from posttrain.stages.common import (StageContext, StageResult, finish, quiet_trainer,
-                                     quiet_transformers, start_with_reference, train_built, train_dataset,
+                                     quiet_transformers, reference_config, start_with_reference, train_built, train_dataset,
                                      trainer_kwargs)
 from posttrain.stages.method import REFERENCE_START, UNPAIRED, Method
 
@@ -61,21 +61,15 @@ def build_trainer(ctx: StageContext):
     spec = ctx.spec
     args = KTOConfig(
         **trainer_kwargs(ctx),
+        **reference_config(ctx),
         beta=spec.beta,
         loss_type=spec.loss_type,
         desirable_weight=spec.desirable_weight,
         undesirable_weight=spec.undesirable_weight,
-        max_length=spec.max_length,
-        precompute_ref_log_probs=spec.precompute_ref_log_probs,
-        precompute_ref_batch_size=spec.batch_size,
         # The KL term pairs each row with its neighbour in a fixed-order batch (TRL requires
         # sequential sampling); the rows are shuffled once, by the seed, below instead.
         train_sampling_strategy="sequential",
-        disable_dropout=True,
-        sync_ref_model=False,
-        activation_offloading=False,
         pad_to_multiple_of=None,
-        dataset_num_proc=None,
     )
     # Unpaired rows arrive in file order (unpaired pairs: chosen, rejected, next pair): in
     # order, a batch would hold one prompt twice and the KL term would pair it with itself.

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 from pydantic import Field
 
 from posttrain.recipe.fields import StageBase
-from posttrain.stages.common import (StageContext, StageResult, load_start, peft_config, quiet_trainer,
-                                     quiet_transformers, train_built, train_dataset, trainer_kwargs)
+from posttrain.stages.common import StageContext, StageResult, train_built
 from posttrain.stages.method import PREFERENCE, Method
-from posttrain.stages.paired import drop_prompt_only_pairs, finish_pairs
+from posttrain.stages.paired import build_paired, finish_pairs
 
 
 class ORPOStage(StageBase):
@@ -31,25 +29,7 @@ METHOD = Method(
 
 def build_trainer(ctx: StageContext):
     """The ORPOTrainer for this stage, before training."""
-    quiet_transformers()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # trl.experimental warns on import
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-    model, tokenizer = load_start(ctx)
-    spec = ctx.spec
-    args = ORPOConfig(
-        **trainer_kwargs(ctx),
-        beta=spec.beta,
-        max_length=spec.max_length,
-        max_completion_length=spec.max_length,
-        disable_dropout=True,
-        dataset_num_proc=None,
-    )
-    trainer = ORPOTrainer(model=model, args=args, train_dataset=train_dataset(ctx),
-                          processing_class=tokenizer, peft_config=peft_config(ctx))
-    trainer.dropped_pairs = drop_prompt_only_pairs(trainer, ctx)
-    return quiet_trainer(trainer, ctx), tokenizer
+    return build_paired(ctx, "orpo", beta=ctx.spec.beta)
 
 
 def train(ctx: StageContext) -> StageResult:

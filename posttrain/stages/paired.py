@@ -3,8 +3,38 @@ each pair becomes `chosen_*`/`rejected_*` columns with prompt tokens labelled -1
 
 from __future__ import annotations
 
+import warnings
+
 from posttrain.errors import DataError
-from posttrain.stages.common import StageContext, StageResult, Trained, finish
+from posttrain.stages.common import (StageContext, StageResult, Trained, finish, load_start, peft_config,
+                                     quiet_trainer, quiet_transformers, train_dataset, trainer_kwargs)
+
+
+def build_paired(ctx: StageContext, trainer: str, **settings):
+    """`trl.experimental.<trainer>`'s trainer for this stage, before training, with the
+    settings ORPO and CPO share named once (sequences and completions cut at max_length,
+    dropout off) plus the method's `settings`; the pairs whose prompt fills max_length
+    dropped (see drop_prompt_only_pairs)."""
+    import importlib
+
+    quiet_transformers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trl.experimental warns on import
+        module = importlib.import_module(f"trl.experimental.{trainer}")
+    name = {"orpo": "ORPO", "cpo": "CPO"}[trainer]
+    model, tokenizer = load_start(ctx)
+    args = getattr(module, f"{name}Config")(
+        **trainer_kwargs(ctx),
+        **settings,
+        max_length=ctx.spec.max_length,
+        max_completion_length=ctx.spec.max_length,
+        disable_dropout=True,
+        dataset_num_proc=None,
+    )
+    built = getattr(module, f"{name}Trainer")(model=model, args=args, train_dataset=train_dataset(ctx),
+                                              processing_class=tokenizer, peft_config=peft_config(ctx))
+    built.dropped_pairs = drop_prompt_only_pairs(built, ctx)
+    return quiet_trainer(built, ctx), tokenizer
 
 
 def trained_pairs(dataset):
