@@ -52,8 +52,36 @@ def check_static(recipe, base_dir: Path, recipe_file: Path | str | None = None) 
 
 
 def static_problems(recipe, base_dir: Path) -> list[Problem]:
-    return _model_name_problems(recipe) + _data_source_problems(recipe, base_dir) + _task_file_problems(
-        recipe, base_dir)
+    return (_model_name_problems(recipe) + _template_file_problems(recipe, base_dir)
+            + _data_source_problems(recipe, base_dir) + _task_file_problems(recipe, base_dir))
+
+
+TEMPLATE_MAX_BYTES = 1 << 20
+
+
+def _template_file_problems(recipe, base_dir: Path) -> list[Problem]:
+    """A chat template file exists, is a regular file of text (under 1 MB)."""
+    if recipe.model._base_dir is None:
+        recipe.model._base_dir = Path(base_dir).resolve()   # a recipe validated from a mapping
+    path = recipe.model.template_file()
+    if path is None:
+        return []
+    loc = ("model", "chat_template")
+    if not path.exists():
+        return [(loc, f"template file not found: {path} (a relative path is taken from the recipe's folder)")]
+    if not path.is_file():
+        return [(loc, f"not a regular file: {path} (a chat template is a Jinja text file)")]
+    if path.stat().st_size > TEMPLATE_MAX_BYTES:
+        return [(loc, f"{path}: {path.stat().st_size:,} bytes; a chat template is under 1 MB")]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return [(loc, f"cannot read {path} as UTF-8 text: {exc}")]
+    from posttrain.models import is_jinja
+
+    if not is_jinja(text):
+        return [(loc, f"{path} holds no Jinja ({{{{ }}}} or {{% %}}): not a chat template")]
+    return []
 
 
 def _model_name_problems(recipe) -> list[Problem]:
@@ -94,6 +122,11 @@ def source_problem(source: str, base_dir: Path) -> str | None:
         path, _hub_id = _locate(source, base_dir)   # the loader's own resolution
     except DataError as exc:
         return str(exc)
+    if path is not None and path.is_dir():   # a hub dataset's repo layout: `datasets` finds the splits
+        found = any(f.suffix.lower() in DATA_SUFFIXES + (".arrow",) for f in path.rglob("*")
+                    if not any(part.startswith(".") for part in f.relative_to(path).parts))
+        return None if found else (f"{path}: a folder without data files ({', '.join(DATA_SUFFIXES)}); a dataset "
+                                   "folder is laid out as on the hub, e.g. data/train-00000-of-00001.parquet")
     if path is not None and path.suffix.lower() not in DATA_SUFFIXES:
         return (f"{path}: unsupported data file type {path.suffix or '(no extension)'!r} "
                 f"(use {', '.join(DATA_SUFFIXES)})")

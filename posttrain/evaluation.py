@@ -44,6 +44,7 @@ def prepare_eval(recipe: Recipe, run: RunDir, base_dir: Path) -> EvalSetup:
         pairs = load_data("eval.preferences", recipe.eval.preferences, "preference", base_dir).examples
     settings = {
         "eval": recipe.eval.model_dump(mode="json", exclude={"batch_size", "samples"}),
+        # ChatML's text; the model's own or the recipe's Jinja are in the model's key (plan.template_identity)
         "chat_template": CHATML_TEMPLATE if recipe.model.chat_template == "chatml" else "model's own",
         "preferences": fingerprint(pairs) if pairs else None,
     }

@@ -52,7 +52,9 @@ class ModelSource:
     dtype: str = "float32"
     trust_remote_code: bool = False
     revision: str | None = None
-    chat_template: str = "chatml"  # "chatml" (set by posttrain) or "model" (keep its own)
+    # "chatml" (set by posttrain), "model" (keep its own), or a Jinja template's text
+    # (recipe.schema.ModelSpec.template_choice reads a template file).
+    chat_template: str = "chatml"
     adapter_dirs: tuple[str, ...] = ()  # LoRA adapters merged in order on top of `name`
 
     @classmethod
@@ -60,7 +62,17 @@ class ModelSource:
         """A recipe's `model:` spec as a source; `name` another model with the same settings
         (an `external` entry: named, so no revision)."""
         return cls(name=name or spec.name, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                   revision=None if name else spec.revision, chat_template=spec.chat_template)
+                   revision=None if name else spec.revision, chat_template=spec.template_choice())
+
+
+@dataclass
+class Loaded:
+    """A loaded model and its chat tokenizer, with the ids of the tokens the chat template
+    added to the tokenizer (their embedding rows are new: a LoRA stage trains them)."""
+
+    model: Any
+    tokenizer: Any
+    added_token_ids: tuple[int, ...] = ()
 
 
 def is_builtin(name: str) -> bool:
@@ -156,32 +168,43 @@ def chat_tokenizer(source: ModelSource):
     return tokenizer
 
 
-def apply_chat_template_choice(tokenizer, model, choice: str) -> None:
-    """Install the recipe's chat template and make EOS agree with it.
+def apply_chat_template_choice(tokenizer, model, choice: str) -> tuple[int, ...]:
+    """Install the recipe's chat template and make EOS agree with it; the ids of the tokens
+    added to the tokenizer (none unless `chatml` on a tokenizer without ChatML tokens).
 
     ``chatml``: ChatML is installed; `<|im_start|>`/`<|im_end|>` are added if the
-    tokenizer lacks them (embeddings resized) and EOS becomes `<|im_end|>` for the
-    tokenizer and generation config. ``model``: the tokenizer's own template is kept.
+    tokenizer lacks them (embeddings resized, new rows set to the mean row: the same
+    weights at every load) and EOS becomes `<|im_end|>` for the tokenizer and
+    generation config. ``model``: the tokenizer's own template is kept. A Jinja
+    template's text is installed as it is; EOS becomes the token that ends its
+    assistant turns when that is one token of the vocabulary (Llama-3's `<|eot_id|>`).
     Either way `check_template_eos` runs afterwards.
     """
+    added: tuple[int, ...] = ()
     if choice == "chatml":
         missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
         if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+            tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                         replace_extra_special_tokens=False)
+            added = tuple(tokenizer.convert_tokens_to_ids(missing))
             if model is not None:
-                model.resize_token_embeddings(len(tokenizer))
+                grow_embeddings(model, len(tokenizer))
         tokenizer.chat_template = CHATML_TEMPLATE
         tokenizer.eos_token = CHATML_END_OF_TURN
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
     elif choice == "model":
         if not tokenizer.chat_template:
             raise ModelError("model.chat_template is 'model' but the tokenizer has no chat template; "
-                             "use chat_template: chatml")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+                             "use chat_template: chatml, or give a Jinja template (a string or a .jinja file)")
+    elif is_jinja(choice):
+        tokenizer.chat_template = choice
+        end = template_end_of_turn(tokenizer).strip()
+        token = next((t for t in tokenizer.all_special_tokens if end.startswith(t)), None)
+        if token is not None and token != tokenizer.eos_token:
+            tokenizer.eos_token = token
     else:
-        raise ModelError(f"unknown chat_template {choice!r} (use 'chatml' or 'model')")
+        raise ModelError(f"unknown chat_template {choice[:40]!r} (use chatml, model, or a Jinja template)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     if model is not None:
         model.config.eos_token_id = tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -189,6 +212,29 @@ def apply_chat_template_choice(tokenizer, model, choice: str) -> None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     check_template_eos(tokenizer)
+    return added
+
+
+def is_jinja(choice: str) -> bool:
+    """A chat_template value that is a template's text, not a name."""
+    return "{{" in choice or "{%" in choice
+
+
+def grow_embeddings(model, size: int) -> None:
+    """Give the model `size` token rows (when it has fewer), each new input and output row
+    set to the mean of the old ones: deterministic, so every load of a model whose
+    tokenizer gained tokens has the same weights (transformers' default samples them)."""
+    import torch
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if size <= rows:
+        return    # the vocabulary is padded (Qwen): the rows exist already
+    model.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None}.values():
+            weight = layer.weight
+            weight[rows:] = weight[:rows].mean(dim=0, keepdim=True)
 
 
 def template_end_of_turn(tokenizer) -> str:
@@ -219,19 +265,26 @@ def template_has_generation_markers(tokenizer) -> bool:
         tokenizer.chat_template or "")
 
 
-def load_model_and_tokenizer(source: ModelSource, device: str | None = None):
-    """Load weights (builtin, hub id, local dir), merge adapters, set the chat template."""
+def load_model(source: ModelSource, device: str | None = None) -> Loaded:
+    """Load weights (builtin, hub id, local dir) and the chat tokenizer; install the chat
+    template (adding its tokens and rows); then merge the adapters. This order is the
+    training order: an adapter trained on a model with added tokens holds their rows."""
     tokenizer = load_tokenizer(source)
     if is_builtin(source.name):
         model = build_builtin_model(source.name, tokenizer, source.dtype)
     else:
         model = _load_pretrained(source)
+    added = apply_chat_template_choice(tokenizer, model, source.chat_template)
     if source.adapter_dirs:
         model = merge_adapters(model, source.adapter_dirs)
-    apply_chat_template_choice(tokenizer, model, source.chat_template)
     if device:
         model = model.to(device)
-    return model, tokenizer
+    return Loaded(model, tokenizer, added)
+
+
+def load_model_and_tokenizer(source: ModelSource, device: str | None = None):
+    loaded = load_model(source, device)
+    return loaded.model, loaded.tokenizer
 
 
 def _load_pretrained(source: ModelSource):
@@ -254,8 +307,14 @@ def merge_adapters(model, adapter_dirs: tuple[str, ...]):
     return model
 
 
-def lora_config(lora: Any):
-    """peft LoraConfig from the recipe's LoRA settings (every field explicit)."""
+def lora_config(lora: Any, model=None, trainable_token_ids: tuple[int, ...] = ()):
+    """peft LoraConfig from the recipe's LoRA settings (every field explicit).
+
+    `trainable_token_ids` (tokens the chat template added): their input and output
+    embedding rows train beside the adapter (peft's trainable tokens; the output rows
+    follow the input rows when the two are tied), and are saved in it. Without this a
+    frozen mean-initialised `<|im_end|>` row means the model never learns to stop.
+    """
     from peft import LoraConfig
 
     return LoraConfig(
@@ -265,7 +324,19 @@ def lora_config(lora: Any):
         target_modules=lora.target_modules,
         bias="none",
         task_type="CAUSAL_LM",
+        trainable_token_indices=token_rows(model, trainable_token_ids) if trainable_token_ids else None,
     )
+
+
+def token_rows(model, ids: tuple[int, ...]) -> dict[str, list[int]]:
+    """{embedding module name: ids} for the input embeddings and, when not tied to them,
+    the output embeddings (the LM head)."""
+    layers = [model.get_input_embeddings()]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != layers[0].weight.data_ptr():
+        layers.append(head)
+    names = {id(module): name for name, module in model.named_modules()}
+    return {names[id(layer)]: list(ids) for layer in layers}
 
 
 def count_parameters(model) -> int:

@@ -24,7 +24,7 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     """Everything before training: checks, eval tasks, data (curated, cached), compute matching, the plan."""
     from posttrain.checks import check_before_training, check_max_lengths, check_static
     from posttrain.evaluate import task_texts
-    from posttrain.models import chat_tokenizer
+    from posttrain.models import apply_chat_template_choice, load_tokenizer
 
     check_static(recipe, options.base_dir)   # again here for callers other than the CLI; milliseconds
     options.cache.ensure()  # (the CLI did already) a folder of the user's is never written into
@@ -33,7 +33,8 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     env = data_env(recipe, options.base_dir, cache_dir=options.cache.curated_dir(),
                    eval_texts=lambda: task_texts(setup.refs, setup.task_dir), log=options.log)
     data = load_stage_data(recipe, env)
-    tokenizer = chat_tokenizer(base_source(recipe))   # loaded once for both
+    tokenizer = load_tokenizer(base_source(recipe))   # the chat tokenizer, loaded once for both
+    added = apply_chat_template_choice(tokenizer, None, base_source(recipe).chat_template)
     estimates = stage_estimates(recipe, data, tokenizer)
     # No stage whose max_length leaves nothing to train; the rows each will drop go in the plan.
     for name, rows in check_max_lengths(recipe, data, options.log, tokenizer).items():
@@ -42,7 +43,10 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     if recipe.compare is not None:
         recipe, estimates, matching = match_compute(recipe, data, estimates)
     plan = make_plan(recipe, env, data, cache_root=options.cache.root)
-    return plan, setup, {"estimates": estimates, "compute_match": matching}
+    template = {"chat_template": recipe.model.chat_template if recipe.model.template_file() or len(
+        recipe.model.chat_template) < 80 else "(Jinja)", "identity": plan.template,
+        "eos": tokenizer.eos_token, "added_tokens": tokenizer.convert_ids_to_tokens(list(added))}
+    return plan, setup, {"estimates": estimates, "compute_match": matching, "template": template}
 
 
 def plan_recipe(recipe: Recipe, options: RunOptions) -> dict:
@@ -94,7 +98,7 @@ def record_plan(plan: Plan, info: dict, run: RunDir, options: RunOptions) -> lis
     rows = plan_rows(plan, options.cache, info["estimates"])
     run.area.write_text(run.recipe, dump_recipe(plan.recipe))   # after compute matching
     run.area.write_json(run.plan, {"cache": str(options.cache.root), "stages": rows,
-                                   "compute_match": info["compute_match"]})
+                                   "compute_match": info["compute_match"], "template": info.get("template")})
     run.area.write_json(run.data, data_summary(plan))
     run.area.write_json(run.pipelines, pipeline_stage_dirs(plan, run))
     for data in plan.data.values():

@@ -45,26 +45,46 @@ class Plan:
     finals: dict[tuple[str, int], StageNode | None]  # (pipeline, seed) -> last node (None: base)
     data: dict[str, LoadedData]
     weights: str | None = None                   # identity.weights_identity of the base model
+    template: str | None = None                  # template_identity: the chat template's text, hashed
 
     @property
     def base_key(self) -> str:
-        return base_key(self.recipe, self.weights)
+        return base_key(self.recipe, self.weights, self.template)
 
 
 def base_source(recipe: Recipe) -> ModelSource:
     return ModelSource.of(recipe.model)
 
 
-def base_key(recipe: Recipe, weights: str | None = None) -> str:
-    """Identity of the untrained model: its spec (name, revision, template, dtype) and what
+def base_key(recipe: Recipe, weights: str | None = None, template: str | None = None) -> str:
+    """Identity of the untrained model: its spec (name, revision, template, dtype), what
     its weights are (`identity.weights_identity`: a hub commit or a local folder's digest;
-    none for builtin models, whose keys stay as they were before weights were hashed)."""
+    none for builtin models) and the text of the chat template it is used with."""
     return content_hash({"base_model": recipe.model.model_dump(mode="json", exclude={"lora"}),
-                         **({"weights": weights} if weights else {})})
+                         **({"weights": weights} if weights else {}),
+                         **({"template": template} if template else {})})
+
+
+def template_identity(recipe: Recipe) -> str:
+    """The chat template a recipe's stages train with, as a digest of its text: ChatML's,
+    the model's own (read from its tokenizer: an edited template is a new identity), or
+    the recipe's Jinja (a file's content, not its name)."""
+    import hashlib
+
+    from posttrain.models import CHATML_TEMPLATE, load_tokenizer
+
+    choice = recipe.model.template_choice()
+    if choice == "chatml":
+        text = CHATML_TEMPLATE
+    elif choice == "model":
+        text = load_tokenizer(base_source(recipe)).chat_template or ""
+    else:
+        text = choice
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def stage_key_inputs(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None,
-                     data: LoadedData, weights: str | None = None) -> dict:
+                     data: LoadedData, weights: str | None = None, template: str | None = None) -> dict:
     """Everything a stage's key hashes; recorded in stage.json so `plan` can say what changed."""
     stage = recipe.stages[stage_name]
     lora = resolve_lora(recipe, stage)
@@ -72,6 +92,7 @@ def stage_key_inputs(recipe: Recipe, stage_name: str, seed: int, parent_key: str
         "parent": parent_key,
         "base_model": recipe.model.model_dump(mode="json", exclude={"lora"}),
         **({"weights": weights} if weights else {}),
+        **({"template": template} if template else {}),
         "stage": stage.key_settings(),
         "lora": lora.model_dump(mode="json") if lora else None,
         "data": data.fingerprint,
@@ -82,6 +103,7 @@ def stage_key_inputs(recipe: Recipe, stage_name: str, seed: int, parent_key: str
 
 # What each input of a stage key is called when `plan` says why a stage trains again.
 KEY_INPUT_NAMES = {"parent": "upstream stage", "base_model": "base model", "weights": "base model's weights",
+                   "template": "chat template",
                    "stage": "settings", "lora": "LoRA", "data": "data fingerprint", "seed": "seed",
                    "versions": "library versions"}
 
@@ -99,7 +121,7 @@ def key_changes(before: dict, now: dict) -> list[str]:
             changes.append(f"{label}: {', '.join(fields)}")
         elif name in ("parent", "data"):
             changes.append(f"{label} changed ({str(old)[:12]} -> {str(new)[:12]})")
-        elif name == "weights":   # "sha256:<64 hex>" / "commit:<40 hex>"
+        elif name in ("weights", "template"):   # "sha256:<hex>" / "commit:<40 hex>"
             changes.append(f"{label} changed ({str(old)[:19]} -> {str(new)[:19]})")
         else:
             changes.append(f"{label}: {old} -> {new}")
@@ -182,6 +204,7 @@ def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] |
     env = env if isinstance(env, DataEnv) else data_env(recipe, env)
     data = data if data is not None else load_stage_data(recipe, env)
     weights = weights_identity(recipe.model.name, recipe.model.revision, cache_root)
+    template = template_identity(recipe)
     nodes: dict[str, StageNode] = {}
     finals: dict[tuple[str, int], StageNode | None] = {}
     for pipeline, chain in pipelines_with_base(recipe).items():
@@ -191,11 +214,11 @@ def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] |
                 stage = recipe.stages[stage_name]
                 stage_data = data[data_key(stage)]
                 inputs = stage_key_inputs(recipe, stage_name, seed, parent.key if parent else None, stage_data,
-                                          weights)
+                                          weights, template)
                 key = content_hash(inputs)
                 parent = nodes.setdefault(key, StageNode(stage_name, seed, key, parent, stage_data, inputs))
             finals[(pipeline, seed)] = parent
-    return Plan(recipe, nodes, finals, data, weights)
+    return Plan(recipe, nodes, finals, data, weights, template)
 
 
 def source_after(plan: Plan, node: StageNode | None, cache: Cache) -> ModelSource:

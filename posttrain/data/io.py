@@ -192,15 +192,18 @@ def _read_parquet(path: Path) -> Iterator[Record]:
     return ((number, _as_object(row)) for number, row in enumerate(rows, 1))
 
 
-def _read_hub(name: str, split: str) -> Iterator[Record]:
-    """A Hugging Face Hub dataset, through ``datasets`` (imported only when used)."""
+def _read_hub(name: str, split: str, folder: bool = False) -> Iterator[Record]:
+    """A Hugging Face Hub dataset, or a folder in a hub dataset's layout (a downloaded
+    repo: `data/<split>-00000-of-00001.parquet`, ...), through ``datasets``, which infers
+    the splits from the file names as it does on the hub (imported only when used)."""
     try:
         import datasets
 
         dataset = datasets.load_dataset(name, split=split)
     except Exception as error:  # network, auth, missing split: all are user-fixable
+        where = "the folder" if folder else "the Hugging Face Hub"
         raise DataError(
-            f"could not load dataset {name!r} (split {split!r}) from the Hugging Face Hub: "
+            f"could not load dataset {name!r} (split {split!r}) from {where}: "
             f"{type(error).__name__}: {error}"
         ) from None
     return ((number, _as_object(row)) for number, row in enumerate(dataset, 1))
@@ -218,7 +221,7 @@ def _locate(source: str, base_dir: Path | None) -> tuple[Path | None, str]:
         path = Path(base_dir) / path
     if path.exists():
         if path.is_dir():
-            raise DataError(f"data source is a folder, not a file: {path}")
+            return path, ""    # a hub dataset's repo layout, read by `datasets` (_read_hub)
         problem = not_regular_file(path)
         if problem:
             raise DataError(f"data source {problem}")
@@ -334,7 +337,9 @@ def load_examples(
     """
     _check_options(fmt, on_bad_rows, want)
     path, hub_name = _locate(str(source), base_dir)
-    if path is not None:
+    if path is not None and path.is_dir():
+        label, records = f"{path.name}[{split}]", _read_hub(str(path), split, folder=True)
+    elif path is not None:
         label, records = path.name, read_records(path)
     else:
         label, records = f"{hub_name}[{split}]", _read_hub(hub_name, split)

@@ -32,7 +32,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path.name}: a recipe is a mapping (name:, model:, data:, ...)")
     raw = apply_overrides(raw, overrides, path.name)
-    return validate_recipe(raw, path.name, lines)
+    recipe = validate_recipe(raw, path.name, lines)
+    recipe.model._base_dir = path.resolve().parent   # a template file is named relative to the recipe
+    return recipe
 
 
 def validate_recipe(raw: dict, where: str, lines: dict[tuple, int] | None = None) -> Recipe:

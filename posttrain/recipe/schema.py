@@ -8,10 +8,11 @@ cannot make live in `references`, sweeps in `sweep`, loading in `load`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from posttrain.recipe.fields import LoraSpec, Seed, Strict, Text
 from posttrain.stages import METHODS
@@ -24,10 +25,47 @@ DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion",
 class ModelSpec(Strict):
     name: Text = Field(description="builtin:<size>, a hub id, or a local directory")
     revision: str | None = None
-    chat_template: Literal["chatml", "model"] = "chatml"
+    chat_template: Text = Field("chatml", description=(
+        "chatml (posttrain's, tokens added if missing), model (the tokenizer's own), "
+        "a Jinja template, or a template file (.jinja, relative to the recipe)"))
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     trust_remote_code: bool = False
     lora: LoraSpec | None = None
+    _base_dir: Path | None = PrivateAttr(None)   # the recipe's folder (load_recipe sets it)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        from posttrain.models import is_jinja
+
+        if value in ("chatml", "model") or is_jinja(value) or value.endswith(TEMPLATE_SUFFIXES):
+            return value
+        raise ValueError("use chatml, model, a Jinja template (text with {{ }} or {% %}), or a template file "
+                         f"({', '.join(TEMPLATE_SUFFIXES)})")
+
+    def template_file(self) -> Path | None:
+        """The template file chat_template names (relative to the recipe's folder), or None."""
+        from posttrain.models import is_jinja
+
+        if self.chat_template in ("chatml", "model") or is_jinja(self.chat_template):
+            return None
+        path = Path(self.chat_template).expanduser()
+        return path if path.is_absolute() else (self._base_dir or Path.cwd()) / path
+
+    def template_choice(self) -> str:
+        """chatml, model, or the Jinja template's text (a template file read)."""
+        path = self.template_file()
+        if path is None:
+            return self.chat_template
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:   # check_static said so before; a file changed since
+            from posttrain.errors import RecipeError
+
+            raise RecipeError(f"model.chat_template: cannot read {path}: {exc}") from None
+
+
+TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2")
 
 
 DEFAULT_REFUSAL_PATTERNS = (

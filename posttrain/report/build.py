@@ -16,6 +16,7 @@ from statistics import mean
 
 from posttrain.artifacts import RUN_FORMAT, PathEscape, RunDir
 from posttrain.errors import DataError, PosttrainError
+from posttrain.recipe.schema import BASE_PIPELINE
 from posttrain.records import COST_COLUMNS, DAMAGED_HINT, ResultRow, StageRecord, read_json, read_jsonl, read_results
 from posttrain.stages import METHODS
 
@@ -285,6 +286,23 @@ def compute_match_notes(runs: list[Run], names: dict) -> list[str]:
     return notes
 
 
+def template_notes(runs: list[Run], names: dict) -> list[str]:
+    """A base model evaluated with chat-template tokens its tokenizer did not have (ChatML
+    on a base model): their rows were never trained, so its row measures the template."""
+    notes = []
+    for index, run in enumerate(runs):
+        template = read_json(run.dir.plan, default={}).get("template") or {}
+        added = template.get("added_tokens") or []
+        if added and any(row.pipeline == BASE_PIPELINE for row in run.rows):
+            notes.append(
+                f"{names.get((index, BASE_PIPELINE), BASE_PIPELINE)} is evaluated with the chat template's "
+                f"{', '.join(added)}, which its tokenizer did not have: posttrain added them, with untrained "
+                "(mean) rows, so the base row measures the template as much as the model; the trained pipelines "
+                "learned these tokens. Compare the trained pipelines with each other, or evaluate the base in a "
+                "recipe of its own with model.chat_template: model where its tokenizer has a template.")
+    return notes
+
+
 def row_notes(runs: list[Run], names: dict) -> list[str]:
     """Stages whose trainer kept fewer rows than it was given, once per stage (first seed),
     and a warning when stages given the same rows of a dataset trained different numbers
@@ -354,5 +372,5 @@ def build_report(run_dirs: list[Path]) -> dict:
         "columns": columns, "pipelines": pipelines, "curves": curves(runs),
         "samples": side_by_side(runs, names, settings["samples"]),
         "curation": curation_summary(runs),
-        "notes": compute_match_notes(runs, names) + row_notes(runs, names),
+        "notes": compute_match_notes(runs, names) + template_notes(runs, names) + row_notes(runs, names),
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.artifacts import TRAINER_LOG, Area
-from posttrain.models import ModelSource, load_model_and_tokenizer, lora_config
+from posttrain.models import ModelSource, load_model, lora_config
 from posttrain.stages.divergence import divergence_guard, refuse_nonfinite_weights
 
 
@@ -62,11 +62,14 @@ def device() -> str:
 
 
 def load_start(ctx: StageContext):
+    """(model, tokenizer, LoRA config or None): the model the stage starts from and, with
+    LoRA, the adapter that trains on it (with the rows of tokens the template added)."""
     import torch
 
     torch.manual_seed(ctx.seed)
-    model, tokenizer = load_model_and_tokenizer(ctx.start)
-    return model, tokenizer
+    loaded = load_model(ctx.start)
+    lora = lora_config(ctx.lora, loaded.model, loaded.added_token_ids) if ctx.lora else None
+    return loaded.model, loaded.tokenizer, lora
 
 
 def start_with_reference(ctx: StageContext):
@@ -76,8 +79,7 @@ def start_with_reference(ctx: StageContext):
     frozen copy of the starting model (TRL would rebuild one from the model's hub name)."""
     import copy
 
-    model, tokenizer = load_start(ctx)
-    lora = peft_config(ctx)
+    model, tokenizer, lora = load_start(ctx)
     reference = None
     if lora is None and not ctx.spec.precompute_ref_log_probs:
         reference = copy.deepcopy(model).eval()
@@ -153,10 +155,6 @@ def checkpointing_field() -> str:
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-
-
-def peft_config(ctx: StageContext):
-    return lora_config(ctx.lora) if ctx.lora else None
 
 
 class CostMeter:
@@ -328,7 +326,13 @@ def finish(ctx: StageContext, done: Trained, *, token_columns: dict[str, int], e
     refuse_nonfinite_weights(trainer)
     area = Area(ctx.out_dir)
     model_dir = ctx.out_dir / "model"
-    trainer.save_model(str(model_dir))
+    if ctx.lora:
+        # The adapter with the trained rows of added tokens, not whole embedding matrices:
+        # every load rebuilds the base's rows identically (models.grow_embeddings) first.
+        if trainer.args.should_save:
+            trainer.model.save_pretrained(str(model_dir), save_embedding_layers=False)
+    else:
+        trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     log = trainer.state.log_history
     area.write_text(ctx.out_dir / TRAINER_LOG, "".join(json.dumps(entry) + "\n" for entry in log))
@@ -369,12 +373,28 @@ def final_metrics(log: list[dict], keys: tuple[str, ...]) -> dict:
 
 
 def quiet_trainer(trainer, ctx: StageContext):
-    """Without progress bars transformers prints every log dict; the stage summary suffices."""
+    """The built trainer, ready: its LM head readable by TRL's fused head (see
+    `head_bias_for_fused_head`), and quiet: without progress bars transformers prints
+    every log dict; the stage summary suffices."""
+    head_bias_for_fused_head(trainer.model)
     if not ctx.show_progress:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def head_bias_for_fused_head(model) -> None:
+    """TRL 1.16's fused LM head reads `lm_head.weight` and `lm_head.bias`. When the rows of
+    added tokens train (LoRA), peft wraps the head in a TrainableTokensWrapper, whose
+    `weight` is the merged, trainable matrix but which has no `bias` (AttributeError at
+    the first step). Give it the wrapped head's bias (None for most LMs), unregistered,
+    so nothing new is saved."""
+    from peft.utils import TrainableTokensWrapper
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensWrapper) and "bias" not in module.__dict__:
+            object.__setattr__(module, "bias", getattr(module.original_module, "bias", None))
 
 
 def quiet_transformers() -> None:

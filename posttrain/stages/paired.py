@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 
 from posttrain.errors import DataError
-from posttrain.stages.common import (StageContext, StageResult, Trained, finish, load_start, peft_config,
+from posttrain.stages.common import (StageContext, StageResult, Trained, finish, load_start,
                                      quiet_trainer, quiet_transformers, train_dataset, trainer_kwargs)
 
 
@@ -22,7 +22,7 @@ def build_paired(ctx: StageContext, trainer: str, **settings):
         warnings.simplefilter("ignore")  # trl.experimental warns on import
         module = importlib.import_module(f"trl.experimental.{trainer}")
     name = {"orpo": "ORPO", "cpo": "CPO"}[trainer]
-    model, tokenizer = load_start(ctx)
+    model, tokenizer, lora = load_start(ctx)
     args = getattr(module, f"{name}Config")(
         **trainer_kwargs(ctx),
         **settings,
@@ -32,7 +32,7 @@ def build_paired(ctx: StageContext, trainer: str, **settings):
         dataset_num_proc=None,
     )
     built = getattr(module, f"{name}Trainer")(model=model, args=args, train_dataset=train_dataset(ctx),
-                                              processing_class=tokenizer, peft_config=peft_config(ctx))
+                                              processing_class=tokenizer, peft_config=lora)
     built.dropped_pairs = drop_prompt_only_pairs(built, ctx)
     return quiet_trainer(built, ctx), tokenizer
 

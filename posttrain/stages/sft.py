@@ -6,7 +6,7 @@ from typing import Literal
 
 from posttrain.models import template_has_generation_markers
 from posttrain.recipe.fields import StageBase
-from posttrain.stages.common import (StageContext, StageResult, finish, load_start, peft_config, quiet_trainer,
+from posttrain.stages.common import (StageContext, StageResult, finish, load_start, quiet_trainer,
                                      quiet_transformers, train_built, train_dataset, trainer_kwargs)
 from posttrain.stages.method import INSTRUCTION, Method
 
@@ -46,7 +46,7 @@ def build_trainer(ctx: StageContext):
     quiet_transformers()
     from trl import SFTConfig, SFTTrainer
 
-    model, tokenizer = load_start(ctx)
+    model, tokenizer, lora = load_start(ctx)
     dataset, assistant_masks = sft_dataset(train_dataset(ctx), tokenizer)
     spec = ctx.spec
     args = SFTConfig(
@@ -62,7 +62,7 @@ def build_trainer(ctx: StageContext):
         activation_offloading=False,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config(ctx))
+                         peft_config=lora)
     return quiet_trainer(trainer, ctx), tokenizer
 
 
