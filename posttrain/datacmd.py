@@ -33,7 +33,9 @@ def dataset_kind(recipe, name: str) -> str:
 
 
 def inspect_target(target: Path, dataset: str | None, fmt: str, samples: int, progress: bool) -> str:
-    """Inspect a data file, or a recipe's dataset (its file, or its generated/mixed rows)."""
+    """Inspect a data file, or a recipe's dataset (its file, or its generated/mixed rows);
+    a recipe's dataset is measured in tokens of the recipe's tokenizer, and read up to its
+    `limit` as a run reads it."""
     from posttrain.data.inspect import format_inspection, inspect_source
 
     if target.suffix not in RECIPE_SUFFIXES:
@@ -44,17 +46,31 @@ def inspect_target(target: Path, dataset: str | None, fmt: str, samples: int, pr
     recipe = load_recipe(target)
     name = pick_dataset(recipe, dataset)
     spec = recipe.data[name]
+    count, unit = recipe_token_counter(recipe)
     if spec.source and not spec.source.startswith("builtin:") and (target.parent / spec.source).is_file():
         return format_inspection(inspect_source(target.parent / spec.source, spec.format, samples=samples,
-                                                progress=progress))
+                                                progress=progress, count_tokens=count, unit=unit, limit=spec.limit))
     env = DataEnv(base_dir=target.parent, datasets=dict(recipe.data))
     examples, _, _ = load_raw(name, spec, dataset_kind(recipe, name), env)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
-        stats = inspect_source(path, "auto", samples=samples, progress=progress)
+        from posttrain.artifacts import Area
+
+        scratch = Area(Path(tmp))
+        path = scratch.write_text(scratch.path("rows.jsonl"),   # not the recipe's name: any name is safe
+                                  "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+        stats = inspect_source(path, "auto", samples=samples, progress=progress, count_tokens=count, unit=unit)
     # The rows were generated or mixed into a scratch file: name what the user asked for.
     return format_inspection({**stats, "path": f"{target}: data.{name} ({spec.source or 'mix'})"})
+
+
+def recipe_token_counter(recipe) -> tuple[Callable[[str], int], str]:
+    """Token count of a plain text under the recipe's chat tokenizer (the one its stages
+    train with; no special tokens added, as curation's token limits count), and its label."""
+    from posttrain.models import ModelSource, chat_tokenizer
+
+    tokenizer = chat_tokenizer(ModelSource.of(recipe.model))
+    return (lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+            f"tokens (recipe tokenizer: {recipe.model.name})")
 
 
 def curate_to_file(recipe_path: Path, dataset: str, out_file: Path, overrides: list[str],
