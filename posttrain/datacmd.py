@@ -75,7 +75,10 @@ def recipe_token_counter(recipe) -> tuple[Callable[[str], int], str]:
 
 def curate_to_file(recipe_path: Path, dataset: str, out_file: Path, overrides: list[str],
                    log: Callable[[str], None]) -> str:
-    """Curate one dataset of a recipe as `posttrain run` would; write rows and report."""
+    """Curate one dataset of a recipe as `posttrain run` would; write rows and report.
+
+    The rows written are the curated source rows (pairs stay pairs, as curation counts
+    them), which every stage reading the dataset converts to what it trains on."""
     from posttrain.artifacts import RunDir, write_json_atomic, write_text_atomic
     from posttrain.recipe.load import load_recipe
     from posttrain.evaluation import prepare_eval
@@ -91,12 +94,12 @@ def curate_to_file(recipe_path: Path, dataset: str, out_file: Path, overrides: l
 
         texts = task_texts(setup.refs, setup.task_dir)
         env = data_env(recipe, recipe_path.resolve().parent, eval_texts=lambda: texts, log=log)
-        from posttrain.data.sources import load_data
+        from posttrain.data.sources import curated_source_rows
 
-        loaded = load_data(name, recipe.data[name], dataset_kind(recipe, name), env)
-    write_text_atomic(out_file, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in loaded.examples))
+        rows, _, _, curation = curated_source_rows(name, recipe.data[name], dataset_kind(recipe, name), env)
+    write_text_atomic(out_file, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in rows))
     report_file = out_file.with_suffix(".curation.json")
-    write_json_atomic(report_file, loaded.curation)
-    removed = ", ".join(f"{reason} {count}" for reason, count in loaded.curation["removed"].items() if count)
-    return (f"{name}: {loaded.curation['rows_in']} -> {loaded.curation['rows_out']} rows ({removed or 'nothing removed'})"
+    write_json_atomic(report_file, curation)
+    removed = ", ".join(f"{reason} {count}" for reason, count in curation["removed"].items() if count)
+    return (f"{name}: {curation['rows_in']} -> {curation['rows_out']} rows ({removed or 'nothing removed'})"
             f"\nwrote {out_file} and {report_file}")
