@@ -33,7 +33,9 @@ def dataset_kind(recipe, name: str) -> str:
 
 
 def inspect_target(target: Path, dataset: str | None, fmt: str, samples: int, progress: bool) -> str:
-    """Inspect a data file, or a recipe's dataset (its file, or its generated/mixed rows)."""
+    """Inspect a data file, or a recipe's dataset (its file, or its generated/mixed rows);
+    a recipe's dataset is measured in tokens of the recipe's tokenizer, and read up to its
+    `limit` as a run reads it."""
     from posttrain.data.inspect import format_inspection, inspect_source
 
     if target.suffix not in RECIPE_SUFFIXES:
@@ -44,22 +46,39 @@ def inspect_target(target: Path, dataset: str | None, fmt: str, samples: int, pr
     recipe = load_recipe(target)
     name = pick_dataset(recipe, dataset)
     spec = recipe.data[name]
+    count, unit = recipe_token_counter(recipe)
     if spec.source and not spec.source.startswith("builtin:") and (target.parent / spec.source).is_file():
         return format_inspection(inspect_source(target.parent / spec.source, spec.format, samples=samples,
-                                                progress=progress))
+                                                progress=progress, count_tokens=count, unit=unit, limit=spec.limit))
     env = DataEnv(base_dir=target.parent, datasets=dict(recipe.data))
     examples, _, _ = load_raw(name, spec, dataset_kind(recipe, name), env)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
-        stats = inspect_source(path, "auto", samples=samples, progress=progress)
+        from posttrain.artifacts import Area
+
+        scratch = Area(Path(tmp))
+        path = scratch.write_text(scratch.path("rows.jsonl"),   # not the recipe's name: any name is safe
+                                  "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+        stats = inspect_source(path, "auto", samples=samples, progress=progress, count_tokens=count, unit=unit)
     # The rows were generated or mixed into a scratch file: name what the user asked for.
     return format_inspection({**stats, "path": f"{target}: data.{name} ({spec.source or 'mix'})"})
 
 
+def recipe_token_counter(recipe) -> tuple[Callable[[str], int], str]:
+    """Token count of a plain text under the recipe's chat tokenizer (the one its stages
+    train with; no special tokens added, as curation's token limits count), and its label."""
+    from posttrain.models import ModelSource, chat_tokenizer
+
+    tokenizer = chat_tokenizer(ModelSource.of(recipe.model))
+    return (lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+            f"tokens (recipe tokenizer: {recipe.model.name})")
+
+
 def curate_to_file(recipe_path: Path, dataset: str, out_file: Path, overrides: list[str],
                    log: Callable[[str], None]) -> str:
-    """Curate one dataset of a recipe as `posttrain run` would; write rows and report."""
+    """Curate one dataset of a recipe as `posttrain run` would; write rows and report.
+
+    The rows written are the curated source rows (pairs stay pairs, as curation counts
+    them), which every stage reading the dataset converts to what it trains on."""
     from posttrain.artifacts import RunDir, write_json_atomic, write_text_atomic
     from posttrain.recipe.load import load_recipe
     from posttrain.evaluation import prepare_eval
@@ -75,12 +94,12 @@ def curate_to_file(recipe_path: Path, dataset: str, out_file: Path, overrides: l
 
         texts = task_texts(setup.refs, setup.task_dir)
         env = data_env(recipe, recipe_path.resolve().parent, eval_texts=lambda: texts, log=log)
-        from posttrain.data.sources import load_data
+        from posttrain.data.sources import curated_source_rows
 
-        loaded = load_data(name, recipe.data[name], dataset_kind(recipe, name), env)
-    write_text_atomic(out_file, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in loaded.examples))
+        rows, _, _, curation = curated_source_rows(name, recipe.data[name], dataset_kind(recipe, name), env)
+    write_text_atomic(out_file, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in rows))
     report_file = out_file.with_suffix(".curation.json")
-    write_json_atomic(report_file, loaded.curation)
-    removed = ", ".join(f"{reason} {count}" for reason, count in loaded.curation["removed"].items() if count)
-    return (f"{name}: {loaded.curation['rows_in']} -> {loaded.curation['rows_out']} rows ({removed or 'nothing removed'})"
+    write_json_atomic(report_file, curation)
+    removed = ", ".join(f"{reason} {count}" for reason, count in curation["removed"].items() if count)
+    return (f"{name}: {curation['rows_in']} -> {curation['rows_out']} rows ({removed or 'nothing removed'})"
             f"\nwrote {out_file} and {report_file}")

@@ -595,3 +595,104 @@ def test_real_hh_sample_has_one_empty_chosen_reply():
         assert not example["chosen"][0]["content"].startswith((" ", "\n"))
     multi_turn = [e for e in result.examples if len(e["prompt"]) > 1]
     assert multi_turn, "the sample has multi-turn transcripts"
+
+
+# --------------------------------------------------------------------------- tool calls
+
+# LLaMA-Factory's sharegpt tool layout (data/glaive_toolcall_en_demo.json): `tools` is a
+# JSON string ("[]" when the row has none), function_call/observation turns between the
+# human and gpt ones.
+GLAIVE_PLAIN = {"conversations": [{"from": "human", "value": "What is AR?"},
+                                  {"from": "gpt", "value": "Augmented reality."}], "tools": "[]"}
+GLAIVE_TOOLS = {
+    "conversations": [
+        {"from": "human", "value": "Area of a 5 by 3 rectangle?"},
+        {"from": "function_call", "value": '{"name": "calculate_area", "arguments": {"dimensions": [5, 3]}}'},
+        {"from": "observation", "value": '{"area": 15}'},
+        {"from": "gpt", "value": "The area is 15 square units."}],
+    "tools": '[{"name": "calculate_area", "description": "Calculate the area of a shape", '
+             '"parameters": {"type": "object", "properties": {}}}]',
+}
+# OpenAI chat layout: an assistant turn with tool_calls (content null), a tool turn, tools.
+OPENAI_CALL = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "area", "arguments": '{"w": 5, "h": 3}'}}]}
+OPENAI_TOOLS = {
+    "messages": [user("Area of a 5 by 3 rectangle?"), OPENAI_CALL,
+                 {"role": "tool", "tool_call_id": "call_1", "content": "15"}, bot("It is 15.")],
+    "tools": [{"type": "function", "function": {"name": "area", "parameters": {"type": "object"}}}],
+}
+
+
+def test_sharegpt_tool_data_is_refused_as_a_whole_naming_its_first_tool_row(tmp_path):
+    path = tmp_path / "glaive.json"
+    path.write_text(json.dumps([GLAIVE_PLAIN, GLAIVE_PLAIN, GLAIVE_TOOLS, GLAIVE_PLAIN]))
+    for on_bad_rows in ("error", "skip"):     # never per row, whatever on_bad_rows says
+        with pytest.raises(DataError) as error:
+            load_examples(str(path), on_bad_rows=on_bad_rows, want="instruction")
+        assert str(error.value).startswith('glaive.json:3: a "tools" column: tool-call conversations '
+                                           "(function_call/observation/tool turns, tool_calls, a tools column) "
+                                           "are not supported yet: posttrain's chat templates have no tool-call format")
+        assert str(error.value).endswith("remove those rows or use a dataset without tools")
+        assert error.value.problems == []
+    # The rows before it with `"tools": "[]"` hold no tools: read as plain sharegpt.
+    head = load_examples(str(path), limit=2)
+    assert head.format == "sharegpt" and head.examples == [
+        {"messages": [user("What is AR?"), bot("Augmented reality.")]}] * 2
+
+
+def test_tool_turns_without_a_tools_column_are_refused_too(tmp_path):
+    no_column = {k: v for k, v in GLAIVE_TOOLS.items() if k != "tools"}
+    path = write_jsonl(tmp_path / "calls.jsonl", [GLAIVE_PLAIN, no_column])
+    with pytest.raises(DataError, match=r'^calls.jsonl:2: "conversations" turn 2 has the role "function_call": '
+                                        "tool-call conversations"):
+        load_examples(str(path))
+
+
+def test_openai_tool_calls_are_refused_as_a_whole(tmp_path):
+    plain = {"messages": [user("hi"), {"role": "assistant", "content": "hello", "tool_calls": None,
+                                       "function_call": None}]}   # OpenAI exports: null means none
+    assert convert_row(plain, "messages") == {"messages": [user("hi"), bot("hello")]}
+    without_tools = {"messages": OPENAI_TOOLS["messages"]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [plain, without_tools, OPENAI_TOOLS])
+    with pytest.raises(DataError, match=r'^chat.jsonl:2: "messages" turn 2 has "tool_calls": tool-call'):
+        load_examples(str(path), on_bad_rows="skip")
+    only_tool_turn = {"messages": [user("q"), bot("a"), {"role": "tool", "content": "15"}, bot("b")]}
+    path = write_jsonl(tmp_path / "tool.jsonl", [plain, only_tool_turn])
+    with pytest.raises(DataError, match=r'^tool.jsonl:2: "messages" turn 3 has the role "tool"'):
+        load_examples(str(path))
+    path = write_jsonl(tmp_path / "defs.jsonl", [plain, {**plain, "tools": OPENAI_TOOLS["tools"]}])
+    with pytest.raises(DataError, match=r'^defs.jsonl:2: a "tools" column'):
+        load_examples(str(path))
+
+
+def test_tool_use_is_found_in_every_layout():
+    from posttrain.data.formats import ToolCallRow, tool_use
+
+    pair = {"conversations": [{"from": "human", "value": "q"}],
+            "chosen": {"from": "function_call", "value": "{}"}, "rejected": {"from": "gpt", "value": "no"}}
+    assert tool_use(pair) == '"chosen" turn 1 has the role "function_call"'
+    parts = {"messages": [user("q"), {"role": "assistant", "content": [{"type": "tool_call", "value": "{}"}]}]}
+    assert tool_use(parts) == '"messages" turn 2 has a "tool_call" content part'
+    assert tool_use({"instruction": "q", "output": "a", "functions": '[{"name": "f"}]'}) == 'a "functions" column'
+    for empty in (None, "", "[]", " [] ", [], {}):
+        assert tool_use({**GLAIVE_PLAIN, "tools": empty}) is None
+    with pytest.raises(ToolCallRow):
+        convert_row(pair, "sharegpt_preference")
+
+
+def test_columns_a_layout_ignores_are_exact():
+    from posttrain.data.formats import COLUMNS_READ, ignored_columns
+
+    assert set(COLUMNS_READ) == set(FORMATS)
+    ultrafeedback = {"prompt": "q", "prompt_id": "7f", "chosen": [user("q"), bot("a")],
+                     "rejected": [user("q"), bot("b")], "messages": [user("q"), bot("a")],
+                     "score_chosen": 8.0, "score_rejected": 3.0, "source": None}
+    assert ignored_columns(ultrafeedback, "preference") == ["messages", "prompt_id"]   # null: nothing lost
+    hh = {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b",
+          "score_chosen": 1.0}
+    assert ignored_columns(hh, "hh") == ["score_chosen"]          # the hh layout keeps no scores
+    # unpaired reads `messages` + label, or prompt + completion + label, never both
+    assert ignored_columns({"messages": [], "prompt": "p", "label": True}, "unpaired") == ["prompt"]
+    assert ignored_columns({"messages": [], "prompt": "p", "completion": "c", "label": True},
+                           "unpaired") == ["messages"]
+    assert ignored_columns({**GLAIVE_PLAIN, "id": 3}, "sharegpt") == ["id"]   # tools: read (and refused)

@@ -172,20 +172,28 @@ def test_inspect_hand_made_file_has_known_stats(tmp_path):
     assert stats["empty_replies"] == 1
     assert stats["duplicates"] == {"count": 1, "rate": 0.2}
     assert stats["turns"] == {"min": 2, "mean": 2.6, "max": 5}
-    assert stats["unit"] == "whitespace words"
+    assert stats["unit"] == "words (whitespace)"
     # prompt words: 1, 2, 3, 3, 11 (system 2 + user 4 + assistant 4 + user 1); replies: 1, 2, 3, 3, 5
     assert stats["lengths"]["prompt"] == {"p5": 1, "p25": 2, "p50": 3, "p75": 3, "p95": 11, "max": 11}
     assert stats["lengths"]["reply"] == {"p5": 1, "p25": 2, "p50": 3, "p75": 3, "p95": 5, "max": 5}
+    # characters beside the words: replies "a", "a b", "a b c", "a b  C", "a b c d e"
+    assert stats["characters"]["reply"] == {"p5": 1, "p25": 3, "p50": 5, "p75": 6, "p95": 9, "max": 9}
+    assert stats["ignored_columns"] == {} and stats["tool_rows"] == {"count": 0, "first": []}
     assert len(stats["samples"]) == 2 and all("messages" in s and s["row"] >= 1 for s in stats["samples"])
     json.dumps(stats)  # serialisable, for --json output
 
     chars = inspect_source(path, count_tokens=len, samples=0)
-    assert chars["unit"] == "tokens" and chars["samples"] == []
+    assert chars["unit"] == "tokens" and chars["samples"] == [] and "characters" not in chars
     assert chars["lengths"]["reply"]["max"] == len("a b c d e")
 
     text = format_inspection(stats)
-    for expected in ("messages (detected)", "tiny.jsonl:5: not valid JSON", "20.0%", "whitespace words"):
+    for expected in ("messages (detected)", "tiny.jsonl:5: not valid JSON", "20.0%",
+                     "lengths in words (whitespace):", "lengths in characters:"):
         assert expected in text
+    assert "ignored columns" not in text
+
+    first_two = inspect_source(path, samples=0, limit=2)   # as loading counts: usable rows
+    assert first_two["valid"] == 2 and first_two["lengths"]["reply"]["max"] == 2
 
 
 def test_inspect_cuts_long_sample_text_and_reports_preference_lengths(tmp_path):
@@ -240,3 +248,66 @@ def test_inspect_real_samples(name, fmt, kind, rows, bad):
         assert stats["empty_replies"] == 1
         assert stats["turns"]["max"] > 2
     assert name in format_inspection(stats)
+
+
+def test_inspect_reports_ignored_columns_and_tool_rows(tmp_path):
+    """UltraFeedback-style pairs carry prompt_id/messages/source nothing reads; a tool-call
+    row is counted apart (loading refuses the whole file) and named, not mixed with bad rows."""
+    pair = {"prompt": "q", "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+            "score_chosen": 8.0, "score_rejected": 2.0, "prompt_id": "x1",
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    tool_pair = {**pair, "tools": '[{"name": "f"}]'}
+    path = _write_jsonl(tmp_path / "uf.jsonl", [json.dumps(pair), json.dumps({**pair, "source": "sharegpt"}),
+                                                json.dumps(tool_pair)])
+    stats = inspect_source(path, samples=0)
+    assert (stats["format"], stats["rows"], stats["valid"], stats["bad_rows"]["count"]) == ("preference", 3, 2, 0)
+    assert stats["ignored_columns"] == {"messages": 2, "prompt_id": 2, "source": 1}
+    assert stats["tool_rows"] == {"count": 1, "first": ['uf.jsonl:3: a "tools" column']}
+    text = format_inspection(stats)
+    assert "  ignored columns: messages, prompt_id (2 rows); source (1 row)" in text
+    assert "2 usable, 0 malformed, 1 with tool calls" in text
+    assert "tool calls: 1 row; loading refuses this dataset: tool-call conversations" in text
+    assert "    uf.jsonl:3: a \"tools\" column" in text
+
+
+CHINESE = {"messages": [{"role": "user", "content": "请把这句话翻译成英文"},      # 10 characters, no space
+                        {"role": "assistant", "content": "Please translate this sentence."}]}
+
+
+def test_inspect_without_a_recipe_says_words_and_counts_characters(tmp_path):
+    stats = inspect_source(_write_jsonl(tmp_path / "zh.jsonl", [json.dumps(CHINESE, ensure_ascii=False)]))
+    assert stats["unit"] == "words (whitespace)"
+    assert stats["lengths"]["prompt"]["max"] == 1 and stats["characters"]["prompt"]["max"] == 10
+
+
+def test_inspect_a_recipe_dataset_counts_tokens_of_the_recipe_tokenizer(tmp_path, repo):
+    """With a recipe, lengths are tokens of its chat tokenizer (micro-llama's is one token a
+    character: the Chinese prompt is 10 tokens, where whitespace counts one word), and the
+    dataset's limit is honoured as a run reads it."""
+    from click.testing import CliRunner
+
+    from posttrain.cli import main
+    from tiny_recipes import write_recipe
+
+    _write_jsonl(tmp_path / "zh.jsonl", [json.dumps(CHINESE, ensure_ascii=False)] * 3
+                 + [_messages("one two", "a")])
+    recipe = write_recipe(tmp_path, repo, """
+        name: zh
+        model: {name: builtin:micro-llama}
+        data:
+          zh: {source: zh.jsonl, limit: 3}
+        stages:
+          sft: {method: sft, data: zh, learning_rate: 1.0e-3}
+        pipelines:
+          sft: [sft]
+        eval:
+          tasks: [{repo}/evals/skills_exact.yaml]
+        """)
+    result = CliRunner().invoke(main, ["data", "inspect", str(recipe), "--samples", "0"])
+    assert result.exit_code == 0, result.output
+    assert "3 read: 3 usable" in result.output                 # limit: 3 of the 4 rows
+    assert "lengths in tokens (recipe tokenizer: builtin:micro-llama):" in result.output
+    prompt = next(line for line in result.output.splitlines() if line.strip().startswith("prompt"))
+    assert prompt.split()[1:] == ["10"] * 6                     # p5 .. max: 10 tokens, > 1 per row
+    assert "words" not in result.output and "characters" not in result.output

@@ -30,6 +30,12 @@ class RowError(ValueError):
     """One row cannot be converted; the message is the reason, without the place."""
 
 
+class ToolCallRow(RowError):
+    """The row calls tools or defines them. Not a bad row but a dataset posttrain cannot
+    train on yet: the loader refuses the whole dataset (``TOOLS_UNSUPPORTED``), never
+    only this row. The message says where in the row the tools are."""
+
+
 INSTRUCTION = "instruction"
 PREFERENCE = "preference"
 UNPAIRED = "unpaired"
@@ -417,11 +423,15 @@ _CONVERTERS: dict[str, Callable[[dict], Example]] = {
 
 
 def convert_row(row: dict, fmt: str) -> Example:
-    """One raw row in layout ``fmt`` -> its canonical example, or :class:`RowError`."""
+    """One raw row in layout ``fmt`` -> its canonical example, or :class:`RowError`
+    (:class:`ToolCallRow` for a row with tool calls or tools)."""
     kind_of(fmt)  # unknown format: ValueError naming the known ones
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, not {_type_name(row)}")
     _refuse_media(row)
+    tools = tool_use(row)
+    if tools is not None:
+        raise ToolCallRow(tools)
     return _CONVERTERS[fmt](row)
 
 
@@ -437,6 +447,101 @@ def _refuse_media(row: dict) -> None:
         if value not in (None, "", []):
             count = f"{len(value)} given" if isinstance(value, list) else "given"
             raise RowError(f'"{key}" {count}; posttrain trains text models (a row with media is refused)')
+
+
+# --------------------------------------------------------------------------- tools
+
+
+# Where published data puts tools: LLaMA-Factory's sharegpt `tools` column (a JSON string)
+# and OpenAI's `tools` (`functions` before 2023-11); turns with LLaMA-Factory's
+# function_call/observation roles (v0 `function`), OpenAI's `tool` (`function` before) and
+# Llama 3's `ipython`; assistant turns carrying OpenAI `tool_calls` (`function_call`); typed
+# content parts of a tool call or result (LLaMA-Factory v1).
+TOOL_COLUMNS = ("tools", "functions")
+TOOL_ROLES = {"function_call", "observation", "function", "tool", "ipython"}
+TOOL_TURN_KEYS = ("tool_calls", "function_call")
+TOOL_PART_TYPES = {"tool_call", "tool_calls", "function_call", "tool_result", "tool_response"}
+
+TOOLS_UNSUPPORTED = (
+    "tool-call conversations (function_call/observation/tool turns, tool_calls, a tools column) "
+    "are not supported yet: posttrain's chat templates have no tool-call format, and reading "
+    "these rows without their calls and tools (or skipping only them) would train on "
+    "conversations that no longer say what happened; remove those rows or use a dataset "
+    "without tools")
+
+
+def _given(value: Any) -> bool:
+    """Whether a tools value holds anything (published data writes "[]" for none)."""
+    if isinstance(value, str):
+        return value.strip() not in ("", "[]", "{}", "null")
+    return value is not None and value != [] and value != {}
+
+
+def _tool_turn(turn: Any) -> str | None:
+    """How one turn uses tools, or None."""
+    if not isinstance(turn, dict):
+        return None
+    role = turn.get("role", turn.get("from"))
+    if isinstance(role, str) and role.strip().lower() in TOOL_ROLES:
+        return f'has the role "{role}"'
+    for key in TOOL_TURN_KEYS:
+        if _given(turn.get(key)):
+            return f'has "{key}"'
+    content = turn.get("content", turn.get("value"))
+    for part in content if isinstance(content, list) else []:
+        if isinstance(part, dict) and part.get("type") in TOOL_PART_TYPES:
+            return f'has a "{part["type"]}" content part'
+    return None
+
+
+def tool_use(row: dict) -> str | None:
+    """Where ``row`` defines or calls tools (a tools column, a tool turn), or None.
+
+    Every layout is checked the same way: the top-level tools columns, then every turn
+    of every list of turns (and single-turn objects such as sharegpt_preference's chosen).
+    """
+    for key in TOOL_COLUMNS:
+        if _given(row.get(key)):
+            return f'a "{key}" column'
+    for field, value in row.items():
+        turns = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+        for i, turn in enumerate(turns, 1):
+            found = _tool_turn(turn)
+            if found:
+                return f'"{field}" turn {i} {found}'
+    return None
+
+
+# --------------------------------------------------------------------------- columns
+
+
+SCORE_COLUMNS = ("score_chosen", "score_rejected")
+# The top-level columns each converter reads (media and tools columns are read by all:
+# a row with them is refused).
+COLUMNS_READ: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "messages": ("messages", "system"),
+    "sharegpt": ("conversations", "system"),
+    "prompt_completion": ("prompt", "completion", "system"),
+    "preference": ("prompt", "chosen", "rejected", "system", *SCORE_COLUMNS),
+    "sharegpt_preference": ("conversations", "chosen", "rejected", "system", *SCORE_COLUMNS),
+    "messages_preference": ("prompt", "messages", "chosen_messages", "rejected_messages", "system",
+                            *SCORE_COLUMNS),
+    "hh": ("chosen", "rejected"),
+    "unpaired": ("label", "prompt", "completion", "messages", "system"),
+}
+
+
+def ignored_columns(row: dict, fmt: str) -> list[str]:
+    """The columns of ``row`` (with a value) that layout ``fmt`` does not read, sorted.
+
+    Exact per row where the layout is: an unpaired row read as ``messages`` + ``label``
+    ignores ``prompt``, one read as ``prompt`` + ``completion`` ignores ``messages``.
+    """
+    read = set(COLUMNS_READ[fmt]) | set(MEDIA_COLUMNS) | set(TOOL_COLUMNS)
+    if fmt == "unpaired":
+        read -= {"prompt", "completion"} if "messages" in row and "completion" not in row else {"messages"}
+    return sorted(key for key, value in row.items() if key not in read and value is not None)
 
 
 def preference_to_instruction(example: Example) -> Example:
@@ -473,12 +578,35 @@ def to_kind(examples: list[Example], kind: str, wanted: str) -> list[Example]:
         return examples
     if not can_feed(kind, wanted):
         raise ValueError(f"needs {KIND_NEEDS[wanted]}, not {kind} data")
+    return [out for example in examples for out in _converted(example, kind, wanted)]
+
+
+def _converted(example: Example, kind: str, wanted: str) -> list[Example]:
+    """One example of `kind` as `wanted` (zero, one or two examples; see `to_kind`)."""
     if wanted == INSTRUCTION and kind == PREFERENCE:
-        return [preference_to_instruction(example) for example in examples]
+        return [preference_to_instruction(example)]
     if wanted == INSTRUCTION:
-        return [{"messages": [dict(m) for m in e["prompt"] + e["completion"]]} for e in examples if e["label"]]
-    return [{"prompt": [dict(m) for m in e["prompt"]], "completion": [dict(m) for m in e[side]],
-             "label": side == "chosen"} for e in examples for side in ("chosen", "rejected")]
+        messages = [dict(m) for m in example["prompt"] + example["completion"]]
+        return [{"messages": messages}] if example["label"] else []
+    return [{"prompt": [dict(m) for m in example["prompt"]], "completion": [dict(m) for m in example[side]],
+             "label": side == "chosen"} for side in ("chosen", "rejected")]
+
+
+def example_kind(example: Example) -> str:
+    """The kind of one canonical example, from its keys."""
+    if "chosen" in example:
+        return PREFERENCE
+    return UNPAIRED if "label" in example else INSTRUCTION
+
+
+def as_kind(examples: list[Example], wanted: str) -> list[Example]:
+    """Canonical examples of any kinds (a mix's parts may differ) as `wanted`, in order:
+    `to_kind` applied to each. Raises ValueError naming the first kind that cannot feed it."""
+    out: list[Example] = []
+    for example in examples:
+        kind = example_kind(example)
+        out += [example] if kind == wanted else to_kind([example], kind, wanted)
+    return out
 
 
 def _looks_like_hh(row: dict) -> bool:

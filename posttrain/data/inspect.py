@@ -6,11 +6,15 @@ what it reports is what a recipe would get.  Unlike loading, a malformed row is
 counted and listed (``file:line: reason``), never raised: the point is to see how
 much of a file is usable.
 
-Lengths are in tokens when a ``count_tokens`` callable is given, else in
-whitespace-separated words (``stats["unit"]`` says which).  Prompt length counts
-every message before the final reply (system message included); reply length is
-the final assistant reply (``chosen`` for preference data, with ``rejected``
-reported beside it).
+Lengths are in tokens when a ``count_tokens`` callable is given (``posttrain data
+inspect`` on a recipe's dataset: the recipe's tokenizer), else in whitespace-separated
+words and in characters (a text without spaces, such as Chinese, is one "word");
+``stats["unit"]`` says which.  Prompt length counts every message before the final
+reply (system message included); reply length is the final assistant reply
+(``chosen`` for preference data, with ``rejected`` reported beside it).
+
+Columns the layout does not read are counted (``ignored_columns``), and rows with
+tool calls or tools are counted apart: loading refuses such a dataset as a whole.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import random
 from pathlib import Path
 from typing import Callable, Iterable
 
-from posttrain.data.formats import FORMATS, RowError, convert_row, kind_of
+from posttrain.data.formats import FORMATS, TOOLS_UNSUPPORTED, RowError, ToolCallRow, convert_row, ignored_columns, kind_of
 from posttrain.data.io import choose_format, peek, read_records
 from posttrain.errors import DataError
 
@@ -36,17 +40,23 @@ def inspect_source(
     fmt: str = "auto",
     *,
     count_tokens: Callable[[str], int] | None = None,
+    unit: str = "tokens",
     samples: int = 3,
     progress: bool = False,
+    limit: int | None = None,
 ) -> dict:
     """Statistics of the data file at ``path`` read in layout ``fmt`` ("auto": detected).
 
     Returns a JSON-serialisable dict: ``path``, ``format``, ``detected``, ``kind``,
     ``rows`` (records read), ``valid``, ``bad_rows`` (``{"count", "first"}``),
-    ``turns`` (min/mean/max messages per example), ``unit``, ``lengths``
-    (``prompt``/``reply``[/``rejected``]: p5, p25, p50, p75, p95, max),
+    ``tool_rows`` (``{"count", "first"}``: rows with tool calls or tools),
+    ``ignored_columns`` (column -> usable rows that have it), ``turns`` (min/mean/max
+    messages per example), ``unit`` (``unit`` when ``count_tokens`` is given, else
+    "words (whitespace)"), ``lengths`` (``prompt``/``reply``[/``rejected``]: p5, p25,
+    p50, p75, p95, max), ``characters`` (the same in characters, when counting words),
     ``duplicates`` (exact, after lower-casing and collapsing whitespace),
     ``empty_replies`` and ``samples`` (canonical examples, text cut short).
+    ``limit``: stop after that many usable rows, as loading does.
     Whole-file problems (missing, unsupported type, undetectable format) raise DataError.
     """
     path = Path(path)
@@ -56,9 +66,12 @@ def inspect_source(
         raise DataError(f'unknown data format "{fmt}" (known: auto, {", ".join(sorted(FORMATS))})')
     head, records = peek(read_records(path))
     chosen = choose_format(fmt, head, path.name)
-    tally = _Tally(path.name, count_tokens or _words, samples, kind_of(chosen))
+    counters = {"lengths": count_tokens} if count_tokens else {"lengths": _words, "characters": len}
+    tally = _Tally(path.name, counters, samples, kind_of(chosen))
     with _progress_bar(path, enabled=progress) as advance:
         for number, row in records:
+            if limit is not None and len(tally.turns) >= limit:
+                break
             tally.add(number, row, chosen)
             if number % _PROGRESS_EVERY == 0:
                 advance(number)
@@ -67,8 +80,11 @@ def inspect_source(
         "format": chosen,
         "detected": fmt == "auto",
         **tally.summary(),
-        "unit": "tokens" if count_tokens else "whitespace words",
+        "unit": unit if count_tokens else WORDS,
     }
+
+
+WORDS = "words (whitespace)"
 
 
 # --------------------------------------------------------------------------- reading
@@ -96,16 +112,19 @@ def _is_empty_reply(reason: str) -> bool:
 class _Tally:
     """Running statistics; keeps lengths (ints), hashes and a few samples, never the rows."""
 
-    def __init__(self, label: str, count: Callable[[str], int], samples: int, kind: str):
-        self.label, self.count, self.kind = label, count, kind
+    def __init__(self, label: str, counters: dict[str, Callable[[str], int]], samples: int, kind: str):
+        self.label, self.counters, self.kind = label, counters, kind
         self.rows = 0
         self.bad: list[str] = []
         self.bad_count = 0
+        self.tools: list[str] = []
+        self.tool_count = 0
+        self.ignored: dict[str, int] = {}
         self.empty_replies = 0
         self.turns: list[int] = []
-        self.lengths: dict[str, list[int]] = {"prompt": [], "reply": []}
-        if kind == "preference":
-            self.lengths["rejected"] = []
+        parts = ("prompt", "reply", "rejected") if kind == "preference" else ("prompt", "reply")
+        # measure ("lengths", "characters") -> part -> one value per usable row
+        self.lengths: dict[str, dict[str, list[int]]] = {measure: {part: [] for part in parts} for measure in counters}
         self.labels = {True: 0, False: 0}   # unpaired data: desirable / undesirable completions
         self.seen: set[int] = set()
         self.duplicates = 0
@@ -120,31 +139,44 @@ class _Tally:
             if isinstance(row, Exception):
                 raise row
             example = convert_row(row, fmt)
+        except ToolCallRow as error:
+            self.tool_count += 1
+            if len(self.tools) < SHOWN_BAD_ROWS:
+                self.tools.append(f"{self.label}:{number}: {error}")
+            return
         except RowError as error:
             self._bad(number, str(error))
             return
-        if self.kind == "preference":
-            prompt, reply = example["prompt"], example["chosen"]
-            self.lengths["rejected"].append(self.count(example["rejected"][0]["content"]))
-            extra = example["rejected"][0]["content"]
-        elif self.kind == "unpaired":
-            prompt, reply = example["prompt"], example["completion"]
+        for column in ignored_columns(row, fmt):
+            self.ignored[column] = self.ignored.get(column, 0) + 1
+        turns, texts, extra = self._texts(example)
+        self.turns.append(turns)
+        if self.kind == "unpaired":
             self.labels[example["label"]] += 1
-            extra = str(example["label"])   # the same completion judged both ways is not a duplicate
-        else:
-            prompt, reply = example["messages"][:-1], example["messages"][-1:]
-            extra = ""
-        prompt_text = "\n".join(message["content"] for message in prompt)
-        reply_text = reply[0]["content"]
-        self.turns.append(len(prompt) + 1)
-        self.lengths["prompt"].append(self.count(prompt_text))
-        self.lengths["reply"].append(self.count(reply_text))
-        key = hash((_normalise(prompt_text), _normalise(reply_text), _normalise(extra)))
+        for measure, count in self.counters.items():
+            for part, values in self.lengths[measure].items():
+                values.append(count(texts[part]))
+        key = hash((_normalise(texts["prompt"]), _normalise(texts["reply"]), _normalise(extra)))
         if key in self.seen:
             self.duplicates += 1
         else:
             self.seen.add(key)
         self._sample(number, example)
+
+    def _texts(self, example: dict) -> tuple[int, dict[str, str], str]:
+        """(messages in the example, the texts measured by part, what else tells duplicates apart)."""
+        texts = {}
+        if self.kind == "preference":
+            prompt, reply = example["prompt"], example["chosen"]
+            texts["rejected"] = extra = example["rejected"][0]["content"]
+        elif self.kind == "unpaired":
+            prompt, reply = example["prompt"], example["completion"]
+            extra = str(example["label"])   # the same completion judged both ways is not a duplicate
+        else:
+            prompt, reply = example["messages"][:-1], example["messages"][-1:]
+            extra = ""
+        texts |= {"prompt": "\n".join(message["content"] for message in prompt), "reply": reply[0]["content"]}
+        return len(prompt) + 1, texts, extra
 
     def _bad(self, number: int, reason: str) -> None:
         self.bad_count += 1
@@ -169,9 +201,12 @@ class _Tally:
             "rows": self.rows,
             "valid": valid,
             "bad_rows": {"count": self.bad_count, "first": self.bad},
+            "tool_rows": {"count": self.tool_count, "first": self.tools},
+            "ignored_columns": dict(sorted(self.ignored.items())),
             "turns": {"min": min(self.turns, default=0), "max": max(self.turns, default=0),
                       "mean": round(sum(self.turns) / valid, 2) if valid else 0.0},
-            "lengths": {name: percentiles(values) for name, values in self.lengths.items()},
+            **{measure: {part: percentiles(values) for part, values in parts.items()}
+               for measure, parts in self.lengths.items()},
             "duplicates": {"count": self.duplicates,
                            "rate": round(self.duplicates / valid, 4) if valid else 0.0},
             "empty_replies": self.empty_replies,
@@ -259,21 +294,26 @@ def format_inspection(stats: dict) -> str:
     how = "detected" if stats["detected"] else "given"
     turns = stats["turns"]
     dup = stats["duplicates"]
+    tools = stats.get("tool_rows") or {"count": 0, "first": []}
     lines = [
         f"{stats['path']}",
         f"  format      {stats['format']} ({how}), {stats['kind']} data",
-        f"  rows        {stats['rows']:,} read: {valid:,} usable, {bad['count']:,} malformed",
+        f"  rows        {stats['rows']:,} read: {valid:,} usable, {bad['count']:,} malformed"
+        + (f", {tools['count']:,} with tool calls" if tools["count"] else ""),
+        *_ignored_line(stats.get("ignored_columns") or {}),
         f"  turns       min {turns['min']}, mean {turns['mean']:.2f}, max {turns['max']} messages per example",
         f"  duplicates  {dup['count']:,} exact ({dup['rate']:.1%}; case and whitespace ignored)",
         f"  empty replies {stats['empty_replies']:,}" + (" (counted among the malformed rows)"
                                                        if stats["empty_replies"] else ""),
         *([f"  labels      {stats['labels']['desirable']:,} desirable, {stats['labels']['undesirable']:,} undesirable"]
           if "labels" in stats else []),
-        f"  lengths in {stats['unit']}:",
-        "    " + f"{'':<9}" + "".join(f"{name:>8}" for name in [*(f"p{p}" for p in PERCENTILES), "max"]),
+        *_length_table(f"lengths in {stats['unit']}", stats["lengths"]),
+        *(_length_table("lengths in characters", stats["characters"]) if "characters" in stats else []),
     ]
-    for name, values in stats["lengths"].items():
-        lines.append("    " + f"{name:<9}" + "".join(f"{value:>8,}" for value in values.values()))
+    if tools["count"]:
+        rows = f"{tools['count']:,} row{'s' if tools['count'] != 1 else ''}"
+        lines.append(f"  tool calls: {rows}; loading refuses this dataset: {TOOLS_UNSUPPORTED}")
+        lines += [f"    {message}" for message in tools["first"]]
     if bad["count"]:
         lines.append(f"  malformed rows (first {len(bad['first'])} of {bad['count']:,}):")
         lines += [f"    {message}" for message in bad["first"]]
@@ -291,3 +331,23 @@ def format_inspection(stats: dict) -> str:
                     label = message["role"] if field in ("messages", "prompt") else f"{message['role']} ({field})"
                     lines.append(f"      {label}: {text}")
     return "\n".join(lines)
+
+
+def _length_table(title: str, lengths: dict[str, dict[str, int]]) -> list[str]:
+    lines = [f"  {title}:",
+             "    " + f"{'':<9}" + "".join(f"{name:>8}" for name in [*(f"p{p}" for p in PERCENTILES), "max"])]
+    for name, values in lengths.items():
+        lines.append("    " + f"{name:<9}" + "".join(f"{value:>8,}" for value in values.values()))
+    return lines
+
+
+def _ignored_line(ignored: dict[str, int]) -> list[str]:
+    """"ignored columns: id, source (300 rows)": columns grouped by how many rows have them."""
+    if not ignored:
+        return []
+    groups: dict[int, list[str]] = {}
+    for column, rows in ignored.items():
+        groups.setdefault(rows, []).append(column)
+    parts = [f"{', '.join(columns)} ({rows:,} row{'s' if rows != 1 else ''})"
+             for rows, columns in sorted(groups.items(), key=lambda item: -item[0])]
+    return [f"  ignored columns: {'; '.join(parts)}"]

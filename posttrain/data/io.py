@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from posttrain.data.formats import FORMATS, KIND_NEEDS, RowError, can_feed, convert_row, detect_format, kind_of, to_kind
+from posttrain.data.formats import (FORMATS, KIND_NEEDS, TOOLS_UNSUPPORTED, RowError, ToolCallRow, can_feed,
+                                    convert_row, detect_format, kind_of, to_kind)
 from posttrain.errors import DataError
 
 Record = tuple[int, "dict | Exception"]
@@ -296,7 +297,11 @@ def _check_kind(fmt: str, want: str | None, label: str) -> None:
 def _convert_all(
     records: Iterable[Record], fmt: str, label: str, limit: int | None
 ) -> tuple[list[dict], list[str]]:
-    """Convert rows until ``limit`` examples; collect one message per bad row."""
+    """Convert rows until ``limit`` examples; collect one message per bad row.
+
+    A row with tool calls or tools refuses the whole dataset at once, whatever
+    ``on_bad_rows`` says (see ``tools_refused``).
+    """
     examples: list[dict] = []
     problems: list[str] = []
     for number, row in records:
@@ -306,11 +311,23 @@ def _convert_all(
             if isinstance(row, Exception):
                 raise row
             example = convert_row(row, fmt)
+        except ToolCallRow as error:
+            raise tools_refused(f"{label}:{number}", str(error)) from None
         except RowError as error:
             problems.append(f"{label}:{number}: {error}")
             continue
         examples.append(example)
     return examples, problems
+
+
+def tools_refused(place: str, where: str) -> DataError:
+    """The one error for a dataset with tool calls, naming its first such row.
+
+    Never per row: skipping only the rows with calls would train on a different
+    dataset than the one named (the conversations around tools, without them), and
+    keeping them without their calls would train on replies to calls never shown.
+    """
+    return DataError(f"{place}: {where}: {TOOLS_UNSUPPORTED}")
 
 
 def _capped(problems: list[str]) -> list[str]:
@@ -327,13 +344,16 @@ def load_examples(
     want: str | None = None,
     base_dir: Path | None = None,
     limit: int | None = None,
+    convert: bool = True,
 ) -> LoadResult:
     """Load ``source`` (file or hub id) in layout ``fmt`` as canonical examples.
 
     ``want`` is the kind the consuming stage needs; the examples are converted to it
     (``formats.to_kind``: preference data feeding an instruction stage is projected
     to prompt + chosen, pairs are unpaired for KTO); instruction data cannot feed
-    a preference stage (DataError).  ``limit`` caps the number of examples kept.
+    a preference stage (DataError).  ``convert=False`` checks that but returns the
+    examples in their own kind (``sources`` curates them before converting).
+    ``limit`` caps the number of source rows kept (pairs, before any unpairing).
     """
     _check_options(fmt, on_bad_rows, want)
     path, hub_name = _locate(str(source), base_dir)
@@ -360,7 +380,7 @@ def load_examples(
     if not examples and limit != 0:
         reason = f" ({len(problems)} malformed rows skipped)" if problems else ""
         raise DataError(f"{label}: no usable examples{reason}", problems=_capped(problems))
-    if want is not None:
+    if want is not None and convert:
         examples = to_kind(examples, kind_of(chosen_format), want)
     return LoadResult(examples=examples, format=chosen_format, detected=fmt == "auto",
                       skipped=problems, source=str(source))

@@ -5,6 +5,13 @@ everything else goes through the file/hub loader in posttrain.data.io. A dataset
 may be a `mix` of others, and may be curated (posttrain.data.curate); curated sets
 are cached by content in posttrain's cache (`<cache>/curated`), so curating the same way twice is
 free and curating differently changes the fingerprint the stage keys hash.
+
+Order: read (`limit`: the first N source rows) -> mix (`cap`, `size`: source rows)
+-> curate -> convert to the kind the stage trains on (`formats.as_kind`). Every step
+before the conversion sees the source rows as published (pairs stay pairs), so every
+stage reading a dataset gets the same rows of it: `limit: 100` is 100 pairs for DPO,
+their 100 chosen replies for SFT and their 200 labelled replies for KTO, and
+`min_score_margin` keeps the same pairs whichever stage reads them.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Callable
 
 from posttrain.artifacts import content_hash
 from posttrain.data import builtin, noisy
-from posttrain.data.formats import convert_row, kind_of, to_kind
+from posttrain.data.formats import KIND_NEEDS, as_kind, can_feed, convert_row, kind_of
 from posttrain.data.io import load_examples
 from posttrain.errors import DataError
 
@@ -73,24 +80,37 @@ def builtin_rows(source: str, split: str) -> tuple[list[dict], str]:
 
 
 def load_raw(name: str, spec, want: str, env: DataEnv) -> tuple[list[dict], str, list[str]]:
-    """One dataset's canonical examples before curation: (examples, format, skipped rows)."""
+    """One dataset's canonical examples before its curation, as a stage needing `want`
+    reads them: (examples, format, skipped rows)."""
+    examples, fmt, skipped = load_source_rows(name, spec, want, env)
+    return as_kind(examples, want), fmt, skipped
+
+
+def load_source_rows(name: str, spec, want: str, env: DataEnv) -> tuple[list[dict], str, list[str]]:
+    """One dataset's source rows as canonical examples of their own kind (a mix: of its
+    parts' kinds, each part curated as its own spec says), before the dataset's own
+    curation: (examples, format, skipped rows).
+
+    Checked to feed a stage that needs `want` (DataError otherwise), not converted.
+    `limit` keeps the first N source rows (of a mix: of its parts, concatenated).
+    """
     if spec.mix is not None:
-        return load_mix(name, spec, want, env), "mix", []
+        return load_mix(name, spec, want, env)[: spec.limit or None], "mix", []
     if spec.source.startswith("builtin:"):
         rows, fmt = builtin_rows(spec.source, spec.split)
         fmt = fmt if spec.format == "auto" else spec.format
-        examples = [convert_row(row, fmt) for row in rows][: spec.limit or None]
-        try:
-            return to_kind(examples, kind_of(fmt), want), fmt, []
-        except ValueError as exc:
-            raise DataError(f"data.{name}: this stage {exc}; {spec.source} is {kind_of(fmt)} data") from None
+        if not can_feed(kind_of(fmt), want):
+            raise DataError(f"data.{name}: this stage needs {KIND_NEEDS[want]}; "
+                            f"{spec.source} is {kind_of(fmt)} data")
+        return [convert_row(row, fmt) for row in rows[: spec.limit or None]], fmt, []
     result = load_examples(spec.source, spec.format, split=spec.split, on_bad_rows=spec.on_bad_rows,
-                           want=want, base_dir=env.base_dir, limit=spec.limit)
+                           want=want, base_dir=env.base_dir, limit=spec.limit, convert=False)
     return result.examples, result.format, result.skipped
 
 
 def load_mix(name: str, spec, want: str, env: DataEnv) -> list[dict]:
-    """Concatenate parts: each capped (`cap`) or sized by weight (`weight` of `size`), seeded."""
+    """Concatenate parts' source rows: each capped (`cap`) or sized by weight (`weight` of
+    `size`), seeded; counted in source rows (a pair is one row whichever stage reads it)."""
     weights = [part.weight for part in spec.mix if part.weight is not None]
     if weights and spec.size is None:
         raise DataError(f"data.{name}: a mix with weights needs size (the total number of rows)")
@@ -98,7 +118,7 @@ def load_mix(name: str, spec, want: str, env: DataEnv) -> list[dict]:
     for part in spec.mix:
         if part.data not in env.datasets or part.data == name:
             raise DataError(f"data.{name}.mix: unknown dataset {part.data!r}")
-        rows = load_data(part.data, env.datasets[part.data], want, env).examples
+        rows = curated_source_rows(part.data, env.datasets[part.data], want, env)[0]
         take = len(rows)
         if part.weight is not None:
             take = round(spec.size * part.weight / sum(weights))
@@ -112,14 +132,22 @@ def load_mix(name: str, spec, want: str, env: DataEnv) -> list[dict]:
     return examples
 
 
-def load_data(name: str, spec, want: str, env_or_base_dir) -> LoadedData:
-    """Load dataset `name` of a recipe for a stage that needs `want` kind of data."""
-    env = env_or_base_dir if isinstance(env_or_base_dir, DataEnv) else DataEnv(base_dir=env_or_base_dir)
-    examples, fmt, skipped = load_raw(name, spec, want, env)
-    curation, rows_before = None, None
+def curated_source_rows(name: str, spec, want: str, env: DataEnv) -> tuple[list[dict], str, list[str], dict | None]:
+    """`load_source_rows`, then the dataset's own curation: (examples, format, skipped, curation report)."""
+    examples, fmt, skipped = load_source_rows(name, spec, want, env)
+    curation = None
     if spec.curate is not None:
-        rows_before = len(examples)
         examples, curation = curated(name, examples, spec.curate, env)
+    return examples, fmt, skipped, curation
+
+
+def load_data(name: str, spec, want: str, env_or_base_dir) -> LoadedData:
+    """Load dataset `name` of a recipe for a stage that needs `want` kind of data:
+    read, mixed and curated as source rows, then converted (module docstring)."""
+    env = env_or_base_dir if isinstance(env_or_base_dir, DataEnv) else DataEnv(base_dir=env_or_base_dir)
+    rows, fmt, skipped, curation = curated_source_rows(name, spec, want, env)
+    examples = as_kind(rows, want)
+    rows_before = curation["rows_in"] if curation else None
     return LoadedData(name=name, examples=examples, format=fmt, kind=want, skipped=skipped,
                       fingerprint=fingerprint(examples), curation=curation, rows_before_curation=rows_before)
 
@@ -128,6 +156,7 @@ def curated(name: str, examples: list[dict], curate_spec, env: DataEnv) -> tuple
     """Curate, or reuse a cached result keyed by the input and everything curation depends on."""
     from posttrain.data.curate import curate
 
+    _check_scores(name, examples, curate_spec)
     eval_texts = env.eval_texts() if (curate_spec.decontaminate and env.eval_texts) else None
     select = curate_spec.select
     scorer_name = select.scorer if select else None
@@ -160,3 +189,14 @@ def curated(name: str, examples: list[dict], curate_spec, env: DataEnv) -> tuple
         area.write_text(cache, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         area.write_json(cache.with_suffix(".curation.json"), summary)
     return rows, summary
+
+
+def _check_scores(name: str, examples: list[dict], curate_spec) -> None:
+    """`min_score_margin` on rows none of which is a scored pair would filter nothing,
+    silently: refused, naming the setting."""
+    if curate_spec.min_score_margin is None or not examples:
+        return
+    if not any(e.get("score_chosen") is not None and e.get("score_rejected") is not None for e in examples):
+        raise DataError(f"data.{name}.curate.min_score_margin: no row of data.{name} is a preference pair "
+                        "with score_chosen and score_rejected, so the margin would filter nothing; "
+                        "remove min_score_margin or use scored pairs (UltraFeedback-style)")
