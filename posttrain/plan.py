@@ -222,9 +222,13 @@ def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] |
 
 
 def source_after(plan: Plan, node: StageNode | None, cache: Cache) -> ModelSource:
-    """The model a pipeline has after `node`: full weights, or base + merged adapters."""
+    """The model a pipeline has after `node`: full weights, or base + merged adapters. A hub
+    model is loaded at the commit its key holds, not by a branch that may move meanwhile."""
     if node is None:
-        return base_source(plan.recipe)
+        base = base_source(plan.recipe)
+        if plan.weights and plan.weights.startswith("commit:"):
+            return replace(base, revision=plan.weights.removeprefix("commit:"))
+        return base
     previous = source_after(plan, node.parent, cache)
     model_dir = str(cache.stage_dir(node.key) / "model")
     if cache.stage_record(node.key).adapter:
