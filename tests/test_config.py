@@ -55,7 +55,7 @@ def test_three_independent_mistakes_all_reported_with_paths_and_lines(tmp_path):
         load_recipe(write(tmp_path, bad))
     problems = info.value.problems
     assert len(problems) == 3, problems
-    assert "recipe.yaml:5: data.ins.fromat: unknown key" in problems
+    assert "recipe.yaml:5: data.ins.fromat: unknown key; did you mean 'format'?" in problems
     assert "recipe.yaml:9: stages.dpo.beta: must be > 0.0" in problems
     assert any(p.startswith("recipe.yaml:12: pipelines.sft+dpo[1]: unknown stage 'dop'") for p in problems)
 

@@ -12,6 +12,7 @@ from posttrain.errors import PosttrainError, RecipeError
 from posttrain.recipe.fields import error_message
 from posttrain.recipe.references import PATH_NAME_SECTIONS, cross_problems
 from posttrain.recipe.schema import Recipe
+from posttrain.recipe.suggest import unknown_key_message
 from posttrain.recipe.sweep import expand_sweep, plan_sweep, sweep_lines
 from posttrain.recipe.yamlfile import YAML_MAX_BYTES, problems_error, strict_yaml_load
 from posttrain.stages import METHODS, method_names
@@ -49,7 +50,7 @@ def validate_recipe(raw: dict, where: str, lines: dict[tuple, int] | None = None
     try:
         Recipe.model_validate(unswept)
     except ValidationError as exc:
-        problems += _pydantic_problems(exc)
+        problems += _pydantic_problems(exc, raw)
     problems += cross_problems(raw)
     if problems:
         raise problems_error(where, problems, lines)
@@ -57,12 +58,14 @@ def validate_recipe(raw: dict, where: str, lines: dict[tuple, int] | None = None
     try:
         return Recipe.model_validate(expand_sweep(unswept, plan))
     except ValidationError as exc:  # not expected: every swept value was checked above
-        raise problems_error(where, _pydantic_problems(exc), lines) from None
+        raise problems_error(where, _pydantic_problems(exc, raw), lines) from None
 
 
-def _pydantic_problems(exc: ValidationError) -> list[tuple[tuple, str]]:
+def _pydantic_problems(exc: ValidationError, raw: dict) -> list[tuple[tuple, str]]:
     return [(_strip_union_tags(err["loc"]),
-             f"missing 'method' ({method_names()})" if err["type"] == "union_tag_not_found" else error_message(err))
+             f"missing 'method' ({method_names()})" if err["type"] == "union_tag_not_found"
+             else unknown_key_message(raw, _strip_union_tags(err["loc"])) if err["type"] == "extra_forbidden"
+             else error_message(err))
             for err in exc.errors()
             # a name that is not a string: _name_problems says so, with the naming rule
             if not (len(err["loc"]) == 3 and err["loc"][0] in PATH_NAME_SECTIONS and err["loc"][2] == "[key]")]
