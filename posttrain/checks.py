@@ -151,12 +151,30 @@ def check_before_training(recipe, refs: list, task_dir: Path | None,
     (``evaluation.prepare_eval``). Loads tokenizers and model configs, never weights.
     """
     started = time.perf_counter()
-    problems = model_problems(recipe) + eval_task_problems(refs, task_dir, log)
+    problems = quantization_problems(recipe) + model_problems(recipe) + eval_task_problems(refs, task_dir, log)
     log(f"checks: model, tokenizer, chat template, LoRA targets and {len(refs)} eval task(s) "
         f"checked in {time.perf_counter() - started:.1f} s")
     if problems:
         raise RecipeError(f"{len(problems)} problem(s) found before training (nothing was trained)",
                           [_render(loc, message) for loc, message in problems])
+
+
+def quantization_problems(recipe) -> list[Problem]:
+    """QLoRA needs bitsandbytes (the `qlora` extra) and a CUDA GPU: refused here, not after
+    the data is tokenized or as a traceback from bitsandbytes."""
+    if recipe.model.quantization is None:
+        return []
+    import importlib.util
+
+    import torch
+
+    loc = ("model", "quantization")
+    if not torch.cuda.is_available():
+        return [(loc, "4-bit loading (QLoRA, bitsandbytes) needs a CUDA GPU and this machine has none; remove "
+                      f"model.quantization to train LoRA on {recipe.model.dtype} weights here")]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [(loc, "4-bit loading (QLoRA) needs bitsandbytes: pip install 'posttrain[qlora]'")]
+    return []
 
 
 def model_problems(recipe) -> list[Problem]:

@@ -344,11 +344,14 @@ def task_problems(refs: list[TaskRef], task_dir: Path | None,
 
 
 def _leaf_problems(name: str, leaves: list[tuple[Path, dict | None]]) -> list[str]:
-    import_problem = data_problem = None
+    import_problem = data_problem = nltk_problem = None
     datasets_seen: set[str] = set()
     for yaml_path, overrides in leaves:
+        if nltk_problem is None:
+            nltk_problem = _nltk_data_problem(name, yaml_path)
         if import_problem is None:
-            import_problem = _import_check(name, yaml_path)
+            with _no_nltk_downloads():   # IFEval's module downloads punkt_tab at import
+                import_problem = _import_check(name, yaml_path)
         if data_problem is None:
             config = _task_config(yaml_path, overrides)
             dataset = config.get("dataset_path")
@@ -357,7 +360,22 @@ def _leaf_problems(name: str, leaves: list[tuple[Path, dict | None]]) -> list[st
                 data_problem = _dataset_problem(name, config)
         if import_problem and data_problem:
             break
-    return [problem for problem in (import_problem, data_problem) if problem]
+    return [problem for problem in (nltk_problem, import_problem, data_problem) if problem]
+
+
+@contextmanager
+def _no_nltk_downloads() -> Iterator[None]:
+    """A check imports task modules; none of them may fetch anything (NLTK data is checked apart)."""
+    try:
+        import nltk
+    except ImportError:
+        yield
+        return
+    download, nltk.download = nltk.download, lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        nltk.download = download
 
 
 def _registry_index(names: list[str], task_dir: Path | None, log) -> dict:
@@ -431,6 +449,41 @@ def _import_check(name: str, yaml_path: Path) -> str | None:
     except Exception as exc:  # a broken module or YAML of the task: the user's to fix
         return f"task {name!r}: cannot load {yaml_path}: {type(exc).__name__}: {exc}"
     return None
+
+
+NLTK_RESOURCE = re.compile(r"""nltk\.(?:data\.find|download)\(\s*["']([\w./-]+)["']""")
+NLTK_FOLDERS = ("tokenizers", "corpora", "taggers", "chunkers", "misc", "models", "grammars", "stemmers")
+
+
+def _nltk_data_problem(name: str, yaml_path: Path) -> str | None:
+    """NLTK data a task's Python modules look up or download (IFEval: `punkt_tab`) that is not
+    installed: offline, lm-eval's download at import fails and the task breaks mid-evaluation."""
+    resources = {match for source in Path(yaml_path).parent.glob("*.py")
+                 for match in NLTK_RESOURCE.findall(source.read_text(encoding="utf-8", errors="replace"))}
+    if not resources:
+        return None
+    try:
+        import nltk
+    except ImportError:
+        return None   # the import check names the package to install
+    missing = []
+    for resource in sorted(resources):
+        paths = [resource] if "/" in resource else [f"{folder}/{resource}" for folder in NLTK_FOLDERS]
+        if not any(_nltk_has(nltk, path) for path in paths):
+            missing.append(resource.rsplit("/", 1)[-1])
+    missing = list(dict.fromkeys(missing))
+    if not missing:
+        return None
+    return (f"task {name!r} needs NLTK data that is not installed: {', '.join(missing)}; "
+            f"run once online: python -m nltk.downloader {' '.join(missing)}")
+
+
+def _nltk_has(nltk, path: str) -> bool:
+    try:
+        nltk.data.find(path)
+        return True
+    except LookupError:
+        return False
 
 
 def _task_config(yaml_path: Path, overrides: dict | None) -> dict:

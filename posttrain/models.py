@@ -56,13 +56,15 @@ class ModelSource:
     # (recipe.schema.ModelSpec.template_choice reads a template file).
     chat_template: str = "chatml"
     adapter_dirs: tuple[str, ...] = ()  # LoRA adapters merged in order on top of `name`
+    quantization: tuple[tuple[str, Any], ...] = ()   # QLoRA: a QuantizationSpec's items (4-bit weights)
 
     @classmethod
     def of(cls, spec, name: str | None = None) -> "ModelSource":
         """A recipe's `model:` spec as a source; `name` another model with the same settings
         (an `external` entry: named, so no revision)."""
         return cls(name=name or spec.name, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                   revision=None if name else spec.revision, chat_template=spec.template_choice())
+                   revision=None if name else spec.revision, chat_template=spec.template_choice(),
+                   quantization=tuple(spec.quantization.model_dump().items()) if spec.quantization else ())
 
 
 @dataclass
@@ -277,7 +279,7 @@ def load_model(source: ModelSource, device: str | None = None) -> Loaded:
     added = apply_chat_template_choice(tokenizer, model, source.chat_template)
     if source.adapter_dirs:
         model = merge_adapters(model, source.adapter_dirs)
-    if device:
+    if device and not source.quantization:   # a 4-bit model is placed on its GPU when loaded
         model = model.to(device)
     return Loaded(model, tokenizer, added)
 
@@ -293,9 +295,24 @@ def _load_pretrained(source: ModelSource):
     try:
         return AutoModelForCausalLM.from_pretrained(
             source.name, revision=source.revision, dtype=torch_dtype(source.dtype),
-            trust_remote_code=source.trust_remote_code)
+            trust_remote_code=source.trust_remote_code, **quantized_loading(source))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {source.name!r}: {exc}") from None
+
+
+def quantized_loading(source: ModelSource) -> dict:
+    """from_pretrained's settings for a QLoRA base: bitsandbytes 4-bit, on the current GPU
+    (checks.quantization_problems refused the recipe before training without one)."""
+    if not source.quantization:
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    spec = dict(source.quantization)
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=spec["quant_type"], bnb_4bit_use_double_quant=spec["double_quant"],
+        bnb_4bit_compute_dtype=torch_dtype(spec["compute_dtype"]), bnb_4bit_quant_storage=torch.uint8),
+        "device_map": {"": torch.cuda.current_device()}}
 
 
 def merge_adapters(model, adapter_dirs: tuple[str, ...]):

@@ -498,3 +498,20 @@ def test_plan_counts_the_rows_each_stage_will_drop(tmp_path, repo):
     assert rows["sft"]["dropped"] == 0 and rows["orpo"]["dropped"] == 0
     text = invoke("plan", *tiny(tmp_path, repo, "stages.dpo.max_length=60"))
     assert "64 (16 dropped)" in text.output
+
+
+def test_nltk_data_a_task_needs_is_checked_before_its_module_tries_to_download_it(tmp_path, monkeypatch):
+    """IFEval's module looks up (and at import downloads) NLTK's punkt_tab; offline that
+    download fails and the task breaks mid-evaluation. Named before training instead."""
+    pytest.importorskip("nltk")
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "no-nltk-data"))
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-data")])
+    path = task_file(tmp_path / "t", "t.yaml", "needs_punkt", "process_docs: !function helper.docs\n")
+    (tmp_path / "t" / "helper.py").write_text(
+        "import nltk\ntry:\n    nltk.data.find('tokenizers/punkt_tab')\nexcept LookupError:\n"
+        "    raise SystemExit('would download')\n\ndef docs(d):\n    return d\n")
+    problems = [message for _, message in task_problems([TaskRef(name="needs_punkt", path=path)], task_dir=None)]
+    assert ("task 'needs_punkt' needs NLTK data that is not installed: punkt_tab; "
+            "run once online: python -m nltk.downloader punkt_tab") in problems, problems

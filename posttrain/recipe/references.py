@@ -27,6 +27,7 @@ def cross_problems(raw: dict):
 
     data, stages, pipelines = mapping("data"), mapping("stages"), mapping("pipelines")
     yield from _name_problems(raw)
+    yield from _quantized_full_finetuning(mapping("model"), stages)
     yield from _builtin_data_problems(raw)
     for name, stage in stages.items():
         ref = stage.get("data") if isinstance(stage, dict) else None
@@ -228,3 +229,15 @@ def data_kind_problem(wanted: str, spec: dict, name: str) -> str | None:
     if kind is None or can_feed(kind, wanted):
         return None
     return f"needs {KIND_NEEDS[wanted]}; {name!r} is {kind} data"
+
+
+def _quantized_full_finetuning(model: dict, stages: dict):
+    """A 4-bit model trains only through LoRA (its weights cannot take gradient updates)."""
+    if not model.get("quantization"):
+        return
+    for name, stage in stages.items():
+        lora = stage.get("lora") if isinstance(stage, dict) else None
+        if lora is False or (lora is None and not model.get("lora")):
+            where = ("stages", name, "lora") if lora is False else ("stages", name)
+            yield where, ("model.quantization (QLoRA) loads 4-bit weights, which train only through LoRA: "
+                          "give model.lora (or this stage's lora), or remove model.quantization")

@@ -22,6 +22,16 @@ DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion",
                 "preference", "sharegpt_preference", "messages_preference", "hh", "unpaired")
 
 
+class QuantizationSpec(Strict):
+    """QLoRA: the base model's linear weights loaded in 4 bits by bitsandbytes (a CUDA GPU
+    and the `qlora` extra), LoRA adapters trained on top in `compute_dtype`."""
+
+    bits: Literal[4] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
 class ModelSpec(Strict):
     name: Text = Field(description="builtin:<size>, a hub id, or a local directory")
     revision: str | None = None
@@ -31,6 +41,7 @@ class ModelSpec(Strict):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     trust_remote_code: bool = False
     lora: LoraSpec | None = None
+    quantization: QuantizationSpec | None = Field(None, description="QLoRA: 4-bit base weights (needs LoRA, a GPU)")
     _base_dir: Path | None = PrivateAttr(None)   # the recipe's folder (load_recipe sets it)
 
     @field_validator("chat_template")
