@@ -122,15 +122,15 @@ def pipeline_folders(run: RunDir, pipeline: str, seed: int | None) -> tuple[int,
             f"pipeline {pipeline!r} is the untrained base model: it holds no weights of this run (and with "
             "chat_template: chatml the template's added tokens have placeholder rows it never learned); load it "
             "from its source, or export a trained pipeline: " + (", ".join(trained) or "none in this run"))
-    known = sorted(int(s) for s in seeds if s.lstrip("-").isdigit())
+    known = sorted(int(s) for s in seeds if s.isdigit() and isinstance(seeds[s], list) and seeds[s])
     if seed is None and len(known) > 1:
         raise ExportError(f"pipeline {pipeline!r} was trained with {len(known)} seeds ({', '.join(map(str, known))}); "
                           "choose one with --seed")
-    chosen = known[0] if seed is None else seed
+    chosen = known[0] if seed is None and known else seed
     if chosen not in known:
         raise ExportError(f"pipeline {pipeline!r} has no seed {seed}; its seeds: {', '.join(map(str, known))}")
     folders = seeds[str(chosen)]
-    if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
+    if not isinstance(folders, list) or not folders or not all(isinstance(f, str) for f in folders):
         from posttrain.records import DAMAGED_HINT
 
         raise ExportError(f"{run.pipelines}: {pipeline}/{chosen} is not a list of stage folders ({DAMAGED_HINT})")
@@ -253,23 +253,23 @@ def export_pipeline(model: PipelineModel, out_dir: Path, merge: bool,
         check_local_base(model)   # the base's weights are part of the model
     area = prepare_out(out_dir)
     scratch = area.mkdir(area.path(SCRATCH))
-    if kind == "adapter":
-        tokenizer = write_adapter(model, area, scratch, log)
-    else:
-        tokenizer = write_weights(model, scratch, kind, log)
-    record = export_record(model, kind, tokenizer)
-    area.write_text(scratch / "README.md", model_card(model, record))
-    area.write_json(scratch / EXPORT_RECORD, record)
-    names = sorted(p.name for p in scratch.iterdir())
-    if any((scratch / name).is_dir() for name in names):
-        raise ExportError(f"{scratch}: the libraries wrote sub-folders ({names}); not expected")
-    for name in sorted(names, key=lambda n: n == EXPORT_RECORD):   # the record last: its presence = complete
-        area.replace(scratch / name, area.path(name))
-    area.rmtree(scratch)
+    try:
+        if kind == "adapter":
+            tokenizer = write_adapter(model, area, scratch, log)
+        else:
+            tokenizer = write_weights(model, scratch, log)
+        record = export_record(model, kind, tokenizer)
+        area.write_text(scratch / "README.md", model_card(model, record))
+        area.write_json(scratch / EXPORT_RECORD, record)
+        names = sorted((p.name for p in scratch.iterdir()), key=lambda n: (n == EXPORT_RECORD, n))
+        for name in names:   # the record last: its presence says the export is complete
+            area.replace(scratch / name, area.path(name))
+    finally:
+        area.rmtree(scratch)   # empty when all went well; a failed attempt's files otherwise
     return record
 
 
-def write_weights(model: PipelineModel, scratch: Path, kind: str, log) -> object:
+def write_weights(model: PipelineModel, scratch: Path, log) -> object:
     """Load the pipeline's model through `models.load_model` (template and rows, then the
     adapters merged: the evaluated model) and save it whole; the tokenizer."""
     from posttrain.models import load_model

@@ -340,3 +340,17 @@ def test_a_template_file_is_taken_from_the_tokenizer_the_stage_saved(tmp_path):
 def test_export_help_has_examples():
     result = CliRunner().invoke(main, ["export", "--help"])
     assert result.exit_code == 0 and "Example" in result.output and "--push-to-hub REPO_ID" in result.output
+
+
+def test_a_failed_export_leaves_no_partial_files(tiny_run, tmp_path, monkeypatch):
+    import posttrain.export
+    from posttrain.errors import ModelError
+
+    def fail(*args):
+        raise ModelError("cannot load model: disk went away")
+
+    monkeypatch.setattr(posttrain.export, "write_weights", fail)
+    out = tmp_path / "m"
+    result = export(tiny_run["run"], "sft", "--out", out)
+    assert result.exit_code == 2 and "disk went away" in result.output, result.output
+    assert list(out.iterdir()) == [], "the scratch folder of the failed attempt is left behind"
