@@ -54,6 +54,7 @@ class PipelineModel:
     model_dirs: tuple[Path, ...]        # <cache>/stages/<key>/model of each record
     base: ModelSource                   # revision: the commit the stage keys hold (hub models)
     weights: str | None                 # key_inputs.weights: commit:<sha>, sha256:<digest>, None (builtin)
+    quantization: dict | None = None    # QLoRA: the 4-bit loading the stages trained on (model.quantization)
 
     @property
     def source(self) -> ModelSource:
@@ -85,7 +86,9 @@ def find_pipeline(run_dir: Path, pipeline: str, seed: int | None, cache_root: Pa
     from posttrain.report.build import read_recipe
 
     base, weights = base_source(records, model_dirs[0])
-    return PipelineModel(run, read_recipe(run), pipeline, seed, tuple(records), tuple(model_dirs), base, weights)
+    quantization = (records[0].key_inputs or {}).get("base_model", {}).get("quantization")
+    return PipelineModel(run, read_recipe(run), pipeline, seed, tuple(records), tuple(model_dirs), base, weights,
+                         quantization if isinstance(quantization, dict) else None)
 
 
 def open_run(run_dir: Path) -> RunDir:
@@ -213,6 +216,11 @@ def export_kind(model: PipelineModel, merge: bool) -> str:
 
     if not model.records[-1].adapter:
         return "full"
+    if model.quantization and (merge or len(model.records) > 1):
+        raise ExportError(
+            f"{model.describe()} trained LoRA on the base loaded in 4 bits (QLoRA, model.quantization): the model the "
+            "run evaluated is that 4-bit base with the adapters merged into it (with rounding), which export does not "
+            "write yet. A pipeline of one QLoRA stage exports as its adapter (without --merge)")
     if merge:
         return "merged"
     stages = " -> ".join(f"{r.stage} ({'LoRA' if r.adapter else 'full'})" for r in model.records)
@@ -360,7 +368,7 @@ def export_record(model: PipelineModel, kind: str, tokenizer) -> dict:
         "seed": model.seed,
         "export": kind,
         "base_model": {"name": base_reference(model.base), "revision": model.base.revision,
-                       "weights": model.weights, "dtype": model.base.dtype},
+                       "weights": model.weights, "dtype": model.base.dtype, "quantization": model.quantization},
         "chat_template": {"choice": choice if choice in ("chatml", "model") else "jinja",
                           "identity": first.get("template"), "eos_token": tokenizer.eos_token,
                           "pad_token": tokenizer.pad_token, "added_tokens": template.get("added_tokens") or []},
@@ -396,7 +404,7 @@ def model_card(model: PipelineModel, record: dict) -> str:
     lines = [f"# {record['recipe']}: {model.pipeline} (seed {model.seed})", "",
              f"Exported by posttrain {record['posttrain']} from run `{record['run']}`, pipeline `{model.pipeline}` "
              f"(seed {model.seed}), as {KIND_WORDS[record['export']]}.", "",
-             f"- Base model: `{base['name']}`{pinned} ({base['dtype']})",
+             f"- Base model: `{base['name']}`{pinned} ({base['dtype']})" + quantized_note(base["quantization"]),
              f"- Chat template: {template['choice']}, EOS `{template['eos_token']}`"
              + (f"; tokens added to the base tokenizer: {', '.join(f'`{t}`' for t in template['added_tokens'])}"
                 if template["added_tokens"] else ""), "",
@@ -408,6 +416,14 @@ def model_card(model: PipelineModel, record: dict) -> str:
                      f"{dataset_label(model.recipe, stage.data.get('name'))} | {stage.cost.rows_trained or ''} | "
                      f"{stage.cost.optimizer_steps:,} | {stage.cost.train_tokens:,} | {settings} |")
     return "\n".join(front + lines + ["", *results_section(model), *usage_section(record["export"])]) + "\n"
+
+
+def quantized_note(quantization: dict | None) -> str:
+    if not quantization:
+        return ""
+    words = ", ".join(f"{k} {v}" for k, v in sorted(quantization.items()))
+    return (f"; the adapter trained on it loaded in 4 bits by bitsandbytes ({words}): load the base with that "
+            "`BitsAndBytesConfig` to get the model the run evaluated")
 
 
 KIND_WORDS = {"full": "full weights (the pipeline ends in a full fine-tune)",

@@ -321,6 +321,20 @@ def test_hub_model_with_lora_and_added_chatml_tokens_exports_merged_and_as_adapt
     assert torch.allclose(chat_logits(PeftModel.from_pretrained(base, str(adapter)), tokenizer), expected, atol=1e-5)
     assert "base_model: tinyorg/tiny-base" in (adapter / "README.md").read_text()
 
+    # QLoRA (model.quantization, GPU only: simulated by the record main's stage keys write):
+    # its adapter exports, naming the 4-bit loading; merging into 4-bit weights is refused.
+    from dataclasses import replace
+
+    from posttrain.export import ExportError, export_pipeline, find_pipeline
+
+    q = {"bits": 4, "compute_dtype": "bfloat16", "double_quant": True, "quant_type": "nf4"}
+    qlora = replace(find_pipeline(run, "sft", None, cache), quantization=q)
+    assert export_pipeline(qlora, tmp_path / "qlora", merge=False)["base_model"]["quantization"] == q
+    assert "loaded in 4 bits by bitsandbytes (bits 4, compute_dtype bfloat16" in (tmp_path / "qlora" / "README.md"
+                                                                                  ).read_text()
+    with pytest.raises(ExportError, match="the base loaded in 4 bits"):
+        export_pipeline(qlora, tmp_path / "qlora-merged", merge=True)
+
 
 def test_a_template_file_is_taken_from_the_tokenizer_the_stage_saved(tmp_path):
     """A recipe's .jinja file may have changed since training: the export installs the text
