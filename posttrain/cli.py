@@ -258,6 +258,49 @@ def report(run_dirs, out_dir, as_json):
     show_report(target, as_json)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("pipeline")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="A new or empty folder for the model.")
+@click.option("--merge", is_flag=True, help="Merge every LoRA adapter into full weights (needed when adapters "
+              "are stacked, sit on a full fine-tune, or on a builtin model).")
+@click.option("--seed", type=int, default=None, help="Which seed's model (required when the run has several).")
+@click.option("--push-to-hub", "repo_id", default=None, metavar="REPO_ID",
+              help="Then create the Hub model repository (kept if it exists) and upload the folder.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
+@cache_option
+@user_errors
+def export(run_dir, pipeline, out_dir, merge, seed, repo_id, private, cache_dir):
+    """Write PIPELINE of the finished run RUN_DIR as a model plain transformers loads.
+
+    \b
+    Example:
+      posttrain export runs/quickstart sft+dpo --out models/sft-dpo --merge
+      posttrain export runs/smol sft --out models/smol-sft --push-to-hub me/smol-sft --private
+    The model is the one the run evaluated: base, chat template and its added tokens,
+    then each stage in order. A pipeline of one LoRA stage on a Hub or local base is
+    written as an adapter unless --merge; one ending in a full fine-tune as full weights.
+    Tokenizer (chat template, EOS), generation config, posttrain_export.json and a model
+    card (README.md with the run's scores) are always written.
+    """
+    if private and not repo_id:
+        raise PosttrainError("--private goes with --push-to-hub REPO_ID")
+    from posttrain.export import check_repo_id, export_pipeline, find_pipeline, push_to_hub
+
+    if repo_id:
+        check_repo_id(repo_id)   # before minutes of merging
+    model = find_pipeline(Path(run_dir), pipeline, seed, Path(cache_dir) if cache_dir else None)
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):   # libraries print; stdout is for the result
+        record = export_pipeline(model, Path(out_dir), merge, log=lambda line: click.echo(line, err=True))
+    stages = " -> ".join(stage["stage"] for stage in record["stages"])
+    click.echo(f"exported {pipeline} (seed {record['seed']}: {stages}) as {record['export']} to {out_dir}")
+    if repo_id:
+        click.echo(f"pushed to {push_to_hub(Path(out_dir), repo_id, private)}")
+
+
 def claim_report_dir(target: Path, run_dirs: list[Path]) -> None:
     """A merged report goes into a new or empty folder, a run directory, or an earlier merge."""
     from posttrain.artifacts import MARKER, RunDir, directory_owner
