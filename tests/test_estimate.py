@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from posttrain.cli import main
 from posttrain.data.formats import to_kind
-from posttrain.estimate import (EpochSize, conversations, epoch_size, estimate_stage, match_steps, measure, measured_rows,
-                                steps_per_epoch, tokenization)
+from posttrain.estimate import (EpochSize, conversations, epoch_size, estimate_stage, match_steps, measure,
+                                measured_rows, steps_per_epoch, tokenization)
 from posttrain.models import ModelSource, chat_tokenizer
 from posttrain.records import Cost
 from posttrain.stages import METHODS, run_stage
@@ -153,3 +153,19 @@ def test_rows_truncated_is_recorded_only_when_known():
     assert Cost.from_json(cost.to_json()).rows_truncated == 2
     older = {key: value for key, value in cost.to_json().items() if key != "rows_truncated"}
     assert Cost.from_json(older).rows_truncated is None and "rows_truncated" not in Cost.from_json(older).to_json()
+
+
+def test_the_report_notes_each_stage_that_cut_rows(tmp_path):
+    from posttrain.artifacts import RunDir
+    from posttrain.records import StageRecord
+    from posttrain.report.build import Run, row_notes
+
+    def record(stage, cut):
+        cost = Cost(train_tokens=100, rows_given=10, rows_trained=10, rows_truncated=cut)
+        return StageRecord(stage=stage, seed=0, key=stage, chain=[stage], adapter=False, cost=cost, metrics={},
+                           method=stage, settings={"max_length": 128}, data={"name": "hh"})
+
+    run = Run(dir=RunDir(tmp_path), rows=[], recipe={}, stages={"dpo": {0: ["d"]}, "orpo": {0: ["o"]}},
+              records={"d": record("dpo", 4), "o": record("orpo", 0)})
+    assert row_notes([run], {}) == ["Stage dpo cut 4 of the 10 rows it trained at max_length (128 tokens): their "
+                                    "tokens past it were not trained, and its train tokens count only those kept."]
