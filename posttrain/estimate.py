@@ -78,19 +78,16 @@ def measured_rows(rows: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Tokenization:
-    """How a method's trainer turns a row into token sequences (beyond the chat template)."""
+    """What a method's trainer adds to the chat-templated sequences (ORPO/CPO: a BOS before a
+    prompt that lacks one, where the tokenizer has one; an EOS after a reply that lacks it)."""
 
-    assistant_masks: bool   # SFT: the template marks assistant tokens (else the last reply is trained)
-    bos: bool               # a BOS goes before a prompt that lacks it (ORPO/CPO, tokenizers with a BOS)
-    eos: bool               # an EOS goes after a reply that lacks it (ORPO/CPO)
+    bos: bool = False
+    eos: bool = False
 
 
 def tokenization(method, tokenizer) -> Tokenization:
     """A method's Tokenization with this tokenizer (`method`: a stages.method.Method)."""
-    from posttrain.models import template_has_generation_markers
-
-    return Tokenization(assistant_masks=template_has_generation_markers(tokenizer),
-                        bos=method.prompt_bos and getattr(tokenizer, "bos_token_id", None) is not None,
+    return Tokenization(bos=method.prompt_bos and getattr(tokenizer, "bos_token_id", None) is not None,
                         eos=method.reply_eos and getattr(tokenizer, "eos_token_id", None) is not None)
 
 
@@ -112,27 +109,42 @@ def chat_ids(tokenizer, conversation: list[dict], example: dict | None = None, *
     return list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, **kwargs)["input_ids"])
 
 
-def sequence_lengths(example: dict, tokenizer, shape: Tokenization) -> tuple[int, ...]:
-    """Each training sequence's length before max_length cuts it."""
-    lengths = []
-    for conversation in conversations(example):
-        ids = chat_ids(tokenizer, conversation, example)
-        lengths.append(len(ids) + (shape.bos and ids[:1] != [tokenizer.bos_token_id])
-                       + (shape.eos and ids[-1:] != [tokenizer.eos_token_id]))
-    return tuple(lengths)
+@dataclass(frozen=True)
+class Measured:
+    """One row, measured once for every method that reads its data."""
+
+    first: int                  # first trained position (first_trained_position, no BOS added)
+    lengths: tuple[int, ...]    # each sequence's tokens under the chat template
+    bos: bool                   # the sequences start with the tokenizer's BOS
+    eos: tuple[bool, ...]       # each sequence ends with the tokenizer's EOS
+
+    def under(self, shape: Tokenization) -> tuple[int, tuple[int, ...]]:
+        """(first trained position, sequence lengths) as a trainer adding `shape` builds them."""
+        bos = int(shape.bos and not self.bos)
+        return self.first + bos, tuple(n + bos + int(shape.eos and not eos) for n, eos in zip(self.lengths, self.eos))
 
 
-def measure(examples: list[dict], tokenizer, shape: Tokenization) -> list[tuple[int, tuple[int, ...]]]:
-    """(first trained position, sequence lengths) of each measured row (measured_rows)."""
-    return [(first_trained_position(examples[i], tokenizer, assistant_masks=shape.assistant_masks, add_bos=shape.bos),
-             sequence_lengths(examples[i], tokenizer, shape))
-            for i in measured_rows(len(examples))]
+def measure(examples: list[dict], tokenizer) -> list[Measured]:
+    """The measured rows (measured_rows) of a dataset, for any method and max_length."""
+    from posttrain.models import template_has_generation_markers
+
+    masks = template_has_generation_markers(tokenizer)   # as stages/sft.py decides
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    rows = []
+    for i in measured_rows(len(examples)):
+        ids = [chat_ids(tokenizer, conversation, examples[i]) for conversation in conversations(examples[i])]
+        rows.append(Measured(first=first_trained_position(examples[i], tokenizer, assistant_masks=masks, add_bos=False),
+                             lengths=tuple(map(len, ids)), bos=bos is not None and ids[0][:1] == [bos],
+                             eos=tuple(eos is not None and sequence[-1:] == [eos] for sequence in ids)))
+    return rows
 
 
-def epoch_size(measured: list[tuple[int, tuple[int, ...]]], rows: int, max_length: int) -> EpochSize:
-    """One epoch of `rows` rows at `max_length`, from the measured rows (see `measure`)."""
+def epoch_size(measured: list[Measured], rows: int, max_length: int, shape: Tokenization = Tokenization()) -> EpochSize:
+    """One epoch of `rows` rows at `max_length` for a trainer adding `shape`, from the
+    measured rows (see `measure`)."""
     dropped = truncated = tokens = 0
-    for first, lengths in measured:
+    for row in measured:
+        first, lengths = row.under(shape)
         if first >= max_length:
             dropped += 1
             continue

@@ -219,16 +219,15 @@ def stage_estimates(recipe: Recipe, data: dict[str, LoadedData], tokenizer=None)
 
     tokenizer = tokenizer or chat_tokenizer(base_source(recipe))
     used = {name for chain in recipe.pipelines.values() for name in chain}
-    # Per dataset and tokenization: DPO and KTO on one dataset measure it once, at any max_length.
-    measured: dict[tuple, list] = {}
+    measured: dict[str, list] = {}   # per dataset: DPO and ORPO on one dataset measure it once
     estimates = {}
     for name, spec in recipe.stages.items():
         if name in used:
             key, examples = data_key(spec), data[data_key(spec)].examples
-            shape = tokenization(METHODS[spec.method], tokenizer)
-            if (key, shape) not in measured:
-                measured[(key, shape)] = measure(examples, tokenizer, shape)
-            epoch = epoch_size(measured[(key, shape)], len(examples), spec.max_length)
+            if key not in measured:
+                measured[key] = measure(examples, tokenizer)
+            epoch = epoch_size(measured[key], len(examples), spec.max_length,
+                               tokenization(METHODS[spec.method], tokenizer))
             estimates[name] = estimate_stage(spec, epoch).as_dict()
     return estimates
 

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from posttrain.cli import main
 from posttrain.data.formats import to_kind
-from posttrain.estimate import (EpochSize, conversations, epoch_size, estimate_stage, match_steps, measure,
-                                measured_rows, steps_per_epoch, tokenization)
+from posttrain.estimate import (EpochSize, Measured, Tokenization, conversations, epoch_size, estimate_stage,
+                                match_steps, measure, measured_rows, steps_per_epoch, tokenization)
 from posttrain.models import ModelSource, chat_tokenizer
 from posttrain.records import Cost
 from posttrain.stages import METHODS, run_stage
@@ -27,19 +27,31 @@ def test_steps_per_epoch_counts_partial_batches_and_accumulation():
     assert steps_per_epoch(3, 16, 8) == 1
 
 
+def pair(first, chosen, rejected, bos=False, eos=(True, True)):
+    return Measured(first=first, lengths=(chosen, rejected), bos=bos, eos=eos)
+
+
 def test_an_epoch_counts_kept_rows_cut_at_max_length():
-    # (first trained position, sequence lengths) per row, at max_length 10.
-    measured = [(2, (5, 7)), (3, (12, 4)), (10, (30, 30)), (9, (10, 11))]
+    measured = [pair(2, 5, 7), pair(3, 12, 4), pair(10, 30, 30), pair(9, 10, 11)]
     epoch = epoch_size(measured, rows=4, max_length=10)
     assert epoch == EpochSize(rows=4, dropped=1, truncated=2, tokens=(5 + 7) + (10 + 4) + (10 + 10))
     assert epoch.kept == 3
+
+
+def test_a_trainer_that_adds_bos_and_eos_counts_them_where_they_are_missing():
+    orpo = Tokenization(bos=True, eos=True)
+    assert pair(4, 10, 20, eos=(False, True)).under(orpo) == (5, (12, 21))
+    assert pair(4, 10, 20, bos=True).under(orpo) == (4, (10, 20))
+    assert pair(4, 10, 20, eos=(False, False)).under(Tokenization()) == (4, (10, 20))
+    # The BOS moves the first trained token to max_length: the row is dropped.
+    assert epoch_size([pair(9, 10, 20)], 1, 10, orpo) == EpochSize(rows=1, dropped=1, truncated=0, tokens=0)
 
 
 def test_large_periodic_data_is_sampled_at_random_not_every_kth_row():
     # Lengths cycle with period 4: every 4th row is long. A stride sample would see
     # only one phase (all short or all long); a random sample sees the mix.
     lengths = [100 if i % 4 == 3 else 1 for i in range(12_000)]
-    measured = [(0, (lengths[i],)) for i in measured_rows(len(lengths))]
+    measured = [Measured(first=0, lengths=(lengths[i],), bos=False, eos=(True,)) for i in measured_rows(len(lengths))]
     assert len(measured) < len(lengths)
     assert abs(epoch_size(measured, len(lengths), 1000).tokens / sum(lengths) - 1) < 0.05
 
@@ -115,8 +127,8 @@ def test_recorded_tokens_are_those_trained_and_the_estimate_matches(tmp_path, me
                                   out_dir=tmp_path / "stage")).cost
     kept, cut, tokens = known_answer(method)
     assert (cost["rows_trained"], cost["rows_truncated"], cost["train_tokens"]) == (kept, cut, tokens)
-    estimate = estimate_stage(spec, epoch_size(measure(rows, tokenizer, tokenization(METHODS[method], tokenizer)),
-                                               len(rows), MAX_LENGTH))
+    estimate = estimate_stage(spec, epoch_size(measure(rows, tokenizer), len(rows), MAX_LENGTH,
+                                               tokenization(METHODS[method], tokenizer)))
     assert (estimate.examples - estimate.dropped, estimate.truncated, estimate.tokens) == (kept, cut, tokens)
 
 
