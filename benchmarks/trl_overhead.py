@@ -13,8 +13,8 @@ Both are timed over the same span -- model load, trainer build (tokenization; fo
 DPO the reference log-prob precompute), training -- which is what posttrain's
 `CostMeter` covers; posttrain's saving of the model afterwards is not in either.
 Train tokens are counted the way posttrain's `finish()` counts them
-(`dataset_tokens` of the tokenized train set, the stage modules' column
-multiplicities, times epochs done), so tokens/s is comparable. Runs are
+(`dataset_tokens` of the tokenized train set, each sequence the stage modules name
+cut at the trainer's max_length, times epochs done), so tokens/s is comparable. Runs are
 interleaved (plain, posttrain; then posttrain, plain; ...) and each side's median
 over `--repeats` is reported with the ratio posttrain/plain (target: >= 0.97),
 beside the ratio of the best runs and the range of the paired (same repeat)
@@ -88,10 +88,10 @@ SPEC_CLASSES = {"sft": SFTStage, "dpo": DPOStage, "orpo": ORPOStage}
 # Optimizer steps per run: ~15-30 s each on the 2-core CPU (full), ~2-3 s (--quick).
 STEPS = {"full": {"sft": 200, "dpo": 100, "orpo": 120}, "quick": {"sft": 20, "dpo": 10, "orpo": 12}}
 WARMUP_STEPS = 2
-# What the model processes, per tokenized column: the multiplicities posttrain's
-# stage modules pass to finish() (a DPO prompt is fed twice, with chosen and rejected).
-TOKEN_COLUMNS = {"sft": {"input_ids": 1}, "dpo": {"prompt_ids": 2, "chosen_ids": 1, "rejected_ids": 1},
-                 "orpo": {"chosen_input_ids": 1, "rejected_input_ids": 1}}
+# What the model processes: the sequences posttrain's stage modules pass to finish(), by
+# the tokenized columns each concatenates (a DPO prompt is fed twice, with chosen and rejected).
+SEQUENCES = {"sft": (("input_ids",),), "dpo": (("prompt_ids", "chosen_ids"), ("prompt_ids", "rejected_ids")),
+             "orpo": (("chosen_input_ids",), ("rejected_input_ids",))}
 # Paths under each run's own temp dir: never equal between two trainers.
 PATH_KEYS = {"output_dir", "logging_dir"}
 
@@ -205,7 +205,8 @@ def run_plain(method: str, rows: list[dict], steps: int) -> dict:
         trainer.train()
         wall_s = time.perf_counter() - start
         epochs = trainer.state.epoch or 0.0
-        tokens = round(dataset_tokens(trainer.train_dataset, TOKEN_COLUMNS[method]) * epochs)
+        tokens = round(dataset_tokens(trainer.train_dataset, SEQUENCES[method], trainer.args.max_length).tokens
+                       * epochs)
         log = trainer.state.log_history
         summary = next((e for e in reversed(log) if "train_loss" in e), {})
         out = {"steps": trainer.state.global_step, "train_tokens": tokens, "wall_s": wall_s,

@@ -1,15 +1,18 @@
 """Size of a stage before it runs: examples, optimizer steps, train tokens; compute matching.
 
-Tokens are counted the way a finished stage reports them (stages/common.finish):
-the sequences TRL builds from the chat template, before truncation: an SFT
-example is its whole conversation; a preference pair is prompt+chosen plus
-prompt+rejected (DPO, ORPO, CPO alike); an unpaired example (KTO) is
-prompt+completion. Datasets over SAMPLE_ROWS rows are estimated
+Tokens are counted the way a finished stage reports them (stages/common.finish): the
+sequences TRL builds from the chat template, each cut at max_length as TRL cuts it, over
+the rows it keeps. An SFT example is its whole conversation; a preference pair is
+prompt+chosen plus prompt+rejected (DPO, ORPO, CPO alike; ORPO and CPO put a BOS before a
+prompt that lacks one and an EOS after a reply that lacks one); an unpaired example (KTO)
+is prompt+completion. Every trainer drops the rows whose first trained token lies at or
+past max_length (first_trained_position). Datasets over SAMPLE_ROWS rows are estimated
 from a seeded random sample of rows, scaled to the whole.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -17,15 +20,35 @@ SAMPLE_ROWS = 2000
 
 
 @dataclass(frozen=True)
+class EpochSize:
+    """What one epoch of a stage trains (scaled up from a sample beyond SAMPLE_ROWS rows)."""
+
+    rows: int        # rows of the stage's data
+    dropped: int     # rows the trainer drops: max_length leaves nothing to train
+    truncated: int   # rows kept with a sequence cut at max_length
+    tokens: int      # tokens of the kept rows' sequences, each cut at max_length
+
+    @property
+    def kept(self) -> int:
+        return self.rows - self.dropped
+
+
+@dataclass(frozen=True)
 class StageEstimate:
-    examples: int
+    examples: int          # rows given (the trainer keeps examples - dropped)
     steps_per_epoch: int
     steps: int
     tokens_per_epoch: int
     tokens: int
+    dropped: int = 0
+    truncated: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def epoch(self) -> EpochSize:
+        return EpochSize(self.examples, self.dropped, self.truncated, self.tokens_per_epoch)
 
 
 def steps_per_epoch(examples: int, batch_size: int, gradient_accumulation: int) -> int:
@@ -40,21 +63,6 @@ def total_steps(spec, examples: int) -> int:
     return max(1, math.ceil(spec.epochs * steps_per_epoch(examples, spec.batch_size, spec.gradient_accumulation)))
 
 
-def example_tokens(example: dict, count, max_length: int | None = None) -> int:
-    """Tokens of one example's training sequences (see module docstring).
-
-    `max_length` caps a conversation as TRL's SFT truncates it. Preference pairs are
-    not capped here: how DPO and ORPO truncate and drop pairs is counted apart
-    (checks.check_max_lengths)."""
-    if "messages" in example:
-        tokens = count(example["messages"])
-        return min(tokens, max_length) if max_length else tokens
-    prompt = example["prompt"]
-    if "completion" in example:
-        return count(prompt + example["completion"])
-    return count(prompt + example["chosen"]) + count(prompt + example["rejected"])
-
-
 def measured_rows(rows: int) -> list[int]:
     """The rows an estimate measures: all up to SAMPLE_ROWS; beyond, a seeded random sample
     (random, not every k-th row: generated and sorted data often cycle with a period)."""
@@ -65,41 +73,95 @@ def measured_rows(rows: int) -> list[int]:
     return sorted(random.Random(0).sample(range(rows), SAMPLE_ROWS))
 
 
-def tokens_per_epoch(examples: list[dict], count, max_length: int | None = None) -> int:
-    """Every row's tokens up to SAMPLE_ROWS rows; beyond, a sample's scaled up (measured_rows)."""
-    if not examples:
-        return 0
-    picked = measured_rows(len(examples))
-    sampled = sum(example_tokens(examples[i], count, max_length) for i in picked)
-    return round(sampled * len(examples) / len(picked))
+# ---------------------------------------------------------------- sequences as the trainers build them
 
 
-def chat_token_counter(tokenizer):
-    """messages -> token count under the tokenizer's chat template."""
-    def count(messages: list[dict]) -> int:
-        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+@dataclass(frozen=True)
+class Tokenization:
+    """What a method's trainer adds to the chat-templated sequences (ORPO/CPO: a BOS before a
+    prompt that lacks one, where the tokenizer has one; an EOS after a reply that lacks it)."""
 
-    return count
-
-
-def truncation(spec) -> int | None:
-    """The length each training sequence is cut to, where the estimate applies it
-    (`Method.estimate_truncates`: SFT)."""
-    from posttrain.stages import METHODS
-
-    method = METHODS.get(getattr(spec, "method", None))
-    return spec.max_length if method is not None and method.estimate_truncates else None
+    bos: bool = False
+    eos: bool = False
 
 
-def estimate_stage(spec, examples: list[dict], count, per_epoch_tokens: int | None = None) -> StageEstimate:
-    """A stage's size; `per_epoch_tokens` reuses a count already made for the same rows."""
-    per_epoch_steps = steps_per_epoch(len(examples), spec.batch_size, spec.gradient_accumulation)
-    steps = total_steps(spec, len(examples))
-    if per_epoch_tokens is None:
-        per_epoch_tokens = tokens_per_epoch(examples, count, truncation(spec))
-    return StageEstimate(examples=len(examples), steps_per_epoch=per_epoch_steps, steps=steps,
-                         tokens_per_epoch=per_epoch_tokens,
-                         tokens=round(per_epoch_tokens * steps / per_epoch_steps))
+def tokenization(method, tokenizer) -> Tokenization:
+    """A method's Tokenization with this tokenizer (`method`: a stages.method.Method)."""
+    return Tokenization(bos=method.prompt_bos and getattr(tokenizer, "bos_token_id", None) is not None,
+                        eos=method.reply_eos and getattr(tokenizer, "eos_token_id", None) is not None)
+
+
+def conversations(example: dict) -> list[list[dict]]:
+    """The conversations a row trains as, one sequence each."""
+    if "messages" in example:
+        return [example["messages"]]
+    prompt = example["prompt"]
+    if "completion" in example:
+        return [prompt + example["completion"]]
+    return [prompt + example["chosen"], prompt + example["rejected"]]
+
+
+def chat_ids(tokenizer, conversation: list[dict], example: dict | None = None, **kwargs) -> list[int]:
+    """A conversation's token ids under the chat template, with the row's tools as TRL passes them."""
+    tools = (example or {}).get("tools")
+    if tools is not None:
+        kwargs["tools"] = json.loads(tools) if isinstance(tools, str) else tools
+    return list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One row, measured once for every method that reads its data."""
+
+    first: int                  # first trained position (first_trained_position, no BOS added)
+    lengths: tuple[int, ...]    # each sequence's tokens under the chat template
+    bos: bool                   # the sequences start with the tokenizer's BOS
+    eos: tuple[bool, ...]       # each sequence ends with the tokenizer's EOS
+
+    def under(self, shape: Tokenization) -> tuple[int, tuple[int, ...]]:
+        """(first trained position, sequence lengths) as a trainer adding `shape` builds them."""
+        bos = int(shape.bos and not self.bos)
+        return self.first + bos, tuple(n + bos + int(shape.eos and not eos) for n, eos in zip(self.lengths, self.eos))
+
+
+def measure(examples: list[dict], tokenizer) -> list[Measured]:
+    """The measured rows (measured_rows) of a dataset, for any method and max_length."""
+    from posttrain.models import template_has_generation_markers
+
+    masks = template_has_generation_markers(tokenizer)   # as stages/sft.py decides
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    rows = []
+    for i in measured_rows(len(examples)):
+        ids = [chat_ids(tokenizer, conversation, examples[i]) for conversation in conversations(examples[i])]
+        rows.append(Measured(first=first_trained_position(examples[i], tokenizer, assistant_masks=masks, add_bos=False),
+                             lengths=tuple(map(len, ids)), bos=bos is not None and ids[0][:1] == [bos],
+                             eos=tuple(eos is not None and sequence[-1:] == [eos] for sequence in ids)))
+    return rows
+
+
+def epoch_size(measured: list[Measured], rows: int, max_length: int, shape: Tokenization = Tokenization()) -> EpochSize:
+    """One epoch of `rows` rows at `max_length` for a trainer adding `shape`, from the
+    measured rows (see `measure`)."""
+    dropped = truncated = tokens = 0
+    for row in measured:
+        first, lengths = row.under(shape)
+        if first >= max_length:
+            dropped += 1
+            continue
+        truncated += any(length > max_length for length in lengths)
+        tokens += sum(min(length, max_length) for length in lengths)
+    scale = rows / len(measured) if measured else 0.0
+    return EpochSize(rows=rows, dropped=round(dropped * scale), truncated=round(truncated * scale),
+                     tokens=round(tokens * scale))
+
+
+def estimate_stage(spec, epoch: EpochSize) -> StageEstimate:
+    """A stage's size: steps over the rows its trainer keeps, tokens per epoch scaled to its steps."""
+    per_epoch_steps = steps_per_epoch(epoch.kept, spec.batch_size, spec.gradient_accumulation)
+    steps = total_steps(spec, epoch.kept)
+    return StageEstimate(examples=epoch.rows, steps_per_epoch=per_epoch_steps, steps=steps,
+                         tokens_per_epoch=epoch.tokens, tokens=round(epoch.tokens * steps / per_epoch_steps),
+                         dropped=epoch.dropped, truncated=epoch.truncated)
 
 
 def match_steps(target_tokens: int, estimate: StageEstimate) -> int:

@@ -237,23 +237,25 @@ def source_after(plan: Plan, node: StageNode | None, cache: Cache) -> ModelSourc
 
 
 def stage_estimates(recipe: Recipe, data: dict[str, LoadedData], tokenizer=None) -> dict[str, dict]:
-    """Per stage name: examples, steps and train tokens before it runs (seed-independent).
-    `tokenizer`: the recipe's chat tokenizer (`models.chat_tokenizer`), loaded when not given."""
-    from posttrain.estimate import chat_token_counter, estimate_stage, truncation
+    """Per stage name: examples, rows dropped and cut, steps and train tokens before it runs
+    (seed-independent). `tokenizer`: the recipe's chat tokenizer (`models.chat_tokenizer`),
+    loaded when not given."""
+    from posttrain.estimate import epoch_size, estimate_stage, measure, tokenization
     from posttrain.models import chat_tokenizer
+    from posttrain.stages import METHODS
 
-    count = chat_token_counter(tokenizer or chat_tokenizer(base_source(recipe)))
+    tokenizer = tokenizer or chat_tokenizer(base_source(recipe))
     used = {name for chain in recipe.pipelines.values() for name in chain}
-    # Per dataset and cut: DPO and ORPO on one dataset count it once.
-    per_epoch: dict[tuple[str, int | None], int] = {}
+    measured: dict[str, list] = {}   # per dataset: DPO and ORPO on one dataset measure it once
     estimates = {}
     for name, spec in recipe.stages.items():
         if name in used:
-            key = data_key(spec)
-            counted = (key, truncation(spec))
-            estimate = estimate_stage(spec, data[key].examples, count, per_epoch.get(counted))
-            per_epoch[counted] = estimate.tokens_per_epoch
-            estimates[name] = estimate.as_dict()
+            key, examples = data_key(spec), data[data_key(spec)].examples
+            if key not in measured:
+                measured[key] = measure(examples, tokenizer)
+            epoch = epoch_size(measured[key], len(examples), spec.max_length,
+                               tokenization(METHODS[spec.method], tokenizer))
+            estimates[name] = estimate_stage(spec, epoch).as_dict()
     return estimates
 
 
@@ -273,12 +275,10 @@ def match_compute(recipe: Recipe, data: dict[str, LoadedData],
     notes = {}
     for pipeline in matched:
         (stage_name,) = recipe.pipelines[pipeline]
-        before = StageEstimate(**{k: v for k, v in estimates[stage_name].items() if k != "dropped"})
+        before = StageEstimate(**estimates[stage_name])
         steps = match_steps(target, before)
         spec = stages[stage_name] = stages[stage_name].model_copy(update={"max_steps": steps})
-        examples = data[data_key(spec)].examples
-        estimates[stage_name] = {**estimate_stage(spec, examples, None, before.tokens_per_epoch).as_dict(),
-                                 "dropped": estimates[stage_name].get("dropped", 0)}
+        estimates[stage_name] = estimate_stage(spec, before.epoch).as_dict()
         notes[pipeline] = {"stage": stage_name, "max_steps": steps, "was_steps": before.steps,
                            "target_tokens": target}
     return (recipe.model_copy(update={"stages": stages}), estimates,
@@ -309,16 +309,19 @@ def plan_rows(plan: Plan, cache: Cache, estimates: dict[str, dict]) -> list[dict
 
 def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
     """The plan as text: a table of stages, then pipelines and compute matching."""
-    header = ["status", "stage", "seed", "key", "after", "examples", "steps", "~tokens"]
+    header = ["status", "stage", "seed", "key", "after", "examples", "cut", "steps", "~tokens"]
     table = [[r["status"], f"{r['stage']} ({r['method']})", str(r["seed"]), r["key"][:12], r["after"],
               f"{r.get('examples', 0):,}" + (f" ({r['dropped']:,} dropped)" if r.get("dropped") else ""),
-              f"{r.get('steps', 0):,}", f"{r.get('tokens', 0):,}"] for r in rows]
+              f"{r.get('truncated', 0):,}", f"{r.get('steps', 0):,}", f"{r.get('tokens', 0):,}"] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
     for r in rows:
         if r.get("why"):
             lines.append(f"  why {r['stage']} (seed {r['seed']}) trains again: {r['why']}")
+    if any(r.get("truncated") for r in rows):
+        lines.append("  cut: rows kept with a sequence longer than max_length (tokens past it are not trained "
+                     "and not counted)")
     todo = [r for r in rows if r["status"] != "reuse"]
     lines.append(f"\n{len(rows)} stage runs: {len(rows) - len(todo)} reused from the cache, {len(todo)} to train "
                  f"(~{sum(r.get('steps', 0) for r in todo):,} steps, ~{sum(r.get('tokens', 0) for r in todo):,} "

@@ -116,6 +116,10 @@ def _reported(label: str, spec: str) -> dict:
     return {"label": label, "format": spec}
 
 
+# Cost's row counts: written only when known (an older record reads back unchanged).
+ROW_COUNTS = ("rows_given", "rows_trained", "rows_truncated")
+
+
 @dataclass(frozen=True)
 class Cost:
     """What training a stage cost. Passes count sequences (a preference pair is two).
@@ -138,13 +142,16 @@ class Cost:
     # turn NaN on. None in records written before they were counted.
     rows_given: int | None = None
     rows_trained: int | None = None
+    # Of the rows trained, those with a sequence cut at max_length (its tokens past it never
+    # trained; train_tokens counts only what was kept). None in records written before.
+    rows_truncated: int | None = None
     extra: dict = field(default_factory=dict)  # a method's own counts (DPO: reference_logps_cached)
 
     _TYPES: ClassVar[dict] = {"optimizer_steps": NUMBER, "examples_seen": NUMBER, "train_tokens": NUMBER,
                               "forward_passes": NUMBER, "backward_passes": NUMBER, "wall_s": NUMBER,
                               "resumed_from_step": (int, type(None)), "peak_memory_mb": NUMBER,
                               "peak_memory_kind": (str, type(None)), "rows_given": (int, type(None)),
-                              "rows_trained": (int, type(None))}
+                              "rows_trained": (int, type(None)), "rows_truncated": (int, type(None))}
 
     @property
     def rows_dropped(self) -> int:
@@ -161,9 +168,8 @@ class Cost:
         return cls(**known, extra={k: v for k, v in data.items() if k not in cls._TYPES})
 
     def to_json(self) -> dict:
-        # Counts added after format 1 are written only when known: an older record reads back unchanged.
         return {**{name: getattr(self, name) for name in self._TYPES
-                   if not (name in ("rows_given", "rows_trained") and getattr(self, name) is None)}, **self.extra}
+                   if not (name in ROW_COUNTS and getattr(self, name) is None)}, **self.extra}
 
 
 # The report's cost columns: {field: (label, number format)}, in the order of Cost's fields.

@@ -124,3 +124,51 @@ def test_each_method_plots_curves_it_logs():
     for method in METHODS.values():
         assert method.curves and set(method.curves) <= set(method.metrics), method.name
     assert "kl" in METHODS["kto"].curves
+
+
+TRUNCATION = {"max_length", "max_prompt_length", "max_completion_length", "truncation_mode"}
+
+
+def trl_config(method):
+    """The TRL config class of a method's trainer (`Method.trainer`: trl...XTrainer)."""
+    import importlib
+    import warnings
+
+    module, _, trainer = METHODS[method].trainer.split()[0].rpartition(".")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # trl.experimental warns on import
+        return getattr(importlib.import_module(module), trainer.replace("Trainer", "Config"))
+
+
+def test_each_method_offers_the_truncation_its_trl_config_has_and_reads(tmp_path):
+    """TRL 1.16: no config has max_prompt_length; SFT and DPO have truncation_mode, whose
+    other value (keep_end) is deprecated for removal ("the only supported value is
+    keep_start"); ORPO and CPO read max_completion_length for encoder-decoder models only,
+    and posttrain trains causal LMs. So a stage offers max_length alone (and passes the rest
+    explicitly). A TRL upgrade that changes any of this fails here: offer the new setting."""
+    import dataclasses
+
+    from posttrain.models import ModelSource
+    from posttrain.stages.common import StageContext
+    from posttrain.stages.orpo import build_trainer
+
+    has = {name: TRUNCATION & {f.name for f in dataclasses.fields(trl_config(name))} for name in METHODS}
+    assert has == {"sft": {"max_length", "truncation_mode"}, "dpo": {"max_length", "truncation_mode"},
+                   "kto": {"max_length"}, "orpo": {"max_length", "max_completion_length"},
+                   "cpo": {"max_length", "max_completion_length"}, "simpo": {"max_length", "max_completion_length"}}
+    for name, method in METHODS.items():
+        assert TRUNCATION & set(method.settings.model_fields) == {"max_length"}, name
+    with pytest.warns(FutureWarning, match="keep_end"):
+        trl_config("dpo")(output_dir=str(tmp_path), use_cpu=True, bf16=False, truncation_mode="keep_end")
+    # ORPO (CPO's tokenization is the same code) cuts a causal LM's reply at max_length only.
+    spec = METHODS["orpo"].settings(method="orpo", data="d", learning_rate=1e-3, max_length=64)
+    pair = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a" * 20}],
+            "rejected": [{"role": "assistant", "content": "b"}]}
+    (tmp_path / "orpo").mkdir()
+    trainer, _ = build_trainer(StageContext(name="orpo", spec=spec, seed=0, start=ModelSource("builtin:micro-llama"),
+                                            examples=[pair], out_dir=tmp_path / "orpo"))
+    trainer.max_completion_length = 2
+    row = trainer.train_dataset[0]
+    tokens = trainer.tokenize_row({key: row[key] for key in ("prompt", "chosen", "rejected")})
+    # The reply, "<|im_end|>\n" and the EOS TRL appends: nowhere near max_completion_length.
+    assert sum(label != -100 for label in tokens["chosen_labels"]) == 20 + 3

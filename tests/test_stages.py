@@ -137,8 +137,11 @@ def test_train_tokens_count_the_prompt_once_per_sequence():
     from posttrain.stages.common import dataset_tokens
 
     pairs = Dataset.from_list([{"prompt_ids": [1, 2, 3], "chosen_ids": [4], "rejected_ids": [5, 6]}])
-    # DPO feeds prompt+chosen and prompt+rejected: 3+1 + 3+2 tokens.
-    assert dataset_tokens(pairs, {"prompt_ids": 2, "chosen_ids": 1, "rejected_ids": 1}) == 9
+    # DPO feeds prompt+chosen and prompt+rejected: 3+1 + 3+2 tokens, each cut at max_length.
+    sequences = (("prompt_ids", "chosen_ids"), ("prompt_ids", "rejected_ids"))
+    assert dataset_tokens(pairs, sequences, None).tokens == 9
+    cut = dataset_tokens(pairs, sequences, 4)
+    assert (cut.tokens, cut.over.tolist(), cut.at_limit.tolist()) == (4 + 4, [True], [True])
 
 
 def cached_context(tmp_path, spec, name, seed=0, start_key="base-key"):

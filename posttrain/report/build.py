@@ -304,9 +304,9 @@ def template_notes(runs: list[Run], names: dict) -> list[str]:
 
 
 def row_notes(runs: list[Run], names: dict) -> list[str]:
-    """Stages whose trainer kept fewer rows than it was given, once per stage (first seed),
-    and a warning when stages given the same rows of a dataset trained different numbers
-    of them."""
+    """Stages whose trainer kept fewer rows than it was given or cut rows at max_length,
+    once per stage (first seed), and a warning when stages given the same rows of a dataset
+    trained different numbers of them."""
     notes, seen = [], set()
     trained_of = defaultdict(dict)   # (dataset, rows given) -> {stage label: rows trained}
     for run in runs:
@@ -323,6 +323,10 @@ def row_notes(runs: list[Run], names: dict) -> list[str]:
                     notes.append(f"Stage {label} trained on {cost.rows_trained:,} of the {cost.rows_given:,} rows of "
                                  f"{dataset!r}: {cost.rows_dropped:,} were dropped before training (the prompt "
                                  "filled max_length, leaving nothing to train on).")
+                if cost.rows_truncated:
+                    notes.append(f"Stage {label} cut {cost.rows_truncated:,} of the {cost.rows_trained:,} rows it "
+                                 f"trained at max_length ({record.settings.get('max_length', '?')} tokens): their "
+                                 "tokens past it were not trained, and its train tokens count only those kept.")
     for (dataset, given), counts in trained_of.items():
         if len(set(counts.values())) > 1:
             shown = ", ".join(f"{label} {rows:,}" for label, rows in counts.items())

@@ -269,14 +269,36 @@ def run_training(trainer, ctx: StageContext) -> dict:
             "earlier_attempts_wall_s": control.prior_wall_s}
 
 
-def dataset_tokens(dataset, columns: dict[str, int]) -> int:
-    """Tokens the model processes per epoch: each column's lengths times how often it is fed.
+@dataclass(frozen=True)
+class SequenceTokens:
+    """A trained dataset's sequences, each capped at max_length as its trainer caps it."""
 
-    A DPO pair feeds its prompt twice (prompt+chosen, prompt+rejected); ORPO's
-    chosen/rejected columns already include the prompt.
+    tokens: int          # tokens the model processes per epoch (pads excluded)
+    over: Any            # per row: a sequence longer than max_length (the collator cuts it)
+    at_limit: Any        # per row: a sequence exactly max_length long (cut already, or whole)
+
+
+def dataset_tokens(dataset, sequences: tuple[tuple[str, ...], ...], max_length: int | None) -> SequenceTokens:
+    """Each row's training sequences, `sequences` naming the token columns each one
+    concatenates (DPO: prompt+chosen and prompt+rejected), capped at `max_length`.
+
+    Read from the Arrow columns' lengths in the dataset's row order, not row by row.
     """
-    return sum(times * sum(len(ids) for ids in dataset[col])
-               for col, times in columns.items() if col in dataset.column_names)
+    import numpy as np
+    import pyarrow.compute as pc
+
+    columns = sorted({column for sequence in sequences for column in sequence})
+    table = dataset.select_columns(columns).with_format("arrow")[:]
+    lengths = {column: pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False).astype("int64")
+               for column in columns}
+    limit = max_length or np.iinfo("int64").max
+    tokens, over, at_limit = 0, np.zeros(len(dataset), bool), np.zeros(len(dataset), bool)
+    for sequence in sequences:
+        full = sum(lengths[column] for column in sequence)
+        tokens += int(np.minimum(full, limit).sum())
+        over |= full > limit
+        at_limit |= full == limit
+    return SequenceTokens(tokens, over, at_limit)
 
 
 @dataclass
@@ -307,8 +329,8 @@ def train_built(ctx: StageContext, build_trainer) -> Trained:
     return Trained(trainer, tokenizer, meter, attempts)
 
 
-def finish(ctx: StageContext, done: Trained, *, token_columns: dict[str, int], extra_forwards: int = 0,
-           extra_cost: dict | None = None) -> StageResult:
+def finish(ctx: StageContext, done: Trained, *, sequences: tuple[tuple[str, ...], ...], cut_rows=None,
+           extra_forwards: int = 0, extra_cost: dict | None = None) -> StageResult:
     """Save the model/adapter, the trainer log, and summarise cost and final metrics.
 
     Passes count sequences, as many per example as the method declares
@@ -316,6 +338,10 @@ def finish(ctx: StageContext, done: Trained, *, token_columns: dict[str, int], e
     rejected). `extra_forwards` adds forwards without a backward (a frozen reference's;
     KTO's KL sequences). The final
     metrics are the method's declared `metrics`.
+    Train tokens are the tokens of `sequences` (dataset_tokens) after max_length cut them;
+    rows_truncated the rows with a sequence cut. A trainer that cuts while tokenizing
+    keeps no uncut length: its `cut_rows(done, rows)` says which of the rows that reach
+    max_length exactly were cut (SFT, ORPO/CPO); the others cut in the collator.
     A resumed stage's wall time adds the earlier attempts' time up to their last
     checkpoint (work lost after it is not counted).
     """
@@ -340,10 +366,11 @@ def finish(ctx: StageContext, done: Trained, *, token_columns: dict[str, int], e
     examples_seen = round(len(trainer.train_dataset) * epochs_done)
     from posttrain.records import Cost
 
+    counted = dataset_tokens(trainer.train_dataset, sequences, ctx.spec.max_length)
     cost = Cost(  # as JSON (records.Cost is its one writer): StageResult.cost is read by key
         optimizer_steps=trainer.state.global_step,
         examples_seen=examples_seen,
-        train_tokens=round(dataset_tokens(trainer.train_dataset, token_columns) * epochs_done),
+        train_tokens=round(counted.tokens * epochs_done),
         forward_passes=examples_seen * method.sequences + extra_forwards,
         backward_passes=examples_seen * method.sequences,
         wall_s=round(meter.wall_s + attempts.get("earlier_attempts_wall_s", 0.0), 2),
@@ -352,6 +379,7 @@ def finish(ctx: StageContext, done: Trained, *, token_columns: dict[str, int], e
         peak_memory_kind=meter.memory_kind,
         rows_given=len(ctx.examples) if ctx.examples is not None else None,
         rows_trained=len(trainer.train_dataset),
+        rows_truncated=int(counted.over.sum()) if cut_rows is None else cut_rows(done, counted.at_limit.nonzero()[0]),
         extra=dict(extra_cost or {}),
     ).to_json()
     # Checkpoints exist to resume this stage; once it is finished they are dead weight.

@@ -47,7 +47,7 @@ METHOD = Method(
     name="cpo", settings=CPOStage, trainer="trl.experimental.cpo.CPOTrainer", data=PREFERENCE,
     summary="contrastive preference optimization: a reference-free preference loss plus NLL on chosen, "
             "in one stage from the base model (loss_type simpo: CPO-SimPO)",
-    single_step=True, sequences=2, prompt_bos=True, metrics=CPO_METRICS, curves=CPO_CURVES,
+    single_step=True, sequences=2, prompt_bos=True, reply_eos=True, metrics=CPO_METRICS, curves=CPO_CURVES,
 )
 
 

@@ -185,6 +185,7 @@ def train(ctx: StageContext) -> StageResult:
     done = train_built(ctx, build_trainer)
     # The reference scores chosen and rejected of every pair (with LoRA: adapter disabled).
     cached = bool(getattr(done.trainer, "reference_cached", False))
-    return finish(ctx, done, token_columns={"prompt_ids": 2, "chosen_ids": 1, "rejected_ids": 1},
+    # The collator cuts prompt+chosen and prompt+rejected at max_length, each apart.
+    return finish(ctx, done, sequences=(("prompt_ids", "chosen_ids"), ("prompt_ids", "rejected_ids")),
                   extra_forwards=done.reference_forwards(ctx.spec.precompute_ref_log_probs, per_example=2),
                   extra_cost={"reference_logps_cached": cached})

@@ -86,5 +86,6 @@ def train(ctx: StageContext) -> StageResult:
     kl = done.trainer.args.loss_type == "kto"
     policy_kl = round(len(done.trainer.train_dataset) * done.epochs) if kl else 0
     reference = done.reference_forwards(ctx.spec.precompute_ref_log_probs, per_example=2 if kl else 1)
-    return finish(ctx, done, token_columns={"prompt_ids": 1, "completion_ids": 1},
+    # The collator cuts prompt+completion at max_length (the KL sequences are forwards only).
+    return finish(ctx, done, sequences=(("prompt_ids", "completion_ids"),),
                   extra_forwards=reference + policy_kl)

@@ -2,7 +2,7 @@
 
 Everything else derives from these declarations: the recipe schema's stage union
 (`settings`), which data a stage loads (`data`), the plan and its estimates
-(`sequences`, `estimate_truncates`), the max_length checks (`prompt_bos`),
+(`sequences`, `prompt_bos`, `reply_eos`), the max_length checks (`prompt_bos`),
 compute matching (`single_step`), the stage record (`metrics`), the report's
 training curves (`curves`), the CLI's help
 (`summary`, `trainer`, `reference`). A module declares `METHOD = Method(...)`,
@@ -35,8 +35,8 @@ class Method:
     metrics: tuple[str, ...] = ()  # trainer-log keys kept as the stage's final metrics
     curves: tuple[str, ...] = ()   # trainer-log keys (of `metrics`) the report plots over steps
     sequences: int = 1             # sequences trained per example (passes; tokens are counted per sequence)
-    estimate_truncates: bool = False  # the estimate caps each sequence at max_length (as TRL's SFT does)
     prompt_bos: bool = False       # its tokenization puts BOS before a prompt that lacks it (first trained token)
+    reply_eos: bool = False        # its tokenization puts EOS after a reply that lacks it (sequence length)
     module: str = ""               # filled in by the registry: where `train` lives
 
     def __post_init__(self):

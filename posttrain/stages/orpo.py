@@ -20,7 +20,7 @@ class ORPOStage(StageBase):
 METHOD = Method(
     name="orpo", settings=ORPOStage, trainer="trl.experimental.orpo.ORPOTrainer", data=PREFERENCE,
     summary="SFT and preference alignment in one stage from the base model (odds-ratio penalty), no reference",
-    single_step=True, sequences=2, prompt_bos=True,
+    single_step=True, sequences=2, prompt_bos=True, reply_eos=True,
     metrics=("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
              "rewards/accuracies", "rewards/margins", "grad_norm"),
     curves=("loss", "nll_loss", "log_odds_ratio", "rewards/margins", "rewards/accuracies"),

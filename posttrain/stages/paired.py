@@ -27,6 +27,8 @@ def build_paired(ctx: StageContext, trainer: str, **settings):
         **trainer_kwargs(ctx),
         **settings,
         max_length=ctx.spec.max_length,
+        # TRL 1.16 reads it for encoder-decoder models only; posttrain trains causal LMs, whose
+        # pairs are cut at max_length alone (the reply is cut, never the prompt).
         max_completion_length=ctx.spec.max_length,
         disable_dropout=True,
         dataset_num_proc=None,
@@ -71,8 +73,26 @@ def drop_prompt_only_pairs(trainer, ctx: StageContext) -> int:
     return int(len(keep) - keep.sum())
 
 
+def cut_pairs(done: Trained, rows) -> int:
+    """How many of `rows` (pairs with a sequence exactly max_length long) TRL cut: its
+    tokenization keeps only the cut sequences, so each pair is tokenized again by the
+    trainer's own tokenize_row with the limit lifted (it appends an EOS to every reply, so
+    a whole sequence's length is not its template's)."""
+    import sys
+
+    trainer = done.trainer
+    limit = trainer.max_length
+    pairs = trainer.train_dataset.select(rows).select_columns(["prompt", "chosen", "rejected"])
+    trainer.max_length = sys.maxsize
+    try:
+        whole = [trainer.tokenize_row(pair) for pair in pairs]
+    finally:
+        trainer.max_length = limit
+    return sum(max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"])) > limit for row in whole)
+
+
 def finish_pairs(ctx: StageContext, done: Trained) -> StageResult:
-    """finish() for these trainers: their chosen/rejected sequences hold the prompt; the
-    pairs dropped before training are part of the cost."""
-    return finish(ctx, done, token_columns={"chosen_input_ids": 1, "rejected_input_ids": 1},
+    """finish() for these trainers: their chosen/rejected sequences hold the prompt, cut at
+    max_length while tokenizing; the pairs dropped before training are part of the cost."""
+    return finish(ctx, done, sequences=(("chosen_input_ids",), ("rejected_input_ids",)), cut_rows=cut_pairs,
                   extra_cost={"dropped_pairs": done.trainer.dropped_pairs})

@@ -19,7 +19,6 @@ METHOD = Method(
     name="sft", settings=SFTStage, trainer="trl.SFTTrainer", data=INSTRUCTION,
     summary="supervised fine-tuning on conversations; loss on the assistant's tokens only",
     metrics=("loss", "mean_token_accuracy", "grad_norm"), curves=("loss", "mean_token_accuracy"), sequences=1,
-    estimate_truncates=True,
 )
 
 
@@ -66,5 +65,18 @@ def build_trainer(ctx: StageContext):
     return quiet_trainer(trainer, ctx), tokenizer
 
 
+def cut_conversations(done, rows) -> int:
+    """How many of `rows` (trained rows exactly max_length long) TRL cut: its tokenization
+    keeps only the cut ids, so each one's conversation is tokenized again, whole, as TRL
+    tokenizes it (the chat template over the conversation, or prompt + completion)."""
+    dataset, tokenizer = done.trainer.train_dataset, done.tokenizer
+    limit = done.trainer.args.max_length
+    cut = 0
+    for row in dataset.select(rows):
+        conversation = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
+        cut += len(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]) > limit
+    return cut
+
+
 def train(ctx: StageContext) -> StageResult:
-    return finish(ctx, train_built(ctx, build_trainer), token_columns={"input_ids": 1})
+    return finish(ctx, train_built(ctx, build_trainer), sequences=(("input_ids",),), cut_rows=cut_conversations)

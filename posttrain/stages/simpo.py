@@ -33,7 +33,7 @@ METHOD = Method(
     name="simpo", settings=SimPOStage, trainer="trl.experimental.cpo.CPOTrainer (loss_type simpo, cpo_alpha 0)",
     data=PREFERENCE, summary="SimPO: reference-free preference loss on length-normalised log-probs with a target "
                              "margin, after SFT (no NLL term: it does not teach answering itself)",
-    single_step=False, sequences=2, prompt_bos=True, metrics=cpo.CPO_METRICS,
+    single_step=False, sequences=2, prompt_bos=True, reply_eos=True, metrics=cpo.CPO_METRICS,
     curves=("loss", "rewards/margins", "rewards/accuracies"),   # no NLL term: its nll_loss is 0
 )
 
