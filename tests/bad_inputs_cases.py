@@ -338,7 +338,7 @@ DATA = [
     Case("data_unsupported_suffix", "data", cmd=PLAN, recipe=from_file("data/train.txt"),
          files={"data/train.txt": "hello\n"}, place=("train.txt",)),
     Case("data_source_is_directory", "data", cmd=PLAN, recipe=from_file("rows_dir"),
-         files={"rows_dir/x.jsonl": jsonl(GOOD_ROW)}, place=("rows_dir",)),
+         files={"rows_dir/notes.txt": "not data"}, place=("rows_dir", "a folder without data files")),
     Case("data_source_nul", "data", recipe=from_file('"data/tr\\0ain.jsonl"'), place=("data.ins.source",)),
     Case("data_source_nul_plan", "data", cmd=PLAN, recipe=from_file('"data/tr\\0ain.jsonl"'),
          place=("data.ins",)),

@@ -240,7 +240,7 @@ def test_bad_values_with_paths_and_lines_reported_with_other_problems(tmp_path):
         """)
     problems = problems_of(write(tmp_path, text))
     assert problems == [
-        "recipe.yaml:4: data.ins.fromat: unknown key",
+        "recipe.yaml:4: data.ins.fromat: unknown key; did you mean 'format'?",
         "recipe.yaml:16: sweep.stages.dpo.beta[1]: must be > 0.0",
         "recipe.yaml:19: sweep.stages.dpo.loss_type[1]: must be one of 'sigmoid', 'hinge', 'ipo', 'exo_pair', "
         "'nca_pair', 'robust', 'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired', 'apo_zero', 'apo_down', "
@@ -297,7 +297,8 @@ def test_only_stage_settings_can_be_swept(tmp_path):
         "recipe.yaml:19: sweep.stages.dpx.beta: unknown stage 'dpx' (known: sft, dpo, orpo)",
         "recipe.yaml:20: sweep.stages.sft.beta: unknown setting 'beta' of a sft stage (settings: data, "
         "learning_rate, epochs, max_steps, batch_size, gradient_accumulation, max_length, warmup_ratio, "
-        "scheduler, weight_decay, max_grad_norm, seed, lora, logging_steps)",
+        "scheduler, weight_decay, max_grad_norm, seed, lora, logging_steps, gradient_checkpointing, warmup_steps, "
+        "optim, dataset_num_proc, eval_data, eval_steps, trainer, packing, padding_free)",
     ]
     assert problems[5:] == [
         "recipe.yaml:21: sweep.stages.dpo.method: the method cannot be swept (declare another stage)"]

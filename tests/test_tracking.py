@@ -200,8 +200,10 @@ def tracked_run(tmp_path_factory):
             # The trainer must be built inside the block with this report_to (the pipeline
             # passes it through StageContext into trainer_kwargs); patched here so this test
             # does not depend on that wiring.
-            build_kwargs = sft.trainer_kwargs
-            mp.setattr(sft, "trainer_kwargs", lambda c: {**build_kwargs(c), "report_to": report_to})
+            from posttrain.stages import common
+
+            build_kwargs = common.trainer_kwargs
+            mp.setattr(common, "trainer_kwargs", lambda c: {**build_kwargs(c), "report_to": report_to})
             trainer, _ = sft.build_trainer(ctx)
             trainer.train()
         tracker.log_eval("sft", 0, EVAL_ROWS)

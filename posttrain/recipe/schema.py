@@ -56,6 +56,12 @@ class ModelSpec(Strict):
         raise ValueError("use chatml, model, a Jinja template (text with {{ }} or {% %}), or a template file "
                          f"({', '.join(TEMPLATE_SUFFIXES)})")
 
+    def __eq__(self, other: object) -> bool:   # the recipe's folder (private) is where, not what
+        return isinstance(other, ModelSpec) and self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(self.model_dump_json())
+
     def template_file(self) -> Path | None:
         """The template file chat_template names (relative to the recipe's folder), or None."""
         from posttrain.models import is_jinja
