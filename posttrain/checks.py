@@ -25,6 +25,7 @@ this module decides what to check and names the recipe keys.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -151,12 +152,65 @@ def check_before_training(recipe, refs: list, task_dir: Path | None,
     (``evaluation.prepare_eval``). Loads tokenizers and model configs, never weights.
     """
     started = time.perf_counter()
-    problems = quantization_problems(recipe) + model_problems(recipe) + eval_task_problems(refs, task_dir, log)
+    problems = (quantization_problems(recipe) + trainer_setting_problems(recipe) + model_problems(recipe)
+                + eval_task_problems(refs, task_dir, log))
     log(f"checks: model, tokenizer, chat template, LoRA targets and {len(refs)} eval task(s) "
         f"checked in {time.perf_counter() - started:.1f} s")
     if problems:
         raise RecipeError(f"{len(problems)} problem(s) found before training (nothing was trained)",
                           [_render(loc, message) for loc, message in problems])
+
+
+def trainer_setting_problems(recipe) -> list[Problem]:
+    """Each stage's `trainer:` passthrough against its method's TRL config (a field of it,
+    not one a recipe setting names or posttrain owns, and values the config accepts), and
+    optimizers that need bitsandbytes."""
+    import importlib.util
+
+    from posttrain.recipe.fields import BNB_OPTIMIZERS
+    from posttrain.stages import METHODS
+    from posttrain.stages.common import passthrough_problems
+
+    problems: list[Problem] = []
+    for name, stage in recipe.stages.items():
+        if stage.optim in BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+            problems.append((("stages", name, "optim"), f"{stage.optim} needs bitsandbytes: pip install "
+                                                        "'posttrain[qlora]' (or use adamw_torch)"))
+        if not stage.trainer:
+            continue
+        config_class = trl_config_class(METHODS[stage.method])
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        found = passthrough_problems(stage, fields)
+        problems += [(("stages", name, "trainer", key), f"{message} ({config_class.__name__})")
+                     for key, message in found]
+        if not found:
+            problems += _config_accepts(config_class, stage.trainer, ("stages", name, "trainer"))
+    return problems
+
+
+def _config_accepts(config_class, settings: dict, loc: tuple) -> list[Problem]:
+    """Build the TRL config with the passthrough values alone: what it refuses (a type,
+    a value its checks reject) is said here, not when the stage starts."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            config_class(output_dir=scratch, use_cpu=True, bf16=False, report_to=[], **settings)
+        except Exception as exc:   # TRL's and transformers' own checks: the user's values
+            return [(loc, f"{config_class.__name__} refuses these values: {type(exc).__name__}: {exc}")]
+    return []
+
+
+def trl_config_class(method):
+    """The TRL config class of a method's trainer (`trl.DPOTrainer` -> `trl.DPOConfig`)."""
+    import importlib
+    import warnings
+
+    module_name, class_name = method.trainer.split(" ")[0].rsplit(".", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # trl.experimental warns on import
+        module = importlib.import_module(module_name)
+    return getattr(module, class_name.replace("Trainer", "Config"))
 
 
 def quantization_problems(recipe) -> list[Problem]:

@@ -57,6 +57,7 @@ class ModelSource:
     chat_template: str = "chatml"
     adapter_dirs: tuple[str, ...] = ()  # LoRA adapters merged in order on top of `name`
     quantization: tuple[tuple[str, Any], ...] = ()   # QLoRA: a QuantizationSpec's items (4-bit weights)
+    attn_implementation: str | None = None          # None: transformers' default (sdpa where supported)
 
     @classmethod
     def of(cls, spec, name: str | None = None) -> "ModelSource":
@@ -64,7 +65,8 @@ class ModelSource:
         (an `external` entry: named, so no revision)."""
         return cls(name=name or spec.name, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
                    revision=None if name else spec.revision, chat_template=spec.template_choice(),
-                   quantization=tuple(spec.quantization.model_dump().items()) if spec.quantization else ())
+                   quantization=tuple(spec.quantization.model_dump().items()) if spec.quantization else (),
+                   attn_implementation=spec.attn_implementation)
 
 
 @dataclass
@@ -274,6 +276,8 @@ def load_model(source: ModelSource, device: str | None = None) -> Loaded:
     tokenizer = load_tokenizer(source)
     if is_builtin(source.name):
         model = build_builtin_model(source.name, tokenizer, source.dtype)
+        if source.attn_implementation:
+            model.set_attn_implementation(source.attn_implementation)
     else:
         model = _load_pretrained(source)
     added = apply_chat_template_choice(tokenizer, model, source.chat_template)
@@ -295,7 +299,8 @@ def _load_pretrained(source: ModelSource):
     try:
         return AutoModelForCausalLM.from_pretrained(
             source.name, revision=source.revision, dtype=torch_dtype(source.dtype),
-            trust_remote_code=source.trust_remote_code, **quantized_loading(source))
+            trust_remote_code=source.trust_remote_code, **quantized_loading(source),
+            **({"attn_implementation": source.attn_implementation} if source.attn_implementation else {}))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {source.name!r}: {exc}") from None
 

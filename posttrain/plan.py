@@ -32,6 +32,7 @@ class StageNode:
     parent: "StageNode | None"
     data: LoadedData = field(repr=False)
     inputs: dict = field(default_factory=dict, repr=False)   # what the key hashes (stage_key_inputs)
+    eval_data: LoadedData | None = field(default=None, repr=False)   # held-out rows (the stage's eval_data)
 
     @property
     def chain(self) -> list[str]:
@@ -161,8 +162,9 @@ def load_stage_data(recipe: Recipe, env: DataEnv) -> dict[str, LoadedData]:
     problems = []
     for stage_name, stage in recipe.stages.items():
         want = METHODS[stage.method].data
-        if (stage.data, want) not in loaded:
-            loaded[(stage.data, want)] = load_data(stage.data, recipe.data[stage.data], want, env)
+        for name in filter(None, (stage.data, stage.eval_data)):
+            if (name, want) not in loaded:
+                loaded[(name, want)] = load_data(name, recipe.data[name], want, env)
         data = loaded[(stage.data, want)]
         if not data.examples:
             after = (f" after curation (it had {data.rows_before_curation:,} rows)"
@@ -213,10 +215,13 @@ def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] |
             for stage_name in chain:
                 stage = recipe.stages[stage_name]
                 stage_data = data[data_key(stage)]
+                held_out = data[f"{stage.eval_data}:{METHODS[stage.method].data}"] if stage.eval_data else None
                 inputs = stage_key_inputs(recipe, stage_name, seed, parent.key if parent else None, stage_data,
                                           weights, template)
+                if held_out is not None:
+                    inputs["eval_data"] = held_out.fingerprint
                 key = content_hash(inputs)
-                parent = nodes.setdefault(key, StageNode(stage_name, seed, key, parent, stage_data, inputs))
+                parent = nodes.setdefault(key, StageNode(stage_name, seed, key, parent, stage_data, inputs, held_out))
             finals[(pipeline, seed)] = parent
     return Plan(recipe, nodes, finals, data, weights, template)
 

@@ -62,7 +62,7 @@ def checkpoint_policy(recipe: Recipe):
     from posttrain.stages.common import CheckpointPolicy
 
     return CheckpointPolicy(every_steps=recipe.output.checkpoint_steps,
-                            every_minutes=recipe.output.checkpoint_minutes)
+                            every_minutes=recipe.output.checkpoint_minutes, keep=recipe.output.save_total_limit)
 
 
 def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tracker) -> StageRecord:
@@ -110,6 +110,7 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
                 lora=resolve_lora(recipe, spec), show_progress=options.show_progress, report_to=report_to,
                 dataset_dir=dataset_dir, start_key=node.parent.key if node.parent else plan.base_key,
                 reflogps_dir=cache.root / "reflogps", checkpoint=checkpoint_policy(recipe), resume_from=resume,
+                eval_examples=node.eval_data.examples if node.eval_data is not None else None,
             )
             with stop_on_signals(options.log) as ctx.stop_requested:
                 try:

@@ -9,11 +9,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
               "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 
+# transformers' OptimizerNames (5.24), written out: `validate` imports no transformers
+# (tests/test_stage_settings.py checks the list against the enum). 8-bit and paged
+# optimizers need bitsandbytes (checked before training).
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused",
+              "adafactor", "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd",
+              "adagrad", "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit",
+              "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit",
+              "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
+              "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
+              "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo",
+              "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw",
+              "apollo_adamw_layerwise", "stable_adamw")
+BNB_OPTIMIZERS = tuple(name for name in OPTIMIZERS if "8bit" in name or "bnb" in name or name.startswith("paged_"))
 
 # The largest whole number any setting takes. Libraries take counts and seeds as C
 # integers (torch and tokenizers overflow at 2**64, numpy seeds stop at 2**32 - 1), so
@@ -81,16 +94,36 @@ class StageBase(Strict):
     lora: LoraSpec | Literal[False] | None = Field(
         None, description="None: the model's LoRA setting; false: full fine-tuning")
     logging_steps: int = Field(10, gt=0)
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward (less memory)")
+    warmup_steps: int | None = Field(None, ge=0, description="warmup in optimizer steps (instead of warmup_ratio)")
+    optim: Literal[OPTIMIZERS] = "adamw_torch"  # type: ignore[valid-type]
+    dataset_num_proc: int | None = Field(None, gt=0, description="processes for TRL's tokenization")
+    eval_data: Text | None = Field(None, description="a dataset of the recipe: its loss is measured during training")
+    eval_steps: int | None = Field(None, gt=0, description="with eval_data: every N optimizer steps (default: at the end)")
+    trainer: dict[Text, Any] = Field({}, description="other fields of the method's TRL config, checked before training")
 
     # A method's settings added after its stage keys were first published: left out of
     # the key while at their default, so that adding a setting keeps every cached stage
     # (and every result) trained before it existed.
     KEY_OMITS_DEFAULT: ClassVar[tuple[str, ...]] = ()
 
+    # Settings every method gained later: out of the key while at their default (see above).
+    COMMON_OMITS_DEFAULT: ClassVar[tuple[str, ...]] = (
+        "gradient_checkpointing", "warmup_steps", "optim", "eval_data", "eval_steps", "trainer")
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.warmup_steps is not None and self.warmup_ratio > 0:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.eval_steps is not None and self.eval_data is None:
+            raise ValueError("eval_steps needs eval_data (the dataset whose loss is measured)")
+        return self
+
     def key_settings(self) -> dict:
-        """The settings a stage's key hashes: all but LoRA (hashed resolved, apart) and logging."""
-        dumped = self.model_dump(mode="json", exclude={"lora", "logging_steps"})
-        for name in self.KEY_OMITS_DEFAULT:
+        """The settings a stage's key hashes: all but LoRA (hashed resolved, apart), logging
+        and how many processes tokenize (neither changes what is trained)."""
+        dumped = self.model_dump(mode="json", exclude={"lora", "logging_steps", "dataset_num_proc"})
+        for name in self.COMMON_OMITS_DEFAULT + self.KEY_OMITS_DEFAULT:
             if getattr(self, name) == type(self).model_fields[name].default:
                 del dumped[name]
         return dumped

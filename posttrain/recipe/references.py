@@ -48,10 +48,14 @@ def cross_problems(raw: dict):
             yield ("pipelines", name), "a stage appears twice"
     for name, stage in stages.items():
         method = METHODS.get(stage.get("method")) if isinstance(stage, dict) else None
-        spec = data.get(stage.get("data")) if method and isinstance(stage.get("data"), str) else None
-        problem = data_kind_problem(method.data, spec, stage["data"]) if isinstance(spec, dict) else None
-        if problem:
-            yield ("stages", name, "data"), f"{method.name} {problem}"
+        for key in ("data", "eval_data"):
+            spec = data.get(stage.get(key)) if method and isinstance(stage.get(key), str) else None
+            problem = data_kind_problem(method.data, spec, stage[key]) if isinstance(spec, dict) else None
+            if problem:
+                yield ("stages", name, key), f"{method.name} {problem}"
+        ref = stage.get("eval_data") if isinstance(stage, dict) else None
+        if isinstance(ref, str) and data and ref not in data:
+            yield ("stages", name, "eval_data"), f"unknown dataset {ref!r} (known: {_listed(data)})"
     plan, problems = plan_sweep(raw, cross_problems)
     yield from problems
     final = list(plan.chain_of)  # the pipeline names after the sweep

@@ -42,6 +42,8 @@ class ModelSpec(Strict):
     trust_remote_code: bool = False
     lora: LoraSpec | None = None
     quantization: QuantizationSpec | None = Field(None, description="QLoRA: 4-bit base weights (needs LoRA, a GPU)")
+    attn_implementation: Text | None = Field(None, description="sdpa, eager, flash_attention_2, ... (default: "
+                                                                "transformers' choice)")
     _base_dir: Path | None = PrivateAttr(None)   # the recipe's folder (load_recipe sets it)
 
     @field_validator("chat_template")
@@ -160,6 +162,7 @@ class OutputSpec(Strict):
     # `checkpoint_steps` optimizer steps; not part of a stage's identity.
     checkpoint_minutes: float | None = Field(10.0, gt=0)
     checkpoint_steps: int | None = Field(None, gt=0)
+    save_total_limit: int = Field(2, gt=0, description="the newest checkpoints kept while a stage trains")
 
 
 class ReportSpec(Strict):

@@ -32,12 +32,14 @@ class StageContext:
     checkpoint: "CheckpointPolicy | None" = None
     resume_from: Path | None = None   # a checkpoint of this same stage to continue from
     stop_requested: Any = None        # callable -> bool: stop at the next step boundary (Ctrl-C)
+    eval_examples: list[dict] | None = None   # held-out rows (eval_data): their loss is measured
 
 
 @dataclass
 class CheckpointPolicy:
     every_steps: int | None = None
     every_minutes: float | None = None
+    keep: int = 2             # the newest checkpoints kept (output.save_total_limit)
 
 
 class StageInterrupted(Exception):
@@ -98,7 +100,7 @@ def reference_config(ctx: StageContext) -> dict:
         sync_ref_model=False,
         disable_dropout=True,
         activation_offloading=False,
-        dataset_num_proc=None,
+        dataset_num_proc=spec.dataset_num_proc,
     )
 
 
@@ -118,15 +120,19 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         num_train_epochs=spec.epochs,
         max_steps=spec.max_steps or -1,
         lr_scheduler_type=spec.scheduler,
-        warmup_steps=spec.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        # An int is a number of steps; a float in [0, 1) a ratio of total steps.
+        warmup_steps=spec.warmup_steps if spec.warmup_steps is not None else spec.warmup_ratio,
         weight_decay=spec.weight_decay,
         max_grad_norm=spec.max_grad_norm,
-        optim="adamw_torch",
+        optim=spec.optim,
         seed=ctx.seed,
         data_seed=ctx.seed,
         bf16=on_gpu and ctx.start.dtype in ("bfloat16", "auto"),
         fp16=False,
-        **{checkpointing_field(): False},
+        # Off unless asked (on CPU it is 5-16x slower, and small models do not need it);
+        # non-reentrant, the variant that works with LoRA's frozen inputs.
+        **{checkpointing_field(): spec.gradient_checkpointing,
+           checkpointing_field() + "_kwargs": {"use_reentrant": False} if spec.gradient_checkpointing else None},
         torch_compile=False,
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
@@ -139,12 +145,78 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         # Ctrl-C), never by strategy; each holds optimizer, scheduler and RNG state so a
         # resumed stage continues exactly. The two newest are kept.
         save_strategy="no",
-        save_total_limit=2,
+        save_total_limit=(ctx.checkpoint or CheckpointPolicy()).keep,
         save_only_model=False,
         report_to=list(ctx.report_to),
         disable_tqdm=not ctx.show_progress,
         remove_unused_columns=False,
+        # Held-out loss: every eval_steps steps when given, and once at the end (run_training).
+        eval_strategy="steps" if ctx.eval_examples and spec.eval_steps else "no",
+        eval_steps=spec.eval_steps,
+        per_device_eval_batch_size=spec.batch_size,
     )
+
+
+def trl_config(config_class, ctx: StageContext, **settings):
+    """The method's TRL config: every TrainingArguments setting (`trainer_kwargs`), the
+    method's own `settings`, then the recipe's passthrough (`stages.<name>.trainer`),
+    which may change only what no recipe setting names (checked before training:
+    `passthrough_problems`)."""
+    import dataclasses
+
+    kwargs = {**trainer_kwargs(ctx), **settings}
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    refused = [f"{key}: {message}" for key, message in passthrough_problems(ctx.spec, fields)]
+    if refused:   # checked before training; a recipe built in code reaches here unchecked
+        from posttrain.errors import RecipeError
+
+        raise RecipeError(f"stages.{ctx.name}.trainer: " + "; ".join(refused))
+    return config_class(**{**kwargs, **ctx.spec.trainer})
+
+
+def passthrough_problems(spec, fields: set[str]) -> list[tuple[str, str]]:
+    """[(key, why)] for each `trainer:` key that is not a field of the method's TRL config
+    (`fields`), or that a recipe setting names, or that posttrain owns."""
+    import difflib
+
+    problems = []
+    for key in spec.trainer:
+        if key in type(spec).model_fields:
+            problems.append((key, f"a recipe setting: write it as {key} beside the stage's other settings"))
+        elif key in NAMED_ELSEWHERE:
+            problems.append((key, f"a recipe setting: {NAMED_ELSEWHERE[key]}"))
+        elif key in MANAGED:
+            problems.append((key, f"posttrain sets it ({MANAGED[key]})"))
+        elif key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            problems.append((key, "not a field of the method's TRL config" + (f"; did you mean {close[0]!r}?"
+                                                                                if close else "")))
+    return problems
+
+
+# TRL / TrainingArguments fields a recipe sets under another name: `trainer:` may not set them.
+NAMED_ELSEWHERE = {
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "gradient_accumulation",
+    "num_train_epochs": "epochs", "lr_scheduler_type": "scheduler", "warmup_ratio": "warmup_ratio",
+    "gradient_checkpointing": "gradient_checkpointing", "activation_checkpointing": "gradient_checkpointing",
+    "bf16": "model.dtype", "fp16": "model.dtype", "seed": "seed", "data_seed": "seed",
+    "eval_strategy": "eval_data / eval_steps", "save_total_limit": "output.save_total_limit",
+    "report_to": "tracking", "push_to_hub": "posttrain export --push-to-hub",
+    "hub_model_id": "posttrain export --push-to-hub", "model_init_kwargs": "model (dtype, attn_implementation, ...)",
+    "ref_model_init_kwargs": "model", "use_liger_kernel": "a later release (not offered yet)",
+}
+# Fields posttrain owns for the run's mechanics: `trainer:` may not set them.
+MANAGED = {
+    "output_dir": "each stage trains in its own cache folder",
+    "save_strategy": "checkpoints follow output.checkpoint_minutes / checkpoint_steps",
+    "save_steps": "checkpoints follow output.checkpoint_minutes / checkpoint_steps",
+    "save_only_model": "a resumed stage needs the optimizer state", "resume_from_checkpoint": "posttrain resumes",
+    "use_cpu": "the device is the machine's", "disable_tqdm": "progress follows --progress",
+    "logging_nan_inf_filter": "the divergence guard needs every loss", "logging_first_step": "the trainer log",
+    "remove_unused_columns": "posttrain's rows keep their columns", "per_device_eval_batch_size": "batch_size",
+    "precompute_ref_batch_size": "batch_size", "sync_ref_model": "the reference is the stage's starting model",
+    "dataloader_num_workers": "rows are already tokenized in memory", "torch_compile": "a later release",
+}
 
 
 def checkpointing_field() -> str:
@@ -201,6 +273,13 @@ class CostMeter:
             self.peak_memory_mb = self._peak_rss / 2**20
             self.memory_kind = "peak_rss_during_stage"
         return False
+
+
+def eval_dataset(ctx: StageContext):
+    """The held-out rows (eval_data) as a datasets.Dataset, or None."""
+    from datasets import Dataset
+
+    return Dataset.from_list(ctx.eval_examples) if ctx.eval_examples else None
 
 
 def train_dataset(ctx: StageContext):
@@ -262,6 +341,8 @@ def run_training(trainer, ctx: StageContext) -> dict:
     trainer.add_callback(control)
     divergence_guard(trainer)
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    if trainer.eval_dataset is not None and not control.stopped:
+        trainer.evaluate()   # the held-out loss of the trained model, in the trainer log
     if control.stopped and trainer.state.global_step < trainer.state.max_steps:
         raise StageInterrupted(trainer.state.global_step, trainer.state.max_steps,
                                latest_checkpoint(Path(trainer.args.output_dir)))
@@ -394,6 +475,9 @@ def final_metrics(log: list[dict], keys: tuple[str, ...]) -> dict:
         for key in keys:
             if key in entry:
                 out[key] = entry[key]
+    evals = [e["eval_loss"] for e in log if "eval_loss" in e]
+    if evals:
+        out["eval_loss"] = evals[-1]
     summary = next((e for e in reversed(log) if "train_loss" in e), {})
     if "train_loss" in summary:
         out["train_loss_mean"] = summary["train_loss"]

@@ -17,8 +17,8 @@ from pydantic import Field, ValidationInfo, field_validator
 from posttrain.artifacts import Area
 from posttrain.recipe.fields import StageBase
 from posttrain.stages.common import (StageContext, StageResult, device, finish, quiet_trainer,
-                                     quiet_transformers, reference_config, start_with_reference, train_built, train_dataset,
-                                     trainer_kwargs)
+                                     quiet_transformers, reference_config, start_with_reference, train_built, eval_dataset, train_dataset,
+                                     trl_config)
 
 from posttrain.stages.method import PREFERENCE, REFERENCE_START, Method
 
@@ -162,8 +162,8 @@ def build_trainer(ctx: StageContext):
 
     model, tokenizer, lora, ref_model = start_with_reference(ctx)
     spec = ctx.spec
-    args = DPOConfig(
-        **trainer_kwargs(ctx),
+    args = trl_config(
+        DPOConfig, ctx,
         **reference_config(ctx),
         beta=spec.beta,
         loss_type=[spec.loss_type],
@@ -177,6 +177,7 @@ def build_trainer(ctx: StageContext):
         use_weighting=False,
     )
     trainer = trainer_class(ctx)(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset(ctx),
+                                 eval_dataset=eval_dataset(ctx),
                                  processing_class=tokenizer, peft_config=lora)
     return quiet_trainer(trainer, ctx), tokenizer
 

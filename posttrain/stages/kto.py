@@ -15,8 +15,8 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from posttrain.recipe.fields import StageBase
 from posttrain.stages.common import (StageContext, StageResult, finish, quiet_trainer,
-                                     quiet_transformers, reference_config, start_with_reference, train_built, train_dataset,
-                                     trainer_kwargs)
+                                     quiet_transformers, reference_config, start_with_reference, train_built, eval_dataset, train_dataset,
+                                     trl_config)
 from posttrain.stages.method import REFERENCE_START, UNPAIRED, Method
 
 
@@ -59,8 +59,8 @@ def build_trainer(ctx: StageContext):
 
     model, tokenizer, lora, ref_model = start_with_reference(ctx)
     spec = ctx.spec
-    args = KTOConfig(
-        **trainer_kwargs(ctx),
+    args = trl_config(
+        KTOConfig, ctx,
         **reference_config(ctx),
         beta=spec.beta,
         loss_type=spec.loss_type,
@@ -74,7 +74,7 @@ def build_trainer(ctx: StageContext):
     # Unpaired rows arrive in file order (unpaired pairs: chosen, rejected, next pair): in
     # order, a batch would hold one prompt twice and the KL term would pair it with itself.
     dataset = train_dataset(ctx).shuffle(seed=ctx.seed)
-    trainer = KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+    trainer = KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, eval_dataset=eval_dataset(ctx),
                          processing_class=tokenizer, peft_config=lora)
     return quiet_trainer(trainer, ctx), tokenizer
 

@@ -7,7 +7,7 @@ import warnings
 
 from posttrain.errors import DataError
 from posttrain.stages.common import (StageContext, StageResult, Trained, finish, load_start,
-                                     quiet_trainer, quiet_transformers, train_dataset, trainer_kwargs)
+                                     quiet_trainer, quiet_transformers, eval_dataset, train_dataset, trl_config)
 
 
 def build_paired(ctx: StageContext, trainer: str, **settings):
@@ -23,17 +23,18 @@ def build_paired(ctx: StageContext, trainer: str, **settings):
         module = importlib.import_module(f"trl.experimental.{trainer}")
     name = {"orpo": "ORPO", "cpo": "CPO"}[trainer]
     model, tokenizer, lora = load_start(ctx)
-    args = getattr(module, f"{name}Config")(
-        **trainer_kwargs(ctx),
+    args = trl_config(
+        getattr(module, f"{name}Config"), ctx,
         **settings,
         max_length=ctx.spec.max_length,
         # TRL 1.16 reads it for encoder-decoder models only; posttrain trains causal LMs, whose
         # pairs are cut at max_length alone (the reply is cut, never the prompt).
         max_completion_length=ctx.spec.max_length,
         disable_dropout=True,
-        dataset_num_proc=None,
+        dataset_num_proc=ctx.spec.dataset_num_proc,
     )
     built = getattr(module, f"{name}Trainer")(model=model, args=args, train_dataset=train_dataset(ctx),
+                                              eval_dataset=eval_dataset(ctx),
                                               processing_class=tokenizer, peft_config=lora)
     built.dropped_pairs = drop_prompt_only_pairs(built, ctx)
     return quiet_trainer(built, ctx), tokenizer

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from posttrain.models import template_has_generation_markers
 from posttrain.recipe.fields import StageBase
 from posttrain.stages.common import (StageContext, StageResult, finish, load_start, quiet_trainer,
-                                     quiet_transformers, train_built, train_dataset, trainer_kwargs)
+                                     quiet_transformers, train_built, eval_dataset, train_dataset, trl_config)
 from posttrain.stages.method import INSTRUCTION, Method
 
 
 class SFTStage(StageBase):
     method: Literal["sft"]
+    packing: bool = Field(False, description="pack conversations into max_length rows (TRL's best-fit packing)")
+    padding_free: bool = Field(False, description="batches as one row without padding (flash attention)")
+    KEY_OMITS_DEFAULT = ("packing", "padding_free")
 
 
 METHOD = Method(
@@ -47,20 +52,25 @@ def build_trainer(ctx: StageContext):
 
     model, tokenizer, lora = load_start(ctx)
     dataset, assistant_masks = sft_dataset(train_dataset(ctx), tokenizer)
+    held_out = eval_dataset(ctx)
+    if held_out is not None:
+        held_out = sft_dataset(held_out, tokenizer)[0]
     spec = ctx.spec
-    args = SFTConfig(
-        **trainer_kwargs(ctx),
+    args = trl_config(
+        SFTConfig, ctx,
         max_length=spec.max_length,
         truncation_mode="keep_start",
-        packing=False,              # packing would mix examples across the prompt mask
-        padding_free=False,
+        # Packing (TRL's best-fit decreasing, position ids reset per conversation) and
+        # padding-free batches keep each token's loss mask; off by default.
+        packing=spec.packing,
+        padding_free=spec.padding_free,
         assistant_only_loss=assistant_masks,
         completion_only_loss=not assistant_masks,
-        dataset_num_proc=None,
+        dataset_num_proc=spec.dataset_num_proc,
         shuffle_dataset=True,
         activation_offloading=False,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=held_out, processing_class=tokenizer,
                          peft_config=lora)
     return quiet_trainer(trainer, ctx), tokenizer
 
