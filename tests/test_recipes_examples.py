@@ -5,6 +5,7 @@ at a local task). Nothing trains."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,8 @@ def offline_hub(tmp_path_factory):
     patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(root / "datasets"))
     for repo_id, (model_type, tokens, tied) in STAND_INS.items():
         hub_model(root / "hub", repo_id, model_type=model_type, tokenizer_style=tokens, tied=tied)
-    yield {"root": root, "ultrachat": ultrachat_folder(root), "ultrafeedback": ultrafeedback_folder(root)}
+    # 300 rows: more than two of the largest global batch (128), so steps per epoch tell batches apart
+    yield {"root": root, "ultrachat": ultrachat_folder(root, n=300), "ultrafeedback": ultrafeedback_folder(root, n=300)}
     patch.undo()
 
 
@@ -167,37 +169,86 @@ def planned_chains(planned: dict) -> dict[str, list[str]]:
     return chains
 
 
+def stated_global_batches(path: Path) -> dict[str, int]:
+    """stage -> the global batch its gradient_accumulation comment states ("global batch 128 =
+    16 x 8" or "= 4 x 4 x 8 GPUs"), checked against the product it shows."""
+    stated, stage, in_stages = {}, None, False
+    for line in path.read_text().splitlines():
+        if not line.startswith(" "):
+            in_stages = line.startswith("stages:")
+        elif in_stages and re.fullmatch(r"  ([\w.+-]+):\s*", line):
+            stage = line.strip().rstrip(":")
+        elif in_stages and line.strip().startswith("gradient_accumulation:"):
+            match = re.search(r"global batch (\d+) = ([\d x]+\d)", line)
+            assert match, f"{path.name}: stages.{stage}.gradient_accumulation: no 'global batch N = a x b' comment"
+            assert math.prod(int(n) for n in match[2].split(" x ")) == int(match[1]), line
+            stated[stage] = int(match[1])
+    return stated
+
+
 def check_plan(path: Path, planned: dict) -> None:
     assert planned_chains(planned) == PIPELINES[name_of(path)]
     # a shared prefix is one stage: SFT is trained once for sft and sft+dpo
     assert len(planned["stages"]) == len({s for chain in PIPELINES[name_of(path)].values() for s in chain})
-    stages = raw(path)["stages"]
-    for entry in planned["stages"]:   # the global batch the header states is the one planned
+    stages, stated = raw(path)["stages"], stated_global_batches(path)
+    assert set(stated) == set(stages)
+    for entry in planned["stages"]:   # the global batch a stage's comment states is the one planned
         spec = stages[entry["stage"]]
-        global_batch = spec["batch_size"] * spec["gradient_accumulation"]
-        assert entry["steps_per_epoch"] == math.ceil(entry["examples"] / global_batch), entry
+        assert spec["batch_size"] * spec["gradient_accumulation"] == stated[entry["stage"]]
+        assert entry["steps_per_epoch"] == math.ceil(entry["examples"] / stated[entry["stage"]]), entry
 
 
-PLANNED = [path for path in RECIPES if "quantization" not in raw(path)["model"]]
-QLORA = [path for path in RECIPES if "quantization" in raw(path)["model"]]
+def planned_json(result) -> dict:
+    return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("path", PLANNED, ids=name_of)
-def test_example_recipe_plans_against_tiny_models_of_its_architecture(path, offline_hub):
-    result = plan(path, offline_hub)
-    assert result.exit_code == 0, result.output
-    check_plan(path, json.loads(result.output[result.output.index("{"): result.output.rindex("}") + 1]))
+def bitsandbytes_optimizers(path: Path) -> dict[str, str]:
+    """stage -> its optimizer, for the stages whose optimizer needs bitsandbytes."""
+    return {name: spec["optim"] for name, spec in raw(path)["stages"].items()
+            if "bnb" in spec.get("optim", "") or "8bit" in spec.get("optim", "") or
+            spec.get("optim", "").startswith("paged_")}
 
 
-@pytest.mark.parametrize("path", QLORA, ids=name_of)
-def test_qlora_recipe_is_refused_on_cpu_and_plans_without_quantization(path, offline_hub):
+def cpu_refusals(path: Path) -> tuple[list[str], list[str]]:
+    """(what `plan` must refuse on this machine, the -o options that plan the rest): QLoRA needs a
+    CUDA GPU, 8-bit and paged optimizers need bitsandbytes."""
+    import importlib.util
+
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("the refusal is for a machine without a CUDA GPU")
-    refused = plan(path, offline_hub)
-    assert refused.exit_code == 2
-    assert "model.quantization: 4-bit loading (QLoRA, bitsandbytes) needs a CUDA GPU" in refused.output
-    result = plan(path, offline_hub, "-o", "model.quantization=null")
+    messages, options = [], []
+    if "quantization" in raw(path)["model"] and not torch.cuda.is_available():
+        messages.append("model.quantization: 4-bit loading (QLoRA, bitsandbytes) needs a CUDA GPU")
+        options += ["-o", "model.quantization=null"]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        for stage, optim in bitsandbytes_optimizers(path).items():
+            messages.append(f"stages.{stage}.optim: {optim} needs bitsandbytes: pip install 'posttrain[qlora]'")
+            options += ["-o", f"stages.{stage}.optim=adamw_torch"]
+    return messages, options
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=name_of)
+def test_example_recipe_plans_against_tiny_models_of_its_architecture(path, offline_hub):
+    """QLoRA (no CUDA GPU here) and bitsandbytes optimizers (not installed here) are refused before
+    training, every refusal at once, naming what to install; without them the recipe plans."""
+    messages, options = cpu_refusals(path)
+    if messages:
+        refused = plan(path, offline_hub)
+        assert refused.exit_code == 2
+        for message in messages:
+            assert message in refused.output
+    result = plan(path, offline_hub, *options)
     assert result.exit_code == 0, result.output
-    check_plan(path, json.loads(result.output[result.output.index("{"): result.output.rindex("}") + 1]))
+    check_plan(path, planned_json(result))
+
+
+def test_the_handbook_settings_reach_the_stages():
+    """What the translations lean on: the ORPO config's reentrant checkpointing through the
+    passthrough, warmup in steps, and the QLoRA DPO stage's own adapter."""
+    from posttrain.recipe.load import load_recipe
+
+    orpo = load_recipe(EXAMPLES / "handbook" / "zephyr-141b-orpo.yaml").stages["orpo"]
+    assert orpo.trainer == {"gradient_checkpointing_kwargs": {"use_reentrant": True}}
+    assert (orpo.warmup_steps, orpo.warmup_ratio, orpo.gradient_checkpointing) == (100, 0.0, True)
+    qlora = load_recipe(EXAMPLES / "handbook" / "zephyr-7b-beta-qlora.yaml")
+    assert (qlora.model.lora.r, qlora.stages["dpo"].lora.r, qlora.model.quantization.double_quant) == (16, 128, False)
