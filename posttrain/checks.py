@@ -172,6 +172,8 @@ def trainer_setting_problems(recipe) -> list[Problem]:
     from posttrain.stages.common import passthrough_problems
 
     problems: list[Problem] = []
+    if recipe.tracking.tensorboard and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        problems.append((("tracking", "tensorboard"), "needs TensorBoard's writer: pip install tensorboard"))
     for name, stage in recipe.stages.items():
         if stage.optim in BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
             problems.append((("stages", name, "optim"), f"{stage.optim} needs bitsandbytes: pip install "

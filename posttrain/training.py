@@ -4,6 +4,7 @@ exists, stopped cleanly on Ctrl-C or SIGTERM, published into the cache only when
 from __future__ import annotations
 
 import gc
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -65,6 +66,26 @@ def checkpoint_policy(recipe: Recipe):
                             every_minutes=recipe.output.checkpoint_minutes, keep=recipe.output.save_total_limit)
 
 
+@contextmanager
+def tensorboard_dir(recipe: Recipe, run: RunDir, node: StageNode):
+    """With tracking.tensorboard: the stage's curves go to <run>/tensorboard/<stage>-seed<N>
+    (transformers' TensorBoard callback reads the folder from TENSORBOARD_LOGGING_DIR)."""
+    if not recipe.tracking.tensorboard:
+        yield []
+        return
+    folder = run.root / "tensorboard" / f"{node.stage}-seed{node.seed}"
+    run.area.mkdir(folder)
+    before = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder)
+    try:
+        yield ["tensorboard"]
+    finally:
+        if before is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = before
+
+
 def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tracker) -> StageRecord:
     """Train one stage unless the cache holds its key; resume it from its last checkpoint.
 
@@ -103,7 +124,9 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
         options.log(f"  {where}  {node.stage} ({spec.method}, seed {node.seed}) on {len(node.data.examples)} "
                     f"examples from {' -> '.join(node.chain[:-1]) or 'base'}")
         # One W&B run per trained stage; the trainer's own callback logs its curves into it.
-        with tracker.stage(node.stage, spec.method, node.seed, spec.model_dump(mode="json")) as report_to:
+        with tracker.stage(node.stage, spec.method, node.seed, spec.model_dump(mode="json")) as report_to, \
+                tensorboard_dir(recipe, run, node) as tensorboard:
+            report_to = list(report_to) + tensorboard
             ctx = StageContext(
                 name=node.stage, spec=spec, seed=spec.seed if spec.seed is not None else node.seed,
                 start=source_after(plan, node.parent, cache), examples=node.data.examples, out_dir=partial,

@@ -145,3 +145,15 @@ def test_attn_implementation_and_checkpoints_kept_reach_model_and_trainer(tmp_pa
     ctx = StageContext(name="sft", spec=spec, seed=0, start=MICRO, examples=[], out_dir=tmp_path,
                        checkpoint=CheckpointPolicy(keep=5))
     assert trainer_kwargs(ctx)["save_total_limit"] == 5
+
+
+def test_tensorboard_without_its_writer_is_refused_before_training(tmp_path, repo, isolated_cache):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed")
+    path = write_recipe(tmp_path, repo, PASSTHROUGH.replace("SFT_TRAINER", "seed: 0").replace("DPO_TRAINER", "seed: 0")
+                        + "tracking: {tensorboard: true}\n")
+    result = CliRunner().invoke(main, ["plan", str(path)])
+    assert result.exit_code == 2 and "tracking.tensorboard: needs TensorBoard's writer: pip install tensorboard" \
+        in result.output, result.output

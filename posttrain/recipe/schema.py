@@ -195,6 +195,7 @@ class WandbSpec(Strict):
 
 class TrackingSpec(Strict):
     wandb: WandbSpec | None = None
+    tensorboard: bool = Field(False, description="training curves also to <run>/tensorboard (needs tensorboard)")
 
 
 class Recipe(Strict):
