@@ -209,14 +209,18 @@ def bitsandbytes_optimizers(path: Path) -> dict[str, str]:
             spec.get("optim", "").startswith("paged_")}
 
 
-def cpu_refusals(path: Path) -> tuple[list[str], list[str]]:
+def refusals_here(path: Path) -> tuple[list[str], list[str]]:
     """(what `plan` must refuse on this machine, the -o options that plan the rest): QLoRA needs a
-    CUDA GPU, 8-bit and paged optimizers need bitsandbytes."""
+    CUDA GPU, 8-bit and paged optimizers need bitsandbytes, tracking.tensorboard a writer."""
     import importlib.util
 
     import torch
 
     messages, options = [], []
+    if raw(path).get("tracking", {}).get("tensorboard") and not any(
+            importlib.util.find_spec(module) for module in ("tensorboard", "tensorboardX")):
+        messages.append("tracking.tensorboard: needs TensorBoard's writer: pip install tensorboard")
+        options += ["-o", "tracking.tensorboard=false"]
     if "quantization" in raw(path)["model"] and not torch.cuda.is_available():
         messages.append("model.quantization: 4-bit loading (QLoRA, bitsandbytes) needs a CUDA GPU")
         options += ["-o", "model.quantization=null"]
@@ -229,9 +233,10 @@ def cpu_refusals(path: Path) -> tuple[list[str], list[str]]:
 
 @pytest.mark.parametrize("path", RECIPES, ids=name_of)
 def test_example_recipe_plans_against_tiny_models_of_its_architecture(path, offline_hub):
-    """QLoRA (no CUDA GPU here) and bitsandbytes optimizers (not installed here) are refused before
-    training, every refusal at once, naming what to install; without them the recipe plans."""
-    messages, options = cpu_refusals(path)
+    """What this machine lacks (a CUDA GPU for QLoRA, bitsandbytes for 8-bit and paged optimizers,
+    a TensorBoard writer) is refused before training, every refusal at once, naming what to
+    install; without those settings the recipe plans."""
+    messages, options = refusals_here(path)
     if messages:
         refused = plan(path, offline_hub)
         assert refused.exit_code == 2
