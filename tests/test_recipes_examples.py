@@ -79,6 +79,19 @@ def test_header_says_what_it_reproduces_hardware_and_time(path):
         assert "# not expressible:" in header
 
 
+def test_eval_tasks_are_lm_eval_registry_names():
+    """Each task a recipe names is a `task:` of a YAML shipped in lm-eval's task folder (read as
+    text: building lm-eval's registry costs ~17 s)."""
+    import importlib.util
+
+    tasks_dir = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks"
+    names = {match[1] for path in tasks_dir.rglob("*.yaml")
+             for match in re.finditer(r"^task: *([\w.-]+) *$", path.read_text(errors="replace"), re.M)}
+    wanted = {task for path in RECIPES for task in raw(path)["eval"]["tasks"]}
+    assert wanted == {"ifeval", "arc_easy", "hellaswag", "truthfulqa_mc2", "gsm8k"}
+    assert wanted <= names
+
+
 # The handbook's own chat_template values (alignment-handbook @ 19f03455, recipes/zephyr-7b-beta/sft/
 # config_full.yaml and recipes/smollm2/sft/config.yaml), which the .jinja files beside the recipes render
 # with {% generation %} markers added.
