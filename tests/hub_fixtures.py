@@ -4,7 +4,9 @@
   `refs/main`), so `from_pretrained("org/name")` with HF_HUB_OFFLINE=1 takes the exact
   code path of real use. Its tokenizer is trained here: byte-level BPE with Llama/Mistral
   specials (`<s>` added in front of every text, `</s>` EOS, `<unk>`), no ChatML tokens,
-  no pad token, no chat template; its embeddings are not tied (Llama-2, Mistral).
+  no pad token, no chat template; its embeddings are not tied (Llama-2, Mistral). Other
+  architectures (mistral, mixtral, qwen2) and other families' special tokens (SmolLM2,
+  Qwen2.5, Llama-3) under a real model's repo id stand in for it in recipe tests.
 - `ultrachat_folder` / `ultrafeedback_folder`: datasets in the hub repo layout
   (`data/<split>-00000-of-00001.parquet`) with the columns and split names of
   HuggingFaceH4/ultrachat_200k and HuggingFaceH4/ultrafeedback_binarized. (A dataset in
@@ -35,37 +37,71 @@ def sentences(seed: int, n: int) -> list[str]:
     return [f"{rng.choice(TOPICS).capitalize()} {rng.choice(FACTS)}." for _ in range(n)]
 
 
-def bpe_tokenizer():
-    """Byte-level BPE trained on generated English, Llama-style specials, no pad, no template."""
+# The special tokens of real tokenizer families (none has a pad token or a chat template here).
+# bos is prepended to every text when `add_bos`; `extra` are further special tokens of the vocabulary.
+TOKENIZER_STYLES = {
+    "llama2": dict(bos="<s>", eos="</s>", unk="<unk>", extra=(), add_bos=True),   # Llama-2, Mistral, Mixtral
+    "smollm2": dict(bos="<|endoftext|>", eos="<|endoftext|>", unk="<|endoftext|>",
+                    extra=("<|im_start|>", "<|im_end|>"), add_bos=False),
+    "qwen2": dict(bos=None, eos="<|endoftext|>", unk=None, extra=("<|im_start|>", "<|im_end|>"), add_bos=False),
+    "llama3": dict(bos="<|begin_of_text|>", eos="<|end_of_text|>", unk=None,
+                   extra=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), add_bos=True),
+}
+
+
+def bpe_tokenizer(style: str = "llama2"):
+    """Byte-level BPE trained on generated English with the special tokens of a real tokenizer
+    family (TOKENIZER_STYLES; default Llama-2/Mistral), no pad, no template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    spec = TOKENIZER_STYLES[style]
+    specials = list(dict.fromkeys(t for t in (spec["unk"], spec["bos"], spec["eos"], *spec["extra"]) if t))
+    core = Tokenizer(models.BPE(unk_token=spec["unk"]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     corpus = sentences(0, 2000) + [f"Question: what about {t}? Answer: {t} {f}." for t in TOPICS for f in FACTS]
     core.train_from_iterator(corpus, trainer=trainer)
-    core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", core.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=1024)
+    if spec["add_bos"]:
+        bos = spec["bos"]
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, core.token_to_id(bos))])
+    named = {f"{role}_token": spec[role] for role in ("bos", "eos", "unk") if spec[role]}
+    return PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=1024,
+                                   additional_special_tokens=list(spec["extra"]), **named)
 
 
-def hub_model(hub_cache: Path, repo_id: str = "tinyorg/tiny-base", commit: str = COMMIT) -> Path:
-    """A tiny untied Llama and its BPE tokenizer in the hub cache layout; the snapshot folder."""
+# model_type -> (config class, settings beyond the shared tiny ones): the architectures of the real models
+# the shipped recipes name (SmolLM2 and Llama-3.1 are llama, Zephyr-7B mistral, Zephyr-141B mixtral).
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 1024}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 2, "num_experts_per_tok": 1}),
+    "qwen2": ("Qwen2Config", {}),
+}
+
+
+def hub_model(hub_cache: Path, repo_id: str = "tinyorg/tiny-base", commit: str = COMMIT, model_type: str = "llama",
+              tokenizer_style: str = "llama2", tied: bool = False) -> Path:
+    """A tiny model of `model_type` (ARCHITECTURES; hidden 32, 2 layers) and its BPE tokenizer
+    (TOKENIZER_STYLES) in the hub cache layout under `repo_id`; the snapshot folder. The default is
+    an untied Llama with Llama-2/Mistral special tokens."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = bpe_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=None, tie_word_embeddings=False)
+    tokenizer = bpe_tokenizer(tokenizer_style)
+    config_class, extra = ARCHITECTURES[model_type]
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None, tie_word_embeddings=tied, **extra)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     folder = Path(hub_cache) / f"models--{repo_id.replace('/', '--')}"
     snapshot = folder / "snapshots" / commit
     model.save_pretrained(snapshot)
