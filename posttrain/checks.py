@@ -172,6 +172,9 @@ def trainer_setting_problems(recipe) -> list[Problem]:
     from posttrain.stages.common import passthrough_problems
 
     problems: list[Problem] = []
+    if recipe.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        problems.append((("model", "attn_implementation"), "flash_attention_2 needs the flash-attn package "
+                         "(a CUDA build: pip install flash-attn --no-build-isolation), or use sdpa"))
     if recipe.tracking.tensorboard and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         problems.append((("tracking", "tensorboard"), "needs TensorBoard's writer: pip install tensorboard"))
     for name, stage in recipe.stages.items():

@@ -118,3 +118,27 @@ def test_hub_model_with_lora_and_chatml_trains_evaluates_and_reloads_identically
                 assert torch.equal(getattr(base_loaded.model, layer)().weight[others],
                                    getattr(loaded.model, layer)().weight[others])
             assert loaded.tokenizer.eos_token == "<|im_end|>" == loaded.tokenizer.pad_token
+
+
+def test_a_hub_dataset_subset_is_read_from_a_folder_in_the_hub_layout(tmp_path):
+    """`subset:` is the dataset's config name (`load_dataset(path, name)`): SmolTalk's `all`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from posttrain.data.io import load_examples
+    from posttrain.errors import DataError
+
+    folder = tmp_path / "smoltalk"
+    for subset, n in (("all", 3), ("small", 1)):
+        (folder / "data" / subset).mkdir(parents=True)
+        rows = [{"messages": [{"role": "user", "content": f"{subset} {i}?"}, {"role": "assistant", "content": "ok"}]}
+                for i in range(n)]
+        pq.write_table(pa.Table.from_pylist(rows), folder / "data" / subset / "train-00000-of-00001.parquet")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n" + "".join(f"- config_name: {s}\n  data_files:\n  - split: train\n    path: data/{s}/train-*\n"
+                                    for s in ("all", "small")) + "---\n")
+    examples = load_examples(str(folder), subset="all").examples
+    assert [e["messages"][0]["content"] for e in examples] == ["all 0?", "all 1?", "all 2?"]
+    assert len(load_examples(str(folder), subset="small").examples) == 1
+    with pytest.raises(DataError, match="subset 'nope', split 'train'"):
+        load_examples(str(folder), subset="nope")

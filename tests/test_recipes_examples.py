@@ -154,6 +154,8 @@ def offline_overrides(path: Path, hub: dict) -> list[str]:
         folder, splits = DATA_STAND_INS[spec["source"]]
         options += ["-o", f"data.{name}.source={hub[folder]}",
                     "-o", f"data.{name}.split={splits.get(spec['split'], spec['split'])}"]
+        if spec.get("subset"):   # the stand-in folder has one subset
+            options += ["-o", f"data.{name}.subset=null"]
     options += ["-o", f"eval.tasks=[{REPO}/evals/skills_exact.yaml]"]
     if recipe["eval"].get("preferences"):
         options += ["-o", f"eval.preferences.source={hub['ultrafeedback']}"]
@@ -237,6 +239,10 @@ def refusals_here(path: Path) -> tuple[list[str], list[str]]:
     if "quantization" in raw(path)["model"] and not torch.cuda.is_available():
         messages.append("model.quantization: 4-bit loading (QLoRA, bitsandbytes) needs a CUDA GPU")
         options += ["-o", "model.quantization=null"]
+    if raw(path).get("model", {}).get("attn_implementation") == "flash_attention_2" and not importlib.util.find_spec(
+            "flash_attn"):
+        messages.append("model.attn_implementation: flash_attention_2 needs the flash-attn package")
+        options += ["-o", "model.attn_implementation=sdpa"]
     if importlib.util.find_spec("bitsandbytes") is None:
         for stage, optim in bitsandbytes_optimizers(path).items():
             messages.append(f"stages.{stage}.optim: {optim} needs bitsandbytes: pip install 'posttrain[qlora]'")

@@ -193,18 +193,19 @@ def _read_parquet(path: Path) -> Iterator[Record]:
     return ((number, _as_object(row)) for number, row in enumerate(rows, 1))
 
 
-def _read_hub(name: str, split: str, folder: bool = False) -> Iterator[Record]:
+def _read_hub(name: str, split: str, folder: bool = False, subset: str | None = None) -> Iterator[Record]:
     """A Hugging Face Hub dataset, or a folder in a hub dataset's layout (a downloaded
     repo: `data/<split>-00000-of-00001.parquet`, ...), through ``datasets``, which infers
     the splits from the file names as it does on the hub (imported only when used)."""
     try:
         import datasets
 
-        dataset = datasets.load_dataset(name, split=split)
+        dataset = datasets.load_dataset(name, subset, split=split)
     except Exception as error:  # network, auth, missing split: all are user-fixable
         where = "the folder" if folder else "the Hugging Face Hub"
         raise DataError(
-            f"could not load dataset {name!r} (split {split!r}) from {where}: "
+            f"could not load dataset {name!r} ({f'subset {subset!r}, ' if subset else ''}split {split!r}) from "
+            f"{where}: "
             f"{type(error).__name__}: {error}"
         ) from None
     return ((number, _as_object(row)) for number, row in enumerate(dataset, 1))
@@ -345,6 +346,7 @@ def load_examples(
     base_dir: Path | None = None,
     limit: int | None = None,
     convert: bool = True,
+    subset: str | None = None,
 ) -> LoadResult:
     """Load ``source`` (file or hub id) in layout ``fmt`` as canonical examples.
 
@@ -358,11 +360,11 @@ def load_examples(
     _check_options(fmt, on_bad_rows, want)
     path, hub_name = _locate(str(source), base_dir)
     if path is not None and path.is_dir():
-        label, records = f"{path.name}[{split}]", _read_hub(str(path), split, folder=True)
+        label, records = f"{path.name}[{split}]", _read_hub(str(path), split, folder=True, subset=subset)
     elif path is not None:
         label, records = path.name, read_records(path)
     else:
-        label, records = f"{hub_name}[{split}]", _read_hub(hub_name, split)
+        label, records = f"{hub_name}[{split}]", _read_hub(hub_name, split, subset=subset)
     sample, records = peek(iter(records))
     if fmt == "auto" and not sample:  # every row is bad (peek read them all): say why
         problems = [f"{label}:{number}: {row}" for number, row in records]

@@ -104,7 +104,7 @@ def load_source_rows(name: str, spec, want: str, env: DataEnv) -> tuple[list[dic
                             f"{spec.source} is {kind_of(fmt)} data")
         return [convert_row(row, fmt) for row in rows[: spec.limit or None]], fmt, []
     result = load_examples(spec.source, spec.format, split=spec.split, on_bad_rows=spec.on_bad_rows,
-                           want=want, base_dir=env.base_dir, limit=spec.limit, convert=False)
+                           want=want, base_dir=env.base_dir, limit=spec.limit, convert=False, subset=spec.subset)
     return result.examples, result.format, result.skipped
 
 

@@ -133,6 +133,7 @@ class DataSpec(Strict):
     curate: CurateSpec | None = None
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     split: Text = "train"
+    subset: Text | None = Field(None, description="a hub dataset's subset (config name), e.g. smoltalk's 'all'")
     on_bad_rows: Literal["error", "skip"] = "error"
     limit: int | None = Field(None, gt=0, description="use only the first N rows")
 

@@ -49,6 +49,12 @@ FOREIGN_NAMES: dict[str, str] = {
     "report_to": "tracking",
     "do_eval": "eval",
     "eval_tasks": "eval.tasks",
+    "dataset_config": "data.<name>.subset",
+    "max_prompt_length": "max_length (TRL 1.16's DPO and ORPO have no max_prompt_length; max_length cuts "
+                         "prompt and reply together)",
+    "max_completion_length": "max_length (TRL 1.16 reads max_completion_length for encoder-decoder models only)",
+    "eval_strategy": "eval_data and eval_steps",
+    "per_device_eval_batch_size": "batch_size (held-out batches are training-sized)",
 }
 
 

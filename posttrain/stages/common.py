@@ -216,6 +216,8 @@ MANAGED = {
     "remove_unused_columns": "posttrain's rows keep their columns", "per_device_eval_batch_size": "batch_size",
     "precompute_ref_batch_size": "batch_size", "sync_ref_model": "the reference is the stage's starting model",
     "dataloader_num_workers": "rows are already tokenized in memory", "torch_compile": "a later release",
+    "assistant_only_loss": "SFT's loss is on the assistant's replies, masked as the chat template allows",
+    "completion_only_loss": "SFT's loss is on the assistant's replies, masked as the chat template allows",
 }
 
 
