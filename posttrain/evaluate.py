@@ -632,7 +632,7 @@ def evaluate_model(model, tokenizer, refs: list[TaskRef], *, task_dir: Path | No
     if device is not None:
         model = model.to(device)
     was_training = model.training
-    with _stop_at_end_of_turn(model, tokenizer), _hide_expected_hflm_warnings():
+    with _stop_at_end_of_turn(model, tokenizer), _hide_expected_hflm_warnings(), _quiet_git_hash():
         try:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                       # None keeps the tokenizer's own BOS behaviour, as lm-eval's CLI does
@@ -744,6 +744,30 @@ def _hide_expected_hflm_warnings() -> Iterator[None]:
         yield
     finally:
         hflm_logger.removeFilter(drop)
+
+
+@contextmanager
+def _quiet_git_hash() -> Iterator[None]:
+    """lm-eval records the cwd's git commit with `git describe`, whose stderr reaches the
+    terminal ("fatal: not a git repository") wherever a user runs outside a repository:
+    the same lookup, its stderr discarded."""
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+
+    def git_hash() -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() or None
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 @contextmanager
