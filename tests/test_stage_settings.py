@@ -157,3 +157,26 @@ def test_tensorboard_without_its_writer_is_refused_before_training(tmp_path, rep
     result = CliRunner().invoke(main, ["plan", str(path)])
     assert result.exit_code == 2 and "tracking.tensorboard: needs TensorBoard's writer: pip install tensorboard" \
         in result.output, result.output
+
+
+def test_sft_packing_trains_and_counts_conversations_not_packed_rows(tmp_path):
+    """Packed rows (TRL's best-fit packing) hold several conversations and no `messages`:
+    the stage finishes (it crashed counting cut rows), and stage.json counts conversations
+    (else the report said packed conversations were dropped). Lengths as in test_estimate:
+    36, 126, 81, 64, 63, 85 and 71 tokens, each cut to 64 before packing."""
+    from test_estimate import MAX_LENGTH, method_rows
+
+    from posttrain.stages import run_stage
+    from posttrain.stages.sft import SFTStage
+
+    rows = method_rows("sft")
+    spec = SFTStage(method="sft", data="d", learning_rate=1e-3, epochs=1, batch_size=2, max_length=MAX_LENGTH,
+                    packing=True)
+    (tmp_path / "stage").mkdir()
+    cost = run_stage(StageContext(name="stage", spec=spec, seed=0, start=MICRO, examples=rows,
+                                  out_dir=tmp_path / "stage")).cost
+    assert (cost["rows_given"], cost["rows_trained"], cost["examples_seen"]) == (7, 7, 7)
+    assert cost["train_tokens"] == 36 + 64 * 4 + 63 + 64
+    # The conversations that fill a row alone: the four cut ones and the one exactly 64 long.
+    assert cost["rows_truncated"] == 5
+    assert cost["optimizer_steps"] == 4   # no two conversations share a 64-token row: 7 rows, batches of 2

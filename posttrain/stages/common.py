@@ -361,6 +361,18 @@ class SequenceTokens:
     at_limit: Any        # per row: a sequence exactly max_length long (cut already, or whole)
 
 
+def examples_in(dataset) -> int:
+    """The examples a trainer's dataset holds: a packed row (SFT `packing`) holds several,
+    one per entry of TRL's `seq_lengths`, so counting rows would report conversations as
+    dropped that were packed together."""
+    if "seq_lengths" in dataset.column_names:
+        import pyarrow.compute as pc
+
+        lengths = dataset.select_columns(["seq_lengths"]).with_format("arrow")[:].column("seq_lengths")
+        return int(pc.sum(pc.list_value_length(lengths)).as_py() or 0)
+    return len(dataset)
+
+
 def dataset_tokens(dataset, sequences: tuple[tuple[str, ...], ...], max_length: int | None) -> SequenceTokens:
     """Each row's training sequences, `sequences` naming the token columns each one
     concatenates (DPO: prompt+chosen and prompt+rejected), capped at `max_length`.
@@ -446,7 +458,8 @@ def finish(ctx: StageContext, done: Trained, *, sequences: tuple[tuple[str, ...]
     log = trainer.state.log_history
     area.write_text(ctx.out_dir / TRAINER_LOG, "".join(json.dumps(entry) + "\n" for entry in log))
     epochs_done = trainer.state.epoch or 0.0
-    examples_seen = round(len(trainer.train_dataset) * epochs_done)
+    examples = examples_in(trainer.train_dataset)
+    examples_seen = round(examples * epochs_done)
     from posttrain.records import Cost
 
     counted = dataset_tokens(trainer.train_dataset, sequences, ctx.spec.max_length)
@@ -461,7 +474,7 @@ def finish(ctx: StageContext, done: Trained, *, sequences: tuple[tuple[str, ...]
         peak_memory_mb=round(meter.peak_memory_mb, 1),
         peak_memory_kind=meter.memory_kind,
         rows_given=len(ctx.examples) if ctx.examples is not None else None,
-        rows_trained=len(trainer.train_dataset),
+        rows_trained=examples,
         rows_truncated=int(counted.over.sum()) if cut_rows is None else cut_rows(done, counted.at_limit.nonzero()[0]),
         extra=dict(extra_cost or {}),
     ).to_json()

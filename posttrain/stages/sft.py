@@ -81,6 +81,11 @@ def cut_conversations(done, rows) -> int:
     tokenizes it (the chat template over the conversation, or prompt + completion)."""
     dataset, tokenizer = done.trainer.train_dataset, done.tokenizer
     limit = done.trainer.args.max_length
+    if "seq_lengths" in dataset.column_names:
+        # Packed rows keep no conversation; TRL's best-fit packing cut each conversation to
+        # max_length before packing it, so one that fills a row alone is the cut one (one
+        # exactly max_length tokens long is counted too: its length alone cannot tell).
+        return sum(length == limit for row in dataset.select(rows) for length in row["seq_lengths"])
     cut = 0
     for row in dataset.select(rows):
         conversation = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
