@@ -188,9 +188,73 @@ def trainer_setting_problems(recipe) -> list[Problem]:
         found = passthrough_problems(stage, fields)
         problems += [(("stages", name, "trainer", key), f"{message} ({config_class.__name__})")
                      for key, message in found]
-        if not found:
+        if found:
+            continue
+        mistyped = _passthrough_type_problems(config_class, stage.trainer)
+        problems += [(("stages", name, "trainer", key), f"{message} ({config_class.__name__})")
+                     for key, message in mistyped]
+        if not mistyped:
             problems += _config_accepts(config_class, stage.trainer, ("stages", name, "trainer"))
     return problems
+
+
+def _passthrough_type_problems(config_class, settings: dict) -> list[tuple[str, str]]:
+    """[(key, why)] for each `trainer:` value whose type the config field's annotation does not
+    allow. TRL's configs are dataclasses that do not check types: a string where a float is
+    wanted (`neftune_noise_alpha: "5"`, or YAML's `1e-5`, which is text) built the config and
+    failed as a traceback in the middle of training."""
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    problems = []
+    for key, value in settings.items():
+        if key in hints and not _value_fits(value, hints[key]):
+            hint = hints[key]
+            wanted = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            note = " (YAML reads 1e-5 as text: write 1.0e-5)" if isinstance(value, str) and _looks_numeric(value) else ""
+            problems.append((key, f"expects {wanted}, got {type(value).__name__} {value!r}{note}"))
+    return problems
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _value_fits(value, hint) -> bool:
+    """Whether a YAML value may go to a dataclass field annotated `hint`; a type this does not
+    know (an enum, a class) is left to the config's own checks."""
+    import enum
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_value_fits(value, arm) for arm in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, str) and value in {member.value for member in hint}
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if hint is list or origin is list:
+        return isinstance(value, list)
+    return True
 
 
 def _config_accepts(config_class, settings: dict, loc: tuple) -> list[Problem]:

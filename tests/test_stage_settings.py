@@ -80,6 +80,9 @@ def plan(tmp_path, repo, sft="trainer: {}", dpo="trainer: {}"):
     ("trainer: {torch_empty_cache_steps: 0}", "stages.sft.trainer: SFTConfig refuses these values: ValueError: "
                                               "`torch_empty_cache_steps` must be an integer bigger than 0, got 0."),
     ("optim: paged_adamw_8bit", "stages.sft.optim: paged_adamw_8bit needs bitsandbytes"),
+    # TRL's configs do not check types: this trained, then failed as a traceback in NEFTune's hook.
+    ("trainer: {neftune_noise_alpha: 1e-5}", "stages.sft.trainer.neftune_noise_alpha: expects float | None, got "
+                                             "str '1e-5' (YAML reads 1e-5 as text: write 1.0e-5) (SFTConfig)"),
 ])
 def test_a_passthrough_key_that_is_not_a_free_trl_field_fails_before_training(tmp_path, repo, isolated_cache,
                                                                               setting, message):
@@ -90,6 +93,22 @@ def test_a_passthrough_key_that_is_not_a_free_trl_field_fails_before_training(tm
     result = plan(tmp_path, repo, sft=setting)
     assert result.exit_code == 2 and message in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_passthrough_values_are_checked_against_the_config_fields_types():
+    from trl import DPOConfig, SFTConfig
+
+    from posttrain.checks import _passthrough_type_problems
+
+    assert _passthrough_type_problems(SFTConfig, {
+        "neftune_noise_alpha": 5, "lr_scheduler_kwargs": {"min_lr": 1e-5}, "eval_on_start": True,
+        "logging_strategy": "steps", "packing_strategy": "bfd", "eval_packing": None}) == []
+    assert _passthrough_type_problems(SFTConfig, {"neftune_noise_alpha": "five", "eval_on_start": "yes",
+                                                  "torch_empty_cache_steps": 2.5, "logging_strategy": "often"}) == [
+        ("neftune_noise_alpha", "expects float | None, got str 'five'"),
+        ("eval_on_start", "expects bool, got str 'yes'"),
+        ("torch_empty_cache_steps", "expects int | None, got float 2.5")]
+    assert _passthrough_type_problems(DPOConfig, {"use_weighting": 1}) == [("use_weighting", "expects bool, got int 1")]
 
 
 def test_a_dpo_passthrough_names_dpos_own_settings(tmp_path, repo):
