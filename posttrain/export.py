@@ -236,6 +236,20 @@ def export_kind(model: PipelineModel, merge: bool) -> str:
     return "adapter"
 
 
+def check_out_place(model: PipelineModel, out_dir: Path) -> None:
+    """--out outside the stage cache (whose folders are its entries: `cache gc` or `cache
+    verify --fix` may delete anything else there, and the export's point is to outlive the
+    cache) and outside the run directory (posttrain's records, which a re-run rewrites)."""
+    out = Path(out_dir).resolve()
+    caches = [model_dir.resolve().parents[2] for model_dir in model.model_dirs]   # <cache>/stages/<key>/model
+    places = [(root, "the stage cache") for root in dict.fromkeys(caches)] + [(model.run.root.resolve(),
+                                                                               "the run directory")]
+    for root, what in places:
+        if out == root or root in out.parents:
+            raise ExportError(f"--out {out_dir}: is inside {what} ({root}); the export is a copy that must outlive "
+                              "it: choose a folder elsewhere")
+
+
 def prepare_out(out_dir: Path) -> Area:
     """--out must be missing or empty (a leftover scratch folder of an interrupted export is
     replaced); posttrain never writes into, or deletes, a folder of the user's."""
@@ -259,6 +273,7 @@ def export_pipeline(model: PipelineModel, out_dir: Path, merge: bool,
     kind = export_kind(model, merge)
     if all(r.adapter for r in model.records) and (model.weights or "").startswith("sha256:"):
         check_local_base(model)   # the base's weights are part of the model
+    check_out_place(model, out_dir)
     area = prepare_out(out_dir)
     scratch = area.mkdir(area.path(SCRATCH))
     try:

@@ -168,6 +168,9 @@ def test_user_errors_exit_2_with_a_message(tiny_run, tmp_path):
         ([run, "sft", "--out", mine / "notes.txt"], "is a file"),   # click refuses it
         ([run, "sft", "--out", out, "--private"], "--private goes with --push-to-hub REPO_ID"),
         ([run, "sft", "--out", out, "--push-to-hub", "a/b/c"], "not a valid repository id"),
+        # The export must outlive the cache (gc empties it) and stay out of posttrain's run records.
+        ([run, "sft", "--out", tiny_run["cache"] / "exported"], "is inside the stage cache"),
+        ([run, "sft", "--out", run / "exported"], "is inside the run directory"),
     ]
     for args, message in cases:
         result = export(*args)
@@ -175,6 +178,7 @@ def test_user_errors_exit_2_with_a_message(tiny_run, tmp_path):
         assert message in result.output, (args, result.output)
         assert "Traceback" not in result.output
     assert not out.exists() and (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    assert not (tiny_run["cache"] / "exported").exists() and not (run / "exported").exists()
     result = export(two_seeds, "sft", "--seed", 1, "--out", out)
     assert result.exit_code == 0 and "(seed 1: sft)" in result.output, result.output
 
