@@ -110,6 +110,23 @@ def test_hostile_documents_get_a_message(tmp_path, text, message):
     assert problems_of(write(tmp_path, text))[0].startswith(message)
 
 
+JINJA_HINT = ("; a Jinja template in YAML needs quotes ('{{ ... }}', with ' doubled inside) or a block scalar "
+              "(key: | and the template on the next lines, indented)")
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}",
+     "recipe.yaml:4: not valid YAML: while parsing a block mapping did not find expected key"),
+    ("{% for m in messages %}{{ m.content }}{% endfor %}", "recipe.yaml:4: not valid YAML: while scanning"),
+    ("{{ messages }}", "recipe.yaml:4: model.chat_template: a key must be a plain value, not a list or a mapping"),
+])
+def test_an_unquoted_jinja_template_says_how_to_write_one(tmp_path, template, message):
+    """A chat template pasted as is: YAML reads `{{` as a mapping and refuses `{%`."""
+    problems = problems_of(write(tmp_path, f"name: t\nmodel:\n  name: builtin:micro-llama\n  chat_template: {template}\n"))
+    assert any(problem.startswith(message) and problem.endswith(JINJA_HINT) for problem in problems), problems
+    assert JINJA_HINT not in problems_of(write(tmp_path, "name: [unclosed\n"))[0]
+
+
 def test_not_utf8_is_a_message_with_its_line(tmp_path):
     path = write(tmp_path, GOOD.encode() + b"# caf\xe9\n")
     assert problems_of(path) == ["recipe.yaml:13: not UTF-8 text (byte 0xe9 at offset 350); save the file as UTF-8"]

@@ -61,14 +61,26 @@ def strict_yaml_load(text: str | bytes, where: str, tags: YamlTags | None = None
     place never changes another. `tags` maps a local tag (lm-eval's `!function`) to a
     function of the tagged value (a string, list or dict); any other tag is refused.
     """
+    text = _yaml_text(text, where, error)
     try:
-        loaded = _load_events(_yaml_text(text, where, error), tags or {})
+        loaded = _load_events(text, tags or {})
     except _YamlRefusal as refusal:
         place = f"{where}:{refusal.line}" if refusal.line else where
-        raise error(f"{place}: {refusal.message}") from None
+        raise error(f"{place}: {refusal.message}{_jinja_hint(text, refusal.line)}") from None
     if loaded.problems:
-        raise problems_error(where, [f"{where}:{line}: {message}" for line, message in loaded.problems], error=error)
+        raise problems_error(where, [f"{where}:{line}: {message}{_jinja_hint(text, line)}"
+                                     for line, message in loaded.problems], error=error)
     return loaded.root, dict(loaded.log)
+
+
+def _jinja_hint(text: str, line: int | None) -> str:
+    """How to write Jinja in YAML, when the offending line holds some: unquoted, `{{ x }}` is
+    a YAML mapping and `{% ... %}` no YAML at all (a chat template pasted as is)."""
+    lines = text.splitlines()
+    if line is None or not 0 < line <= len(lines) or not re.search(r"\{\{|\{%", lines[line - 1]):
+        return ""
+    return ("; a Jinja template in YAML needs quotes ('{{ ... }}', with ' doubled inside) or a block "
+            "scalar (key: | and the template on the next lines, indented)")
 
 
 def _yaml_text(text: str | bytes, where: str, error: type[PosttrainError]) -> str:
