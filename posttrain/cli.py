@@ -324,28 +324,32 @@ def data():
 
     \b
     Example:
-      posttrain data inspect ../shared/data/alpaca_en_sample.json
+      posttrain data inspect alpaca_en_sample.json
       posttrain data curate recipes/curation.yaml --dataset curated --out curated.jsonl
     """
 
 
 @data.command("inspect")
-@click.argument("target", type=click.Path(exists=True, dir_okay=False))
+@click.argument("target", type=click.Path(exists=True))
 @click.option("--dataset", default=None, help="With a recipe: which of its datasets (default: the only one).")
 @click.option("--format", "fmt", default="auto", show_default=True, help="Data format of a file.")
+@click.option("--split", default="train", show_default=True, help="Of a folder in the hub layout: which split.")
+@click.option("--subset", default=None, help="Of a folder in the hub layout: which subset (config name).")
 @click.option("--samples", default=3, show_default=True, help="Sample rows to show.")
 @user_errors
-def data_inspect(target, dataset, fmt, samples):
-    """Statistics of a data file, or of a recipe's dataset: rows, lengths, turns, duplicates.
+def data_inspect(target, dataset, fmt, split, subset, samples):
+    """Statistics of a data file, a dataset folder, or a recipe's dataset: rows, lengths, turns, duplicates.
 
     \b
     Example:
       posttrain data inspect train.jsonl
+      posttrain data inspect ultrachat_200k --split train_sft
       posttrain data inspect recipes/quickstart.yaml --dataset instructions
     """
     from posttrain.datacmd import inspect_target
 
-    click.echo(inspect_target(Path(target), dataset, fmt, samples, progress=sys.stderr.isatty()))
+    click.echo(inspect_target(Path(target), dataset, fmt, samples, progress=sys.stderr.isatty(), split=split,
+                              subset=subset))
 
 
 @data.command("curate")

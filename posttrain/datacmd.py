@@ -32,14 +32,16 @@ def dataset_kind(recipe, name: str) -> str:
     return next((kind for kind in ("preference", "unpaired") if kind in wants), "instruction")
 
 
-def inspect_target(target: Path, dataset: str | None, fmt: str, samples: int, progress: bool) -> str:
-    """Inspect a data file, or a recipe's dataset (its file, or its generated/mixed rows);
-    a recipe's dataset is measured in tokens of the recipe's tokenizer, and read up to its
-    `limit` as a run reads it."""
+def inspect_target(target: Path, dataset: str | None, fmt: str, samples: int, progress: bool,
+                   split: str = "train", subset: str | None = None) -> str:
+    """Inspect a data file or a folder in the hub layout (its `split`, `subset`), or a recipe's
+    dataset (its file, or its generated/mixed rows); a recipe's dataset is measured in tokens
+    of the recipe's tokenizer, and read up to its `limit` as a run reads it."""
     from posttrain.data.inspect import format_inspection, inspect_source
 
-    if target.suffix not in RECIPE_SUFFIXES:
-        return format_inspection(inspect_source(target, fmt, samples=samples, progress=progress))
+    if target.is_dir() or target.suffix not in RECIPE_SUFFIXES:
+        return format_inspection(inspect_source(target, fmt, samples=samples, progress=progress, split=split,
+                                                subset=subset))
     from posttrain.recipe.load import load_recipe
     from posttrain.data.sources import DataEnv, load_raw
 

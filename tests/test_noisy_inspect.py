@@ -311,3 +311,20 @@ def test_inspect_a_recipe_dataset_counts_tokens_of_the_recipe_tokenizer(tmp_path
     prompt = next(line for line in result.output.splitlines() if line.strip().startswith("prompt"))
     assert prompt.split()[1:] == ["10"] * 6                     # p5 .. max: 10 tokens, > 1 per row
     assert "words" not in result.output and "characters" not in result.output
+
+
+def test_inspect_a_folder_in_the_hub_layout_reads_its_split(tmp_path):
+    """`posttrain data inspect ultrachat_200k --split train_sft`, as the README's Data section
+    lays a downloaded dataset out (click refused any folder: 'is a directory')."""
+    from click.testing import CliRunner
+
+    from hub_fixtures import ultrachat_folder
+    from posttrain.cli import main
+
+    folder = ultrachat_folder(tmp_path, n=5)
+    result = CliRunner().invoke(main, ["data", "inspect", str(folder), "--split", "train_sft", "--samples", "0"])
+    assert result.exit_code == 0, result.output
+    assert f"{folder}[train_sft]" in result.output and "messages (detected)" in result.output
+    assert "rows        5 read: 5 usable" in result.output and "ignored columns: prompt, prompt_id" in result.output
+    wrong = CliRunner().invoke(main, ["data", "inspect", str(folder)])   # no split "train" there
+    assert wrong.exit_code == 2 and "Unknown split" in wrong.output and "'train_sft'" in wrong.output, wrong.output

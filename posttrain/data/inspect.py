@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from posttrain.data.formats import FORMATS, TOOLS_UNSUPPORTED, RowError, ToolCallRow, convert_row, ignored_columns, kind_of
-from posttrain.data.io import choose_format, peek, read_records
+from posttrain.data.io import _read_hub, choose_format, peek, read_records
 from posttrain.errors import DataError
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -44,8 +44,11 @@ def inspect_source(
     samples: int = 3,
     progress: bool = False,
     limit: int | None = None,
+    split: str = "train",
+    subset: str | None = None,
 ) -> dict:
-    """Statistics of the data file at ``path`` read in layout ``fmt`` ("auto": detected).
+    """Statistics of the data file at ``path`` read in layout ``fmt`` ("auto": detected);
+    a folder is a dataset in the hub repo layout, read as loading reads it (``split``, ``subset``).
 
     Returns a JSON-serialisable dict: ``path``, ``format``, ``detected``, ``kind``,
     ``rows`` (records read), ``valid``, ``bad_rows`` (``{"count", "first"}``),
@@ -60,14 +63,18 @@ def inspect_source(
     Whole-file problems (missing, unsupported type, undetectable format) raise DataError.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise DataError(f"data file not found: {path}")
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f'unknown data format "{fmt}" (known: auto, {", ".join(sorted(FORMATS))})')
-    head, records = peek(read_records(path))
-    chosen = choose_format(fmt, head, path.name)
+    if path.is_dir():   # as loading reads it: `datasets` infers the splits from the file names
+        label, records = f"{path.name}[{split}]", _read_hub(str(path), split, folder=True, subset=subset)
+    else:
+        label, records = path.name, read_records(path)
+    head, records = peek(records)
+    chosen = choose_format(fmt, head, label)
     counters = {"lengths": count_tokens} if count_tokens else {"lengths": _words, "characters": len}
-    tally = _Tally(path.name, counters, samples, kind_of(chosen))
+    tally = _Tally(label, counters, samples, kind_of(chosen))
     with _progress_bar(path, enabled=progress) as advance:
         for number, row in records:
             if limit is not None and len(tally.turns) >= limit:
@@ -76,7 +83,7 @@ def inspect_source(
             if number % _PROGRESS_EVERY == 0:
                 advance(number)
     return {
-        "path": str(path),
+        "path": f"{path}[{split}]" if path.is_dir() else str(path),
         "format": chosen,
         "detected": fmt == "auto",
         **tally.summary(),
