@@ -156,9 +156,14 @@ def epoch_size(measured: list[Measured], rows: int, max_length: int, shape: Toke
 
 
 def estimate_stage(spec, epoch: EpochSize) -> StageEstimate:
-    """A stage's size: steps over the rows its trainer keeps, tokens per epoch scaled to its steps."""
-    per_epoch_steps = steps_per_epoch(epoch.kept, spec.batch_size, spec.gradient_accumulation)
-    steps = total_steps(spec, epoch.kept)
+    """A stage's size: steps over the rows its trainer keeps, tokens per epoch scaled to its steps.
+    With SFT packing the rows are packed ones: TRL's best-fit packing fills rows of
+    max_length nearly full, so about tokens / max_length of them (an estimate, not exact)."""
+    rows = epoch.kept
+    if getattr(spec, "packing", False):
+        rows = max(1, math.ceil(epoch.tokens / spec.max_length))
+    per_epoch_steps = steps_per_epoch(rows, spec.batch_size, spec.gradient_accumulation)
+    steps = total_steps(spec, rows)
     return StageEstimate(examples=epoch.rows, steps_per_epoch=per_epoch_steps, steps=steps,
                          tokens_per_epoch=epoch.tokens, tokens=round(epoch.tokens * steps / per_epoch_steps),
                          dropped=epoch.dropped, truncated=epoch.truncated)

@@ -142,3 +142,9 @@ def test_a_hub_dataset_subset_is_read_from_a_folder_in_the_hub_layout(tmp_path):
     assert len(load_examples(str(folder), subset="small").examples) == 1
     with pytest.raises(DataError, match="subset 'nope', split 'train'"):
         load_examples(str(folder), subset="nope")
+
+    from posttrain.data.sources import load_data
+    from posttrain.recipe.schema import DataSpec
+
+    with pytest.raises(DataError, match=r"^data\.smol: could not load dataset .*split 'tset'"):
+        load_data("smol", DataSpec(source=str(folder), subset="all", split="tset"), "instruction", tmp_path)

@@ -199,3 +199,7 @@ def test_sft_packing_trains_and_counts_conversations_not_packed_rows(tmp_path):
     # The conversations that fill a row alone: the four cut ones and the one exactly 64 long.
     assert cost["rows_truncated"] == 5
     assert cost["optimizer_steps"] == 4   # no two conversations share a 64-token row: 7 rows, batches of 2
+    from posttrain.estimate import EpochSize, estimate_stage
+
+    # plan packs the tokens into rows of max_length: 419 tokens -> 7 rows -> 4 steps, as trained
+    assert estimate_stage(spec, EpochSize(rows=7, dropped=0, truncated=5, tokens=419)).steps == 4

@@ -103,8 +103,14 @@ def load_source_rows(name: str, spec, want: str, env: DataEnv) -> tuple[list[dic
             raise DataError(f"data.{name}: this stage needs {KIND_NEEDS[want]}; "
                             f"{spec.source} is {kind_of(fmt)} data")
         return [convert_row(row, fmt) for row in rows[: spec.limit or None]], fmt, []
-    result = load_examples(spec.source, spec.format, split=spec.split, on_bad_rows=spec.on_bad_rows,
-                           want=want, base_dir=env.base_dir, limit=spec.limit, convert=False, subset=spec.subset)
+    try:
+        result = load_examples(spec.source, spec.format, split=spec.split, on_bad_rows=spec.on_bad_rows,
+                               want=want, base_dir=env.base_dir, limit=spec.limit, convert=False,
+                               subset=spec.subset)
+    except DataError as exc:
+        if str(exc).startswith("could not load dataset"):   # a hub id or folder: say which recipe entry
+            raise DataError(f"data.{name}: {exc}", exc.problems) from None
+        raise
     return result.examples, result.format, result.skipped
 
 
