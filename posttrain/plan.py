@@ -359,8 +359,8 @@ def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
               str(r["global_batch"]), str(r["per_device_batch"]), str(r["gradient_accumulation"]),
               r["precision"] + (" (bf16 mixed)" if r["bf16"] else ""), r["strategy"]] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     for r in rows:
         if r.get("why"):
             lines.append(f"  why {r['stage']} (seed {r['seed']}) trains again: {r['why']}")

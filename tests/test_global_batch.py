@@ -235,4 +235,4 @@ def test_a_capped_stage_trains_the_same_steps_and_records_its_layout(tmp_path, r
     assert capped.resolved["world_size"] == 1 and capped.resolved["precision"] == "float32"
     assert plain.cost.optimizer_steps == capped.cost.optimizer_steps == 2
     assert plain.cost.examples_seen == capped.cost.examples_seen
-    assert capped.metrics["train_loss_mean"] == pytest.approx(plain.metrics["train_loss_mean"], rel=1e-3)
+    assert capped.metrics["train_loss_mean"] == pytest.approx(plain.metrics["train_loss_mean"], rel=1e-4)
