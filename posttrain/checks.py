@@ -38,23 +38,40 @@ Problem = tuple[tuple, str]   # (recipe key path, message)
 # ---------------------------------------------------------------- static
 
 
-def check_static(recipe, base_dir: Path, recipe_file: Path | str | None = None) -> None:
+def check_static(recipe, base_dir: Path, recipe_file: Path | str | None = None,
+                 world_size: int | None = None) -> None:
     """Raise RecipeError listing every problem found without heavy imports.
 
     ``base_dir``: the recipe's folder (relative data paths resolve there);
-    ``recipe_file``: the recipe, to name file and line in messages.
+    ``recipe_file``: the recipe, to name file and line in messages;
+    ``world_size``: the processes each stage's global batch is shared by (None: this run's).
     """
     from posttrain.recipe.yamlfile import problems_error
 
-    problems = static_problems(recipe, Path(base_dir))
+    problems = static_problems(recipe, Path(base_dir), world_size)
     if problems:
         raise problems_error(Path(recipe_file).name if recipe_file else "recipe", problems,
                              _line_index(recipe_file))
 
 
-def static_problems(recipe, base_dir: Path) -> list[Problem]:
+def static_problems(recipe, base_dir: Path, world_size: int | None = None) -> list[Problem]:
     return (_model_name_problems(recipe) + _template_file_problems(recipe, base_dir)
-            + _data_source_problems(recipe, base_dir) + _task_file_problems(recipe, base_dir))
+            + _data_source_problems(recipe, base_dir) + _task_file_problems(recipe, base_dir)
+            + batch_problems(recipe, world_size))
+
+
+def batch_problems(recipe, world_size: int | None = None) -> list[Problem]:
+    """Each stage whose global batch (batch_size x gradient_accumulation) the world size
+    (None: this run's, from the launcher) cannot share evenly, with the nearest valid settings."""
+    from posttrain.distributed import batch_problem, world_size as launched_world_size
+
+    world = launched_world_size() if world_size is None else world_size
+    problems = []
+    for name, spec in recipe.stages.items():
+        message = batch_problem(spec.batch_size, spec.gradient_accumulation, world)
+        if message:
+            problems.append((("stages", name, "batch_size"), message))
+    return problems
 
 
 TEMPLATE_MAX_BYTES = 1 << 20

@@ -62,14 +62,17 @@ def main():
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @override_option
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="Check that N processes/GPUs can share each stage's global batch (default: the launcher's, else 1).")
 @user_errors
-def validate(recipes, overrides):
+def validate(recipes, overrides, world_size):
     """Check recipes without training; list every problem with its path.
 
     \b
     Example:
       posttrain validate recipes/*.yaml
       posttrain validate recipes/quickstart.yaml -o stages.dpo.beta=0.2
+      posttrain validate recipes/examples/*.yaml --world-size 8
     Exit code 0 when all are valid, 2 otherwise.
     """
     from posttrain.checks import check_static
@@ -79,7 +82,7 @@ def validate(recipes, overrides):
     for path in recipes:
         try:
             recipe = load_recipe(path, list(overrides))
-            check_static(recipe, Path(path).resolve().parent, path)  # files, names: no heavy import
+            check_static(recipe, Path(path).resolve().parent, path, world_size)  # files, names: no heavy import
         except PosttrainError as exc:
             click.echo(exc.render(), err=True)
             failed = True
@@ -150,22 +153,28 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
 @override_option
 @cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="Plan for N processes/GPUs (default: the launcher's WORLD_SIZE, else 1).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Plan for this device (default: this machine's); resolves model.dtype: auto.")
 @user_errors
-def plan(recipe, overrides, cache_dir, as_json):
+def plan(recipe, overrides, cache_dir, as_json, world_size, device):
     """Show what `posttrain run RECIPE` would do: stages to train or reuse, keys, sizes.
 
     \b
     Example:
       posttrain plan recipes/quickstart.yaml
       posttrain plan recipes/quickstart.yaml -o "sweep.stages.dpo.beta=[0.05,0.1,0.3]"
-    Loads (and curates) the data to know the stage keys; trains nothing.
+      posttrain plan recipes/examples/qwen2.5-0.5b.yaml --world-size 8 --device cuda
+    Loads (and curates) the data to know the stage keys; trains nothing. Each stage's
+    batch_size x gradient_accumulation is its global batch, shared by the world size.
     """
     from posttrain.checks import check_static
     from posttrain.recipe.load import load_recipe
 
     parsed = load_recipe(recipe, list(overrides))
-    check_static(parsed, Path(recipe).resolve().parent, recipe)  # before any heavy import
-    print_plan(recipe, parsed, cache_dir, as_json)
+    check_static(parsed, Path(recipe).resolve().parent, recipe, world_size)  # before any heavy import
+    print_plan(recipe, parsed, cache_dir, as_json, world_size, device)
 
 
 @main.command()
@@ -191,7 +200,8 @@ def methods(name):
                    "...); `posttrain methods NAME` lists a method's own.")
 
 
-def print_plan(recipe_path: str, recipe, cache_dir: str | None, as_json: bool) -> None:
+def print_plan(recipe_path: str, recipe, cache_dir: str | None, as_json: bool, world_size: int | None = None,
+               device: str | None = None) -> None:
     import contextlib
     import json
 
@@ -201,7 +211,8 @@ def print_plan(recipe_path: str, recipe, cache_dir: str | None, as_json: bool) -
     store = Cache(cache_dir)
     store.ensure()  # plan writes into the cache too (curated sets)
     options = RunOptions(out_dir=Path("."), base_dir=Path(recipe_path).resolve().parent,
-                         log=lambda line: click.echo(line, err=True), cache=store)
+                         log=lambda line: click.echo(line, err=True), cache=store, world_size=world_size,
+                         device=device)
     with contextlib.redirect_stdout(sys.stderr):
         planned = plan_recipe(recipe, options)
     text = planned.pop("text")

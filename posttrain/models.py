@@ -147,9 +147,33 @@ def build_builtin_model(name: str, tokenizer, dtype: str = "float32"):
 def torch_dtype(name: str):
     import torch
 
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        resolve_precision(name).dtype]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a recipe's `model.dtype` means on a device."""
+
+    dtype: str    # the weights' dtype: float32, bfloat16 or float16
+    bf16: bool    # the trainer's bf16 mixed precision (TrainingArguments.bf16)
+
+
+def resolve_precision(name: str, device: str | None = None) -> Precision:
+    """`model.dtype` on `device` ("cuda" or "cpu"; None: this machine's). The one place
+    `auto` is decided, for the weights, the trainer's bf16 and the stage key (a CPU
+    float32 stage and a GPU bf16 stage are different stages): `auto` is bfloat16 on a
+    GPU that supports it (one named from elsewhere, `plan --device cuda`, is taken to),
+    else float32; an explicit dtype is itself. bf16 mixed precision runs on a GPU with
+    bfloat16 weights, never on CPU (5-16x slower there)."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() if device is None else device == "cuda"
+    dtype = name
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        bf16_ok = on_gpu and (device == "cuda" or torch.cuda.is_bf16_supported())
+        dtype = "bfloat16" if bf16_ok else "float32"
+    return Precision(dtype=dtype, bf16=on_gpu and dtype == "bfloat16")
 
 
 def load_tokenizer(source: ModelSource):

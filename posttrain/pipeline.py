@@ -26,7 +26,7 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     from posttrain.evaluate import task_texts
     from posttrain.models import apply_chat_template_choice, load_tokenizer
 
-    check_static(recipe, options.base_dir)   # again here for callers other than the CLI; milliseconds
+    check_static(recipe, options.base_dir, world_size=options.world_size)   # again for callers other than the CLI
     options.cache.ensure()  # (the CLI did already) a folder of the user's is never written into
     setup = prepare_eval(recipe, run, options.base_dir)
     check_before_training(recipe, setup.refs, setup.task_dir, options.log)
@@ -42,7 +42,8 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     matching = None
     if recipe.compare is not None:
         recipe, estimates, matching = match_compute(recipe, data, estimates)
-    plan = make_plan(recipe, env, data, cache_root=options.cache.root)
+    plan = make_plan(recipe, env, data, cache_root=options.cache.root, world_size=options.world_size,
+                     device=options.device)
     template = {"chat_template": recipe.model.chat_template if recipe.model.template_file() or len(
         recipe.model.chat_template) < 80 else "(Jinja)", "identity": plan.template,
         "eos": tokenizer.eos_token, "added_tokens": tokenizer.convert_ids_to_tokens(list(added))}

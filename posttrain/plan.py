@@ -47,23 +47,36 @@ class Plan:
     data: dict[str, LoadedData]
     weights: str | None = None                   # identity.weights_identity of the base model
     template: str | None = None                  # template_identity: the chat template's text, hashed
+    precision: str | None = None                 # model.dtype resolved on the device (models.resolve_precision)
+    world_size: int = 1                          # the processes each stage trains on (posttrain.distributed)
+    device: str | None = None                    # "cuda"/"cpu" planned for (None: this machine's)
 
     @property
     def base_key(self) -> str:
-        return base_key(self.recipe, self.weights, self.template)
+        return base_key(self.recipe, self.weights, self.template, self.precision)
 
 
 def base_source(recipe: Recipe) -> ModelSource:
     return ModelSource.of(recipe.model)
 
 
-def base_key(recipe: Recipe, weights: str | None = None, template: str | None = None) -> str:
+def base_key(recipe: Recipe, weights: str | None = None, template: str | None = None,
+             precision: str | None = None) -> str:
     """Identity of the untrained model: its spec (name, revision, template, dtype), what
     its weights are (`identity.weights_identity`: a hub commit or a local folder's digest;
-    none for builtin models) and the text of the chat template it is used with."""
+    none for builtin models), the text of the chat template it is used with and the
+    precision `dtype: auto` resolved to (`key_precision`)."""
     return content_hash({"base_model": recipe.model.model_dump(mode="json", exclude={"lora"}),
                          **({"weights": weights} if weights else {}),
-                         **({"template": template} if template else {})})
+                         **({"template": template} if template else {}),
+                         **key_precision(recipe, precision)})
+
+
+def key_precision(recipe: Recipe, precision: str | None) -> dict:
+    """What a key adds for the precision: with `model.dtype: auto`, the dtype it resolved
+    to on the device (a CPU float32 stage and a GPU bf16 one differ); with an explicit
+    dtype nothing (the dtype, hashed as written, is the precision: cached keys stay)."""
+    return {"precision": precision} if precision and recipe.model.dtype == "auto" else {}
 
 
 def template_identity(recipe: Recipe) -> str:
@@ -85,8 +98,11 @@ def template_identity(recipe: Recipe) -> str:
 
 
 def stage_key_inputs(recipe: Recipe, stage_name: str, seed: int, parent_key: str | None,
-                     data: LoadedData, weights: str | None = None, template: str | None = None) -> dict:
-    """Everything a stage's key hashes; recorded in stage.json so `plan` can say what changed."""
+                     data: LoadedData, weights: str | None = None, template: str | None = None,
+                     precision: str | None = None) -> dict:
+    """Everything a stage's key hashes; recorded in stage.json so `plan` can say what changed.
+    Not the world size: the recipe's batch_size x gradient_accumulation is the global batch
+    on any number of processes (posttrain.distributed)."""
     stage = recipe.stages[stage_name]
     lora = resolve_lora(recipe, stage)
     return {
@@ -94,6 +110,7 @@ def stage_key_inputs(recipe: Recipe, stage_name: str, seed: int, parent_key: str
         "base_model": recipe.model.model_dump(mode="json", exclude={"lora"}),
         **({"weights": weights} if weights else {}),
         **({"template": template} if template else {}),
+        **key_precision(recipe, precision),
         "stage": stage.key_settings(),
         "lora": lora.model_dump(mode="json") if lora else None,
         "data": data.fingerprint,
@@ -104,7 +121,7 @@ def stage_key_inputs(recipe: Recipe, stage_name: str, seed: int, parent_key: str
 
 # What each input of a stage key is called when `plan` says why a stage trains again.
 KEY_INPUT_NAMES = {"parent": "upstream stage", "base_model": "base model", "weights": "base model's weights",
-                   "template": "chat template",
+                   "template": "chat template", "precision": "resolved precision",
                    "stage": "settings", "lora": "LoRA", "data": "data fingerprint", "seed": "seed",
                    "versions": "library versions"}
 
@@ -198,15 +215,20 @@ def data_env(recipe: Recipe, base_dir: Path, cache_dir: Path | None = None, eval
 
 
 def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] | None = None,
-              cache_root: Path | None = None) -> Plan:
+              cache_root: Path | None = None, world_size: int | None = None, device: str | None = None) -> Plan:
     """The stage graph with every key. `cache_root`: where a local model folder's file
-    hashes are remembered (None: hashed afresh)."""
+    hashes are remembered (None: hashed afresh). `world_size` and `device`: the machine
+    planned for (None: this run's processes, this machine's device); the world size is
+    in no key, the precision `device` resolves `dtype: auto` to is."""
+    from posttrain.distributed import world_size as launched_world_size
     from posttrain.identity import weights_identity
+    from posttrain.models import resolve_precision
 
     env = env if isinstance(env, DataEnv) else data_env(recipe, env)
     data = data if data is not None else load_stage_data(recipe, env)
     weights = weights_identity(recipe.model.name, recipe.model.revision, cache_root)
     template = template_identity(recipe)
+    precision = resolve_precision(recipe.model.dtype, device).dtype
     nodes: dict[str, StageNode] = {}
     finals: dict[tuple[str, int], StageNode | None] = {}
     for pipeline, chain in pipelines_with_base(recipe).items():
@@ -217,13 +239,14 @@ def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] |
                 stage_data = data[data_key(stage)]
                 held_out = data[f"{stage.eval_data}:{METHODS[stage.method].data}"] if stage.eval_data else None
                 inputs = stage_key_inputs(recipe, stage_name, seed, parent.key if parent else None, stage_data,
-                                          weights, template)
+                                          weights, template, precision)
                 if held_out is not None:
                     inputs["eval_data"] = held_out.fingerprint
                 key = content_hash(inputs)
                 parent = nodes.setdefault(key, StageNode(stage_name, seed, key, parent, stage_data, inputs, held_out))
             finals[(pipeline, seed)] = parent
-    return Plan(recipe, nodes, finals, data, weights, template)
+    return Plan(recipe, nodes, finals, data, weights, template, precision,
+                launched_world_size() if world_size is None else world_size, device)
 
 
 def source_after(plan: Plan, node: StageNode | None, cache: Cache) -> ModelSource:
@@ -291,7 +314,8 @@ def match_compute(recipe: Recipe, data: dict[str, LoadedData],
 
 
 def plan_rows(plan: Plan, cache: Cache, estimates: dict[str, dict]) -> list[dict]:
-    """The stage graph in training order: what runs, what is reused, keys and sizes."""
+    """The stage graph in training order: what runs, what is reused, keys and sizes, and
+    how each stage trains on the machine planned for (`resolved`)."""
     rows = []
     for node in plan.nodes.values():
         verdict = cache.verify("stages", node.key)  # a corrupt entry is retrained, never used
@@ -308,19 +332,35 @@ def plan_rows(plan: Plan, cache: Cache, estimates: dict[str, dict]) -> list[dict
                      "key": node.key, "after": " -> ".join(node.chain[:-1]) or "base",
                      "why": ("the cached entry is corrupt: " + "; ".join(corrupt) if corrupt
                              else why_trains(cache, node) if status == "train" else None),
-                     **estimates.get(node.stage, {})})
+                     **estimates.get(node.stage, {}), **resolved(plan, node.stage)})
     return rows
+
+
+def resolved(plan: Plan, stage: str) -> dict:
+    """How stage `stage` trains on the machine planned for: its global batch laid out on the
+    world size (per-device batch, accumulation, strategy) and the precision. Recorded in
+    stage.json too (`StageRecord.resolved`)."""
+    from posttrain.distributed import stage_layout
+    from posttrain.models import resolve_precision
+    from posttrain.stages.common import device
+
+    precision = resolve_precision(plan.recipe.model.dtype, plan.device)
+    return {**stage_layout(stage, plan.recipe.stages[stage], plan.world_size).as_dict(),
+            "precision": precision.dtype, "bf16": precision.bf16, "device": plan.device or device()}
 
 
 def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
     """The plan as text: a table of stages, then pipelines and compute matching."""
-    header = ["status", "stage", "seed", "key", "after", "examples", "cut", "steps", "~tokens"]
+    header = ["status", "stage", "seed", "key", "after", "examples", "cut", "steps", "~tokens",
+              "batch", "device batch", "accum", "precision", "strategy"]
     table = [[r["status"], f"{r['stage']} ({r['method']})", str(r["seed"]), r["key"][:12], r["after"],
               f"{r.get('examples', 0):,}" + (f" ({r['dropped']:,} dropped)" if r.get("dropped") else ""),
-              f"{r.get('truncated', 0):,}", f"{r.get('steps', 0):,}", f"{r.get('tokens', 0):,}"] for r in rows]
+              f"{r.get('truncated', 0):,}", f"{r.get('steps', 0):,}", f"{r.get('tokens', 0):,}",
+              str(r["global_batch"]), str(r["per_device_batch"]), str(r["gradient_accumulation"]),
+              r["precision"] + (" (bf16 mixed)" if r["bf16"] else ""), r["strategy"]] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     for r in rows:
         if r.get("why"):
             lines.append(f"  why {r['stage']} (seed {r['seed']}) trains again: {r['why']}")
@@ -331,6 +371,10 @@ def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
     lines.append(f"\n{len(rows)} stage runs: {len(rows) - len(todo)} reused from the cache, {len(todo)} to train "
                  f"(~{sum(r.get('steps', 0) for r in todo):,} steps, ~{sum(r.get('tokens', 0) for r in todo):,} "
                  "tokens)")
+    if rows:
+        lines.append(f"world size {plan.world_size} ({rows[0]['device']}): batch = batch_size x gradient_accumulation"
+                     f", the global batch = device batch x accum x {plan.world_size} (stage keys do not depend on "
+                     "the world size)")
     evals = len({p for p, _ in plan.finals}) - 1
     lines.append(f"evaluations: base + {evals} pipeline(s) x {len(plan.recipe.seeds)} seed(s)"
                  + (f" + {len(plan.recipe.external)} external" if plan.recipe.external else ""))

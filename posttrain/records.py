@@ -199,6 +199,9 @@ class StageRecord:
     key_inputs: dict | None = None     # what the key hashes (absent in records from before issue 11)
     cache_dir: str | None = None       # the run directory's copy only: the stage's cache entry
     reused: bool | None = None         # the run directory's copy only: taken from the cache
+    # How it trained: world_size, per_device_batch, gradient_accumulation, global_batch,
+    # strategy, precision, bf16, device (plan.resolved). None in records written before.
+    resolved: dict | None = None
 
     # What the pipeline, `plan` and the report need; a record without them is unusable.
     REQUIRED: ClassVar[dict] = {"stage": (str,), "seed": (int,), "key": (str,), "chain": (list,),
@@ -206,7 +209,7 @@ class StageRecord:
     _OPTIONAL: ClassVar[dict] = {"method": (str, type(None)), "parent_key": (str, type(None)),
                                  "start_model": (str, type(None)), "settings": (dict,), "data": (dict,),
                                  "key_inputs": (dict, type(None)), "cache_dir": (str, type(None)),
-                                 "reused": (bool, type(None))}
+                                 "reused": (bool, type(None)), "resolved": (dict, type(None))}
     _ALWAYS: ClassVar[tuple] = ("stage", "method", "seed", "key", "chain", "parent_key", "start_model", "adapter",
                                 "settings", "data", "metrics")
 
@@ -232,7 +235,7 @@ class StageRecord:
     def to_json(self) -> dict:
         out = {name: getattr(self, name) for name in self._ALWAYS}
         out.update(format=FORMAT, cost=self.cost.to_json())
-        for name in ("key_inputs", "cache_dir", "reused"):  # absent when unknown, as before
+        for name in ("key_inputs", "cache_dir", "reused", "resolved"):  # absent when unknown, as before
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out

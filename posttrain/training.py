@@ -14,7 +14,8 @@ from typing import Callable
 from posttrain.artifacts import STAGE_RECORD, TRAINER_LOG, RunDir
 from posttrain.cache import Cache, checkpoint_step, drop_incomplete_checkpoints, save_dataset, write_manifest
 from posttrain.errors import Interrupted, TrainingDiverged
-from posttrain.plan import Plan, StageNode, source_after
+from posttrain.distributed import stage_layout
+from posttrain.plan import Plan, StageNode, resolved, source_after
 from posttrain.records import Cost, StageRecord
 from posttrain.recipe.schema import Recipe, resolve_lora
 
@@ -27,6 +28,8 @@ class RunOptions:
     log: Callable[[str], None] = print
     cache: Cache = field(default_factory=Cache)
     force: bool = False                # write into the run directory of another recipe
+    world_size: int | None = None      # processes sharing each global batch (None: the launcher's, else 1)
+    device: str | None = None          # "cuda"/"cpu" planned for (None: this machine's): resolves dtype auto
 
 
 def record_stage(cache: Cache, node: StageNode, run: RunDir, reused: bool) -> StageRecord:
@@ -134,6 +137,7 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
                 dataset_dir=dataset_dir, start_key=node.parent.key if node.parent else plan.base_key,
                 reflogps_dir=cache.root / "reflogps", checkpoint=checkpoint_policy(recipe), resume_from=resume,
                 eval_examples=node.eval_data.examples if node.eval_data is not None else None,
+                batch=stage_layout(node.stage, spec, plan.world_size),
             )
             with stop_on_signals(options.log) as ctx.stop_requested:
                 try:
@@ -158,6 +162,7 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
                 "name": node.data.name, "format": node.data.format, "examples": len(node.data.examples),
                 "fingerprint": node.data.fingerprint, "skipped_rows": len(node.data.skipped)},
             cost=Cost.from_json(result.cost), metrics=result.metrics, key_inputs=node.inputs,
+            resolved=resolved(plan, node.stage),
         ).write(cache.area, partial / STAGE_RECORD)
         cache.area.unlink(partial / "pending.json")
         write_manifest(cache.area, partial)  # sizes and SHA-256: reuse verifies, never trusts

@@ -276,3 +276,23 @@ def test_the_handbook_settings_reach_the_stages():
     assert (orpo.warmup_steps, orpo.warmup_ratio, orpo.gradient_checkpointing) == (100, 0.0, True)
     qlora = load_recipe(EXAMPLES / "handbook" / "zephyr-7b-beta-qlora.yaml")
     assert (qlora.model.lora.r, qlora.stages["dpo"].lora.r, qlora.model.quantization.double_quant) == (16, 128, False)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=name_of)
+def test_example_recipe_plans_for_world_sizes_1_2_and_8(path, offline_hub):
+    """The global batch each stage states is laid out over 1, 2 and 8 GPUs (per-device batch x
+    accumulation x GPUs), with the same stage keys on every world size."""
+    _, options = refusals_here(path)
+    stated = stated_global_batches(path)
+    keys = None
+    for world in (1, 2, 8):
+        result = plan(path, offline_hub, *options, "--world-size", str(world), "--device", "cuda")
+        assert result.exit_code == 0, result.output
+        stages = planned_json(result)["stages"]
+        assert keys in (None, [entry["key"] for entry in stages])
+        keys = [entry["key"] for entry in stages]
+        for entry in stages:
+            assert entry["per_device_batch"] * entry["gradient_accumulation"] * world == stated[entry["stage"]]
+            assert entry["per_device_batch"] <= raw(path)["stages"][entry["stage"]]["batch_size"]
+            assert (entry["world_size"], entry["strategy"]) == (world, "single" if world == 1 else "ddp")
+            assert entry["precision"] == raw(path)["model"]["dtype"] == "bfloat16" and entry["bf16"]

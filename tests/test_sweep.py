@@ -296,9 +296,9 @@ def test_only_stage_settings_can_be_swept(tmp_path):
         f"recipe.yaml:18: sweep.stages.dpo: {help_}",
         "recipe.yaml:19: sweep.stages.dpx.beta: unknown stage 'dpx' (known: sft, dpo, orpo)",
         "recipe.yaml:20: sweep.stages.sft.beta: unknown setting 'beta' of a sft stage (settings: data, "
-        "learning_rate, epochs, max_steps, batch_size, gradient_accumulation, max_length, warmup_ratio, "
-        "scheduler, weight_decay, max_grad_norm, seed, lora, logging_steps, gradient_checkpointing, warmup_steps, "
-        "optim, dataset_num_proc, eval_data, eval_steps, trainer, packing, padding_free)",
+        "learning_rate, epochs, max_steps, batch_size, gradient_accumulation, max_device_batch, max_length, "
+        "warmup_ratio, scheduler, weight_decay, max_grad_norm, seed, lora, logging_steps, gradient_checkpointing, "
+        "warmup_steps, optim, dataset_num_proc, eval_data, eval_steps, trainer, packing, padding_free)",
     ]
     assert problems[5:] == [
         "recipe.yaml:21: sweep.stages.dpo.method: the method cannot be swept (declare another stage)"]

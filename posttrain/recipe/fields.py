@@ -85,6 +85,9 @@ class StageBase(Strict):
     max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
     batch_size: int = Field(8, gt=0)
     gradient_accumulation: int = Field(1, gt=0)
+    # batch_size x gradient_accumulation is the global batch; on several processes each
+    # takes a share (posttrain.distributed). A memory cap, not part of the stage's identity.
+    max_device_batch: int | None = Field(None, gt=0, description="most examples per device per forward (memory)")
     max_length: int = Field(512, gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     scheduler: Literal[SCHEDULERS] = "linear"  # type: ignore[valid-type]
@@ -120,9 +123,11 @@ class StageBase(Strict):
         return self
 
     def key_settings(self) -> dict:
-        """The settings a stage's key hashes: all but LoRA (hashed resolved, apart), logging
-        and how many processes tokenize (neither changes what is trained)."""
-        dumped = self.model_dump(mode="json", exclude={"lora", "logging_steps", "dataset_num_proc"})
+        """The settings a stage's key hashes: all but LoRA (hashed resolved, apart), logging,
+        how many processes tokenize and the per-device cap (none changes what is trained:
+        the global batch is batch_size x gradient_accumulation on any world size)."""
+        dumped = self.model_dump(mode="json", exclude={"lora", "logging_steps", "dataset_num_proc",
+                                                       "max_device_batch"})
         for name in self.COMMON_OMITS_DEFAULT + self.KEY_OMITS_DEFAULT:
             if getattr(self, name) == type(self).model_fields[name].default:
                 del dumped[name]

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.artifacts import TRAINER_LOG, Area
-from posttrain.models import ModelSource, load_model, lora_config
+from posttrain.distributed import BatchLayout, stage_layout
+from posttrain.models import ModelSource, load_model, lora_config, resolve_precision
 from posttrain.stages.divergence import divergence_guard, refuse_nonfinite_weights
 
 
@@ -33,6 +34,7 @@ class StageContext:
     resume_from: Path | None = None   # a checkpoint of this same stage to continue from
     stop_requested: Any = None        # callable -> bool: stop at the next step boundary (Ctrl-C)
     eval_examples: list[dict] | None = None   # held-out rows (eval_data): their loss is measured
+    batch: "BatchLayout | None" = None       # the global batch on this run's processes (None: resolved here)
 
 
 @dataclass
@@ -96,7 +98,7 @@ def reference_config(ctx: StageContext) -> dict:
     return dict(
         max_length=spec.max_length,
         precompute_ref_log_probs=spec.precompute_ref_log_probs,
-        precompute_ref_batch_size=spec.batch_size,
+        precompute_ref_batch_size=batch_layout(ctx).per_device_batch,
         sync_ref_model=False,
         disable_dropout=True,
         activation_offloading=False,
@@ -112,10 +114,13 @@ def trainer_kwargs(ctx: StageContext) -> dict:
     """
     spec = ctx.spec
     on_gpu = device() == "cuda"
+    layout = batch_layout(ctx)
     return dict(
         output_dir=str(ctx.out_dir / "trainer"),
-        per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation,
+        # The recipe's batch_size x gradient_accumulation is the global batch, shared by
+        # the processes (posttrain.distributed): the same optimisation on any world size.
+        per_device_train_batch_size=layout.per_device_batch,
+        gradient_accumulation_steps=layout.gradient_accumulation,
         learning_rate=spec.learning_rate,
         num_train_epochs=spec.epochs,
         max_steps=spec.max_steps or -1,
@@ -127,7 +132,7 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         optim=spec.optim,
         seed=ctx.seed,
         data_seed=ctx.seed,
-        bf16=on_gpu and ctx.start.dtype in ("bfloat16", "auto"),
+        bf16=resolve_precision(ctx.start.dtype).bf16,
         fp16=False,
         # Off unless asked (on CPU it is 5-16x slower, and small models do not need it);
         # non-reentrant, the variant that works with LoRA's frozen inputs.
@@ -153,8 +158,13 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         # Held-out loss: every eval_steps steps when given, and once at the end (run_training).
         eval_strategy="steps" if ctx.eval_examples and spec.eval_steps else "no",
         eval_steps=spec.eval_steps,
-        per_device_eval_batch_size=spec.batch_size,
+        per_device_eval_batch_size=layout.per_device_batch,
     )
+
+
+def batch_layout(ctx: StageContext) -> BatchLayout:
+    """The stage's global batch on this run's processes: as the engine resolved it, or here."""
+    return ctx.batch or stage_layout(ctx.name, ctx.spec)
 
 
 def trl_config(config_class, ctx: StageContext, **settings):
