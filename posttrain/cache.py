@@ -117,6 +117,8 @@ class Cache:
             return
         empty = not any(root.iterdir())
         if not empty and not holds_cache_layout(root):
+            if marker.is_file() and not marker.is_symlink():
+                return   # another run marked the new cache between the two looks (two runs at once)
             raise PosttrainError(
                 f"{root}: is not empty and is not a posttrain cache (no {CACHE_MARKER} and no cache entries); "
                 "posttrain never writes into or deletes from a folder of yours: point --cache or "

@@ -707,3 +707,27 @@ def test_only_damaged_checkpoints_mean_training_afresh(copy, tmp_path):
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     assert "train  sft" in result.output and "resume from" not in result.output
     assert Cache(copy["cache"]).has_stage(copy["key"])
+
+
+def test_a_run_that_looks_before_another_marks_a_new_cache_still_takes_it(tmp_path, monkeypatch):
+    """Two runs at once on a new cache: one looks for the marker (absent), the other marks
+    the cache, then the first lists the folder and finds the marker. That is the other run's
+    mark, not a stranger's folder (test_two_runs_at_once failed on it once)."""
+    from pathlib import Path
+
+    from posttrain.cache import CACHE_MARKER, Cache
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / CACHE_MARKER).write_text('{"posttrain": "cache", "format": 1}\n')   # the other run's mark
+    real_is_file, looks = Path.is_file, []
+
+    def first_look_misses(path):
+        if path.name == CACHE_MARKER and not looks:
+            looks.append(path)
+            return False          # as seen a moment before the other run wrote it
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", first_look_misses)
+    Cache(root).ensure()          # raised "is not empty and is not a posttrain cache"
+    assert looks
