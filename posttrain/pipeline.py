@@ -33,8 +33,9 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     env = data_env(recipe, options.base_dir, cache_dir=options.cache.curated_dir(),
                    eval_texts=lambda: task_texts(setup.refs, setup.task_dir), log=options.log)
     data = load_stage_data(recipe, env)
-    tokenizer = load_tokenizer(base_source(recipe))   # the chat tokenizer, loaded once for both
-    added = apply_chat_template_choice(tokenizer, None, base_source(recipe).chat_template)
+    source = base_source(recipe)   # (reads a template file once)
+    tokenizer = load_tokenizer(source)   # the chat tokenizer, loaded once for both
+    added = apply_chat_template_choice(tokenizer, None, source.chat_template)
     estimates = stage_estimates(recipe, data, tokenizer)
     # No stage whose max_length leaves nothing to train; the rows each will drop go in the plan.
     for name, rows in check_max_lengths(recipe, data, options.log, tokenizer).items():
