@@ -106,8 +106,11 @@ def validate(recipes, overrides, world_size):
 @click.option("--dry-run", is_flag=True, help="Print the plan (what trains, what is reused) and stop.")
 @click.option("--force", is_flag=True,
               help="Write into --out even when it is the run directory of a recipe with another name.")
+@click.option("--gpus", type=click.IntRange(min=1), default=None,
+              help="Train on N GPUs of this machine: runs this command again under `accelerate launch` "
+                   "(printed). With --dry-run: plan for N GPUs.")
 @user_errors
-def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_dir, dry_run, force):
+def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_dir, dry_run, force, gpus):
     """Train every pipeline of RECIPE, evaluate each and the base model, print the table.
 
     \b
@@ -119,13 +122,24 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     an interrupted run (Ctrl-C, crash) resumes its unfinished stage from its last checkpoint.
     """
     from posttrain.checks import check_static
+    from posttrain.ranks import launcher_rank
     from posttrain.recipe.load import load_recipe
 
     overrides = list(overrides) + (["tracking.wandb.mode=disabled"] if no_wandb else [])
     parsed = load_recipe(recipe, overrides)  # every recipe error before any heavy import
     check_static(parsed, Path(recipe).resolve().parent, recipe)
-    if dry_run:
-        return print_plan(recipe, parsed, cache_dir, as_json)
+    if dry_run:   # under a launcher: printed once, by rank 0, for the launcher's world size
+        return print_plan(recipe, parsed, cache_dir, as_json, world_size=gpus,
+                          device="cuda" if gpus else None) if launcher_rank() == 0 else None
+    if gpus is not None and gpus > 1:
+        from posttrain.ranks import relaunch_on_gpus
+
+        check_static(parsed, Path(recipe).resolve().parent, recipe, gpus)   # the batch divides over N
+        again = ["run", recipe, *[arg for o in overrides for arg in ("-o", o)], *(["--out", out_dir] if out_dir else []),
+                 *(["--cache", cache_dir] if cache_dir else []), *(["--quiet"] if quiet else []),
+                 *(["--json"] if as_json else []), *(["--force"] if force else []),
+                 *([] if progress is None else ["--progress" if progress else "--no-progress"])]
+        sys.exit(relaunch_on_gpus(gpus, again, lambda line: click.echo(line, err=True)))
     from posttrain.cache import Cache
     from posttrain.pipeline import RunOptions, run_recipe
 
@@ -137,6 +151,8 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
                          show_progress=(sys.stderr.isatty() and not silent) if progress is None else progress,
                          log=(lambda line: None) if silent else (lambda line: click.echo(line, err=True)),
                          cache=store, force=force)
+    if launcher_rank() != 0:
+        options.log = lambda line: None   # rank 0 says what the run does
     options.log(f"posttrain {__version__}: running {recipe} -> {target}")
     import contextlib
 
@@ -144,6 +160,8 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     # stdout is for the table or the JSON only.
     with contextlib.redirect_stdout(sys.stderr):
         run_dir = run_recipe(parsed, options)
+    if run_dir is None:
+        return   # a rank other than 0 under a launcher: rank 0 reports
     show_report(run_dir, as_json)
     options.log(f"run directory: {run_dir} (report.md, report.html, results.csv)")
 

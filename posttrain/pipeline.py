@@ -14,6 +14,8 @@ from posttrain.artifacts import RunDir
 from posttrain.evaluation import EvalSetup, evaluate_plan, prepare_eval
 from posttrain.plan import (Plan, base_source, data_env, data_summary, format_plan, load_stage_data, make_plan,
                             match_compute, pipeline_stage_dirs, plan_rows, stage_estimates)
+from posttrain.errors import PosttrainError
+from posttrain.ranks import this_process
 from posttrain.recipe.schema import Recipe, dump_recipe
 from posttrain.training import RunOptions, train_plan
 
@@ -64,19 +66,31 @@ def plan_recipe(recipe: Recipe, options: RunOptions) -> dict:
                 "text": format_plan(plan, rows, info)}
 
 
-def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
-    """Train every pipeline (shared prefixes once), evaluate each and the base; write results."""
+def run_recipe(recipe: Recipe, options: RunOptions) -> Path | None:
+    """Train every pipeline (shared prefixes once), evaluate each and the base; write results.
+
+    Under a launcher (torchrun, accelerate launch) every process calls this: rank 0 does
+    all of it, the others train with it and return None (posttrain.ranks)."""
     from posttrain.artifacts import environment
     from posttrain.records import ResultRow, write_results
     from posttrain.report import main_table, write_report
 
     if not options.show_progress:
         os.environ.setdefault("TQDM_DISABLE", "1")  # datasets/TRL bars are noise in logs
+    options.ranks = this_process()
+    if not options.ranks.is_main:
+        return follow_recipe(recipe, options)
     run = RunDir(options.out_dir)
-    run.claim(recipe.name, force=options.force)
-    run.area.write_json(run.env, environment())
-    tracker = make_tracker(recipe, run, options)
-    plan, setup, info = prepare_run(recipe, options, run)
+
+    def start():   # the other ranks wait for it, and stop with it when it fails
+        run.claim(recipe.name, force=options.force)
+        run.area.write_json(run.env, environment())
+        return make_tracker(recipe, run, options), *prepare_run(recipe, options, run)
+
+    tracker, plan, setup, info = options.ranks.leader_first(start)
+    options.ranks.broadcast(stage_keys(plan))
+    if options.ranks.world > 1:
+        options.log(f"{options.ranks.world} processes train each stage; this one (rank 0) writes and evaluates")
     rows_of_plan = record_plan(plan, info, run, options)
     train_plan(plan, rows_of_plan, run, options, tracker)
     rows = evaluate_plan(plan, run, options, setup, tracker)
@@ -85,6 +99,33 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> Path:
     tracker.log_report(*main_table(report), run.report_html)
     run.area.unlink(run.failed)  # an earlier attempt's failure, fixed now
     return run.root
+
+
+def follow_recipe(recipe: Recipe, options: RunOptions) -> None:
+    """A rank other than 0: plan as rank 0 did (after it, reading the data it cached),
+    check both planned the same stages, and train them with it. It writes into a scratch
+    run directory only and logs nothing; rank 0 evaluates after training."""
+    import tempfile
+    from dataclasses import replace
+
+    from posttrain.tracking import Tracker
+
+    options = replace(options, log=lambda line: None)
+    with tempfile.TemporaryDirectory(prefix=f"posttrain-rank{options.ranks.rank}-") as scratch:
+        run = RunDir(Path(scratch))
+        plan, _setup, _info = options.ranks.leader_first(lambda: prepare_run(recipe, options, run))
+        leader = options.ranks.broadcast(None)
+        if leader != stage_keys(plan):
+            raise PosttrainError(f"{options.ranks}: planned other stages than rank 0 ({len(stage_keys(plan))} "
+                                 f"vs {len(leader)}, first difference "
+                                 f"{next((a for a, b in zip(stage_keys(plan), leader) if a != b), '-')[:12]}); "
+                                 "every process must see the same recipe, data and cache")
+        train_plan(plan, [], run, options, Tracker(None, run.root, recipe.name, log=options.log))
+    return None
+
+
+def stage_keys(plan: Plan) -> list[str]:
+    return [node.key for node in plan.nodes.values()]
 
 
 def make_tracker(recipe: Recipe, run: RunDir, options: RunOptions):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -15,6 +15,7 @@ from posttrain.artifacts import STAGE_RECORD, TRAINER_LOG, RunDir
 from posttrain.cache import Cache, checkpoint_step, drop_incomplete_checkpoints, save_dataset, write_manifest
 from posttrain.errors import Interrupted, TrainingDiverged
 from posttrain.distributed import stage_layout
+from posttrain.ranks import Ranks
 from posttrain.plan import Plan, StageNode, resolved, source_after
 from posttrain.records import Cost, StageRecord
 from posttrain.recipe.schema import Recipe, resolve_lora
@@ -30,6 +31,7 @@ class RunOptions:
     force: bool = False                # write into the run directory of another recipe
     world_size: int | None = None      # processes sharing each global batch (None: the launcher's, else 1)
     device: str | None = None          # "cuda"/"cpu" planned for (None: this machine's): resolves dtype auto
+    ranks: Ranks = field(default_factory=Ranks)   # this process's place under a launcher (rank 0 writes)
 
 
 def record_stage(cache: Cache, node: StageNode, run: RunDir, reused: bool) -> StageRecord:
@@ -89,92 +91,125 @@ def tensorboard_dir(recipe: Recipe, run: RunDir, node: StageNode):
             os.environ["TENSORBOARD_LOGGING_DIR"] = before
 
 
-def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tracker) -> StageRecord:
+def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tracker) -> StageRecord | None:
     """Train one stage unless the cache holds its key; resume it from its last checkpoint.
 
     The stage trains into the cache's partial dir and is renamed into place only when
-    complete, so a crash never leaves a half-written stage that looks finished.
+    complete, so a crash never leaves a half-written stage that looks finished. Under a
+    launcher every rank trains; rank 0 alone decides (reuse, resume), holds the lock,
+    writes and publishes, and the others follow its decision (posttrain.ranks); no rank
+    starts the next stage before this one is published. Followers return None.
     """
-    from posttrain.stages import run_stage
-    from posttrain.stages.common import StageContext, StageInterrupted
-    from posttrain.stages.divergence import StageDiverged
-
-    cache = options.cache
-    if cache.has_stage(node.key):
-        options.log(f"  reuse  {node.stage} (seed {node.seed}) {node.key[:12]} from the cache")
-        return record_stage(cache, node, run, reused=True)
-    with stage_lock(cache, node, options.log):
-        # Under the lock: another run may have finished it while we waited; an entry from
-        # before manifests is adopted, a corrupt one is reported and removed (then trained).
-        verdict = cache.claim("stages", node.key, options.log, f" ({node.stage}, seed {node.seed})")
-        if verdict:
-            options.log(f"  reuse  {node.stage} (seed {node.seed}) {node.key[:12]}"
-                        + (", just trained by another run" if verdict.manifest else " from the cache"))
-            return record_stage(cache, node, run, reused=True)
-        recipe = plan.recipe
-        spec = recipe.stages[node.stage]
-        partial = cache.partial_dir(node.key)
-        resume = cache.resume_checkpoint(node.key, options.log)  # a damaged checkpoint is skipped, said so
-        if resume is None:
-            cache.area.rmtree(partial)
-        else:
-            drop_incomplete_checkpoints(partial / "trainer")
-        cache.area.mkdir(partial)
-        cache.area.write_json(partial / "pending.json", {"stage": node.stage, "method": spec.method, "seed": node.seed,
-                                                     "key": node.key, "chain": node.chain})
-        dataset_dir = save_dataset(node.data.examples, cache.dataset_dir(node.data.fingerprint), options.log)
-        where = f"resume from step {checkpoint_step(resume)}" if resume else "train"
-        options.log(f"  {where}  {node.stage} ({spec.method}, seed {node.seed}) on {len(node.data.examples)} "
-                    f"examples from {' -> '.join(node.chain[:-1]) or 'base'}")
-        # One W&B run per trained stage; the trainer's own callback logs its curves into it.
-        with tracker.stage(node.stage, spec.method, node.seed, spec.model_dump(mode="json")) as report_to, \
-                tensorboard_dir(recipe, run, node) as tensorboard:
-            report_to = list(report_to) + tensorboard
-            ctx = StageContext(
-                name=node.stage, spec=spec, seed=spec.seed if spec.seed is not None else node.seed,
-                start=source_after(plan, node.parent, cache), examples=node.data.examples, out_dir=partial,
-                lora=resolve_lora(recipe, spec), show_progress=options.show_progress, report_to=report_to,
-                dataset_dir=dataset_dir, start_key=node.parent.key if node.parent else plan.base_key,
-                reflogps_dir=cache.root / "reflogps", checkpoint=checkpoint_policy(recipe), resume_from=resume,
-                eval_examples=node.eval_data.examples if node.eval_data is not None else None,
-                batch=stage_layout(node.stage, spec, plan.world_size),
-            )
-            with stop_on_signals(options.log) as ctx.stop_requested:
-                try:
-                    result = run_stage(ctx)
-                except StageInterrupted as exc:
-                    raise Interrupted(
-                        f"stage {node.stage} (seed {node.seed}) stopped at step {exc.step}/{exc.max_steps}; "
-                        f"checkpoint saved under {partial}. Run the same command again to resume it "
-                        "(finished stages are reused).") from None
-                except StageDiverged as exc:
-                    # Nothing of a diverged attempt is published or resumed from: a re-run trains afresh.
-                    cache.area.rmtree(partial)
-                    raise TrainingDiverged(exc.message(ctx), stage=node.stage, seed=node.seed, key=node.key,
-                                           step=exc.step, details=exc.details()) from None
-                stopped_after = ctx.stop_requested()
-
-        StageRecord(
-            stage=node.stage, method=spec.method, seed=node.seed, key=node.key,
-            chain=node.chain, parent_key=node.parent.key if node.parent else None,
-            start_model=ctx.start.name, adapter=result.adapter,
-            settings=spec.model_dump(mode="json"), data={
-                "name": node.data.name, "format": node.data.format, "examples": len(node.data.examples),
-                "fingerprint": node.data.fingerprint, "skipped_rows": len(node.data.skipped)},
-            cost=Cost.from_json(result.cost), metrics=result.metrics, key_inputs=node.inputs,
-            resolved=resolved(plan, node.stage),
-        ).write(cache.area, partial / STAGE_RECORD)
-        cache.area.unlink(partial / "pending.json")
-        write_manifest(cache.area, partial)  # sizes and SHA-256: reuse verifies, never trusts
-        cache.area.publish(partial, cache.stage_dir(node.key))
+    ranks = options.ranks
+    with ExitStack() as held:   # rank 0's lock on the key, released once the stage is published
+        start = ranks.decide(lambda: begin_stage(plan, node, options, held))
+        if start is None:
+            return record_stage(options.cache, node, run, reused=True) if ranks.is_main else None
+        result, start_model, stopped_after = train_started(plan, node, run, options, tracker, start)
+        if ranks.is_main:
+            publish_stage(plan, node, options.cache, result, start_model)
+    ranks.barrier()
+    if not ranks.is_main:
+        return None
     if stopped_after:
-        record_stage(cache, node, run, reused=False)
+        record_stage(options.cache, node, run, reused=False)
         raise Interrupted(f"stopped after stage {node.stage} (seed {node.seed}) finished; "
                           "run the same command again to continue (finished stages are reused).")
     options.log(f"         done in {result.cost['wall_s']:.0f}s, {result.cost['optimizer_steps']} steps, "
                 + ", ".join(f"{k} {v:.3g}" for k, v in result.metrics.items() if isinstance(v, float)))
     gc.collect()
-    return record_stage(cache, node, run, reused=False)
+    return record_stage(options.cache, node, run, reused=False)
+
+
+def begin_stage(plan: Plan, node: StageNode, options: RunOptions, held: ExitStack) -> dict | None:
+    """Rank 0: None when the cache holds the stage (reuse), else what training starts
+    from, with the key's lock taken (into `held`) and the partial dir made ready."""
+    cache = options.cache
+    if cache.has_stage(node.key):
+        options.log(f"  reuse  {node.stage} (seed {node.seed}) {node.key[:12]} from the cache")
+        return None
+    held.enter_context(stage_lock(cache, node, options.log))
+    # Under the lock: another run may have finished it while we waited; an entry from
+    # before manifests is adopted, a corrupt one is reported and removed (then trained).
+    verdict = cache.claim("stages", node.key, options.log, f" ({node.stage}, seed {node.seed})")
+    if verdict:
+        options.log(f"  reuse  {node.stage} (seed {node.seed}) {node.key[:12]}"
+                    + (", just trained by another run" if verdict.manifest else " from the cache"))
+        return None
+    spec = plan.recipe.stages[node.stage]
+    partial = cache.partial_dir(node.key)
+    resume = cache.resume_checkpoint(node.key, options.log)  # a damaged checkpoint is skipped, said so
+    if resume is None:
+        cache.area.rmtree(partial)
+    else:
+        drop_incomplete_checkpoints(partial / "trainer")
+    cache.area.mkdir(partial)
+    cache.area.write_json(partial / "pending.json", {"stage": node.stage, "method": spec.method, "seed": node.seed,
+                                                     "key": node.key, "chain": node.chain})
+    dataset_dir = save_dataset(node.data.examples, cache.dataset_dir(node.data.fingerprint), options.log)
+    where = f"resume from step {checkpoint_step(resume)}" if resume else "train"
+    options.log(f"  {where}  {node.stage} ({spec.method}, seed {node.seed}) on {len(node.data.examples)} "
+                f"examples from {' -> '.join(node.chain[:-1]) or 'base'}")
+    return {"resume": resume, "dataset_dir": dataset_dir}
+
+
+def train_started(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tracker, start: dict):
+    """Every rank: train the stage from `start` (begin_stage's); the result, the model it
+    started from, and whether a stop was asked for after the last step."""
+    from posttrain.stages import run_stage
+    from posttrain.stages.common import StageContext, StageInterrupted
+    from posttrain.stages.divergence import StageDiverged
+
+    cache, recipe = options.cache, plan.recipe
+    spec = recipe.stages[node.stage]
+    partial = cache.partial_dir(node.key)
+    # One W&B run per trained stage; the trainer's own callback logs its curves into it.
+    with tracker.stage(node.stage, spec.method, node.seed, spec.model_dump(mode="json")) as report_to, \
+            tensorboard_dir(recipe, run, node) as tensorboard:
+        ctx = StageContext(
+            name=node.stage, spec=spec, seed=spec.seed if spec.seed is not None else node.seed,
+            start=source_after(plan, node.parent, cache), examples=node.data.examples, out_dir=partial,
+            lora=resolve_lora(recipe, spec), show_progress=options.show_progress,
+            report_to=list(report_to) + tensorboard, dataset_dir=start["dataset_dir"],
+            start_key=node.parent.key if node.parent else plan.base_key,
+            reflogps_dir=cache.root / "reflogps", checkpoint=checkpoint_policy(recipe), resume_from=start["resume"],
+            eval_examples=node.eval_data.examples if node.eval_data is not None else None,
+            batch=stage_layout(node.stage, spec, plan.world_size),
+        )
+        with stop_on_signals(options.log) as ctx.stop_requested:
+            try:
+                result = run_stage(ctx)
+            except StageInterrupted as exc:
+                raise Interrupted(
+                    f"stage {node.stage} (seed {node.seed}) stopped at step {exc.step}/{exc.max_steps}; "
+                    f"checkpoint saved under {partial}. Run the same command again to resume it "
+                    "(finished stages are reused).") from None
+            except StageDiverged as exc:
+                # Nothing of a diverged attempt is published or resumed from: a re-run trains afresh.
+                if options.ranks.is_main:
+                    cache.area.rmtree(partial)
+                raise TrainingDiverged(exc.message(ctx), stage=node.stage, seed=node.seed, key=node.key,
+                                       step=exc.step, details=exc.details()) from None
+            return result, ctx.start.name, ctx.stop_requested()
+
+
+def publish_stage(plan: Plan, node: StageNode, cache: Cache, result, start_model: str) -> None:
+    """Rank 0: the stage's record, its manifest, and the partial dir renamed into place."""
+    spec = plan.recipe.stages[node.stage]
+    partial = cache.partial_dir(node.key)
+    StageRecord(
+        stage=node.stage, method=spec.method, seed=node.seed, key=node.key,
+        chain=node.chain, parent_key=node.parent.key if node.parent else None,
+        start_model=start_model, adapter=result.adapter,
+        settings=spec.model_dump(mode="json"), data={
+            "name": node.data.name, "format": node.data.format, "examples": len(node.data.examples),
+            "fingerprint": node.data.fingerprint, "skipped_rows": len(node.data.skipped)},
+        cost=Cost.from_json(result.cost), metrics=result.metrics, key_inputs=node.inputs,
+        resolved=resolved(plan, node.stage),
+    ).write(cache.area, partial / STAGE_RECORD)
+    cache.area.unlink(partial / "pending.json")
+    write_manifest(cache.area, partial)  # sizes and SHA-256: reuse verifies, never trusts
+    cache.area.publish(partial, cache.stage_dir(node.key))
 
 
 @contextmanager

@@ -140,6 +140,11 @@ def trainer_kwargs(ctx: StageContext) -> dict:
            checkpointing_field() + "_kwargs": {"use_reentrant": False} if spec.gradient_checkpointing else None},
         torch_compile=False,
         use_cpu=not on_gpu,
+        # DDP: every parameter that trains gets a gradient at every step (LoRA's frozen
+        # weights are not in DDP's reducer); transformers' default (True unless
+        # checkpointing) costs an extra walk of the autograd graph per step. Mixture-of-
+        # experts models leave unrouted experts without one, and need the walk.
+        ddp_find_unused_parameters=layout.world_size > 1 and is_mixture_of_experts(ctx),
         dataloader_num_workers=0,
         logging_steps=spec.logging_steps,
         logging_first_step=True,
@@ -160,6 +165,15 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         eval_steps=spec.eval_steps,
         per_device_eval_batch_size=layout.per_device_batch,
     )
+
+
+def is_mixture_of_experts(ctx: StageContext) -> bool:
+    """Whether the starting model routes tokens to some of its experts (Mixtral, Qwen-MoE...),
+    read from its config (no weights loaded)."""
+    from posttrain.models import model_config
+
+    config = model_config(ctx.start)
+    return any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
 def batch_layout(ctx: StageContext) -> BatchLayout:
@@ -321,7 +335,9 @@ def stage_control(ctx: StageContext):
         def on_step_end(self, args, state, control, **kwargs):
             due_by_steps = policy.every_steps and state.global_step % policy.every_steps == 0
             due_by_time = policy.every_minutes and time.monotonic() - self.last_save >= 60 * policy.every_minutes
-            if ctx.stop_requested is not None and ctx.stop_requested():
+            # Every rank must stop (and save) at the same step, and clocks differ: rank 0 decides.
+            due_by_time = any_rank(args, due_by_time, first_only=True)
+            if any_rank(args, ctx.stop_requested is not None and ctx.stop_requested()):
                 self.stopped = control.should_training_stop = control.should_save = True
             elif (due_by_steps or due_by_time) and state.global_step < state.max_steps:
                 control.should_save = True
@@ -330,6 +346,8 @@ def stage_control(ctx: StageContext):
             # transformers has written the checkpoint (model, optimizer, RNG, state);
             # this marker makes it count as complete for a resume.
             self.last_save = time.monotonic()
+            if not state.is_world_process_zero:
+                return
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             Area(args.output_dir).write_text(folder / PROGRESS_FILE, json.dumps(
                 {"step": state.global_step, "wall_s": round(self.prior_wall_s + self.last_save - self.started, 2)}))
@@ -342,6 +360,22 @@ def stage_control(ctx: StageContext):
     return control
 
 
+def any_rank(args, flag, first_only: bool = False) -> bool:
+    """`flag` agreed by every training process (one process: itself): whether any rank's is
+    set, or with `first_only` rank 0's. One tiny collective per optimizer step."""
+    if getattr(args, "world_size", 1) <= 1:
+        return bool(flag)
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=args.device)
+    if first_only:
+        dist.broadcast(value, src=0)
+    else:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def run_training(trainer, ctx: StageContext) -> dict:
     """Train (resuming when asked); raise StageInterrupted when stopped early on request.
 
@@ -351,8 +385,14 @@ def run_training(trainer, ctx: StageContext) -> dict:
 
     control = stage_control(ctx)
     trainer.add_callback(control)
-    divergence_guard(trainer)
+    guard = divergence_guard(trainer)
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    if trainer.args.world_size > 1 and guard.loss_steps:
+        # transformers adds the steps since its last log to train_loss un-gathered (rank 0's
+        # own losses); the guard's mean is of every step's loss averaged over the ranks.
+        summary = next((e for e in reversed(trainer.state.log_history) if "train_loss" in e), None)
+        if summary is not None:
+            summary["train_loss"] = guard.loss_sum / guard.loss_steps
     if trainer.eval_dataset is not None and not control.stopped:
         trainer.evaluate()   # the held-out loss of the trained model, in the trainer log
     if control.stopped and trainer.state.global_step < trainer.state.max_steps:
@@ -457,16 +497,18 @@ def finish(ctx: StageContext, done: Trained, *, sequences: tuple[tuple[str, ...]
     refuse_nonfinite_weights(trainer)
     area = Area(ctx.out_dir)
     model_dir = ctx.out_dir / "model"
+    main = trainer.accelerator.is_main_process   # under a launcher only rank 0 writes the stage
     if ctx.lora:
         # The adapter with the trained rows of added tokens, not whole embedding matrices:
         # every load rebuilds the base's rows identically (models.grow_embeddings) first.
         if trainer.args.should_save:
             trainer.model.save_pretrained(str(model_dir), save_embedding_layers=False)
     else:
-        trainer.save_model(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
+        trainer.save_model(str(model_dir))   # every rank calls it: gathering sharded weights is collective
     log = trainer.state.log_history
-    area.write_text(ctx.out_dir / TRAINER_LOG, "".join(json.dumps(entry) + "\n" for entry in log))
+    if main:
+        tokenizer.save_pretrained(str(model_dir))
+        area.write_text(ctx.out_dir / TRAINER_LOG, "".join(json.dumps(entry) + "\n" for entry in log))
     epochs_done = trainer.state.epoch or 0.0
     examples = examples_in(trainer.train_dataset)
     examples_seen = round(examples * epochs_done)
@@ -489,7 +531,9 @@ def finish(ctx: StageContext, done: Trained, *, sequences: tuple[tuple[str, ...]
         extra=dict(extra_cost or {}),
     ).to_json()
     # Checkpoints exist to resume this stage; once it is finished they are dead weight.
-    area.rmtree(ctx.out_dir / "trainer")
+    trainer.accelerator.wait_for_everyone()
+    if main:
+        area.rmtree(ctx.out_dir / "trainer")
     return StageResult(adapter=bool(ctx.lora), metrics=final_metrics(log, method.metrics), cost=cost)
 
 

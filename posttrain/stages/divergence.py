@@ -177,6 +177,7 @@ def divergence_guard(trainer):
             self.first_loss: float | None = None     # the stage's first finite loss: the explosion rule's scale
             self.recent: list[dict] = []
             self.skipped_in_a_row = 0
+            self.loss_sum, self.loss_steps = 0.0, 0   # this attempt's steps, averaged over the ranks
 
         def add_loss(self, loss):
             loss = loss.detach() if hasattr(loss, "detach") else loss
@@ -184,7 +185,9 @@ def divergence_guard(trainer):
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             norm = self.grad_norm if self.grad_norm is not None else gradient_norm(model)
-            loss, norm = host_floats(self.step_loss, norm)
+            # Every rank must judge the same step the same way (the gradient norm is of the
+            # all-reduced gradients already): the step's loss averaged over the ranks.
+            loss, norm = host_floats(mean_over_ranks(args, self.step_loss), norm)
             self.step_loss = self.grad_norm = None
             step = state.global_step + 1
             self.recent = (self.recent + [{"step": step, "loss": loss, "grad_norm": norm}])[-RECENT_STEPS:]
@@ -198,6 +201,7 @@ def divergence_guard(trainer):
             self.skipped_in_a_row = 0 if norm is None or math.isfinite(norm) else self.skipped_in_a_row + 1
             if loss is not None:
                 self.last_finite = (step, loss)
+                self.loss_sum, self.loss_steps = self.loss_sum + loss, self.loss_steps + 1
 
     guard = DivergenceGuard()
     training_step = trainer.training_step
@@ -218,6 +222,17 @@ def divergence_guard(trainer):
         trainer._get_grad_norm = kept_grad_norm
     trainer.add_callback(guard)
     return guard
+
+
+def mean_over_ranks(args, loss):
+    """A step's loss (a device tensor, or None) averaged over the training processes."""
+    if loss is None or getattr(args, "world_size", 1) <= 1 or not hasattr(loss, "detach"):
+        return loss
+    import torch.distributed as dist
+
+    total = loss.detach().float().clone()
+    dist.all_reduce(total)   # SUM: gloo has no AVG
+    return total / args.world_size
 
 
 def nonfinite_parameters(model) -> list[str]:

@@ -123,16 +123,24 @@ def trainer_class(ctx: StageContext):
         def _precompute_ref_logps(self, dataset, name, batch_size):
             import numpy as np
 
+            from accelerate.utils import broadcast_object_list
+
             path = ctx.reflogps_dir / f"{reflogps_key(ctx, dataset, batch_size)}.npz"
             stored = load_reflogps(path)
-            if stored is not None and len(stored["chosen"]) == len(dataset):
+            # Rank 0's look decides for every rank: computing is collective (a gather).
+            cached = [stored is not None and len(stored["chosen"]) == len(dataset)]
+            if self.accelerator.num_processes > 1:
+                broadcast_object_list(cached, from_process=0)
+            if cached[0]:
+                stored = stored or load_reflogps(path)
                 type(self).reference_cached = True
                 return with_ref_columns(dataset, stored["chosen"], stored["rejected"])
             out = super()._precompute_ref_logps(dataset, name, batch_size)
-            buffer = io.BytesIO()
-            np.savez(buffer, chosen=np.asarray(out["ref_chosen_logps"], dtype="float32"),
-                     rejected=np.asarray(out["ref_rejected_logps"], dtype="float32"))
-            Area(ctx.reflogps_dir.parent).write_bytes(path, buffer.getvalue())  # the cache root
+            if self.accelerator.is_main_process:
+                buffer = io.BytesIO()
+                np.savez(buffer, chosen=np.asarray(out["ref_chosen_logps"], dtype="float32"),
+                         rejected=np.asarray(out["ref_rejected_logps"], dtype="float32"))
+                Area(ctx.reflogps_dir.parent).write_bytes(path, buffer.getvalue())  # the cache root
             return out
 
     return CachedReferenceDPOTrainer
