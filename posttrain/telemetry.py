@@ -205,7 +205,7 @@ def throughput(counts: TokenCounts, shape: ModelShape | None, runtime_s: float |
         mfu = flops / runtime_s / (peak_per_device * world_size)
     return dict(
         tokens_real=counts.real, tokens_padded=counts.padded,
-        train_runtime_s=round(runtime_s, 3) if timed else None,
+        train_runtime_s=runtime_s if timed else None,   # as the trainer logs it (to 0.1 ms)
         tokens_per_s_real=round(counts.real / runtime_s, 1) if timed else None,
         tokens_per_s_padded=round(counts.padded / runtime_s, 1) if timed else None,
         model_flops=flops, peak_flops_per_device=peak_per_device,
