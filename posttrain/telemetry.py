@@ -100,7 +100,7 @@ def model_shape(model) -> ModelShape:
     return ModelShape(int(params), int(config.num_hidden_layers), int(heads * head_dim))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenCounts:
     real: int = 0                  # non-padding tokens of forwards with gradients (trained)
     padded: int = 0                # tokens of those batches, padding included
@@ -108,36 +108,41 @@ class TokenCounts:
     forward_only: int = 0          # non-padding tokens of forwards without gradients
     forward_only_squared: int = 0
 
-    FIELDS = ("real", "padded", "real_squared", "forward_only", "forward_only_squared")
 
-
-def sequence_lengths(input_ids, attention_mask=None, position_ids=None):
-    """(tokens in the batch, padding included; 1-D tensor of each sequence's real length).
+def batch_tokens(input_ids, attention_mask=None, position_ids=None):
+    """(tokens in the batch, padding included; tensor [real tokens, sum over sequences of
+    length^2]), computed on the batch's device without waiting for it (no host sync).
 
     A padded batch: a row's attention mask sums to its length. A padding-free batch
-    (sequences packed into one row, no mask): position_ids restart at 0 per sequence."""
+    (sequences packed into one row, no mask): position ids restart at 0 per sequence,
+    and a sequence of length t has sum(2p + 1 for p < t) = t^2."""
     import torch
 
     padded = input_ids.numel()
     if attention_mask is not None and attention_mask.dim() == 2:
-        return padded, attention_mask.sum(dim=1)
-    if position_ids is not None:
-        flat = position_ids.reshape(-1)
-        starts = torch.nonzero(flat == 0).reshape(-1)
-        ends = torch.cat([starts[1:], torch.tensor([flat.numel()], device=flat.device)])
-        if starts.numel() and starts[0] == 0:
-            return padded, ends - starts
-    return padded, torch.full((input_ids.shape[0],), input_ids.shape[-1], device=input_ids.device)
+        lengths = attention_mask.sum(dim=1, dtype=torch.int64)
+    elif position_ids is not None and position_ids.numel() == padded:
+        positions = position_ids.to(torch.int64)
+        return padded, torch.stack([torch.ones_like(positions).sum(), (2 * positions + 1).sum()])
+    else:   # no mask, no positions: every row is one whole sequence
+        lengths = torch.full((input_ids.shape[0],), input_ids.shape[-1], dtype=torch.int64, device=input_ids.device)
+    return padded, torch.stack([lengths.sum(), (lengths * lengths).sum()])
 
 
 class TokenCounter:
     """Counts the tokens of the forwards of `policy` (and of `reference`, a separate frozen
-    model) while training runs; `callback()` switches it on for the training loop."""
+    model) while training runs; `callback()` switches it on for the training loop.
+
+    The sums stay on the model's device until read (`counts`): a read per step would make
+    the host wait for the GPU at every forward."""
 
     def __init__(self, policy, reference=None):
-        self.counts = TokenCounts()
         self.active = False
         self._policy = policy
+        self._padded = 0
+        self._trained = None       # tensor [real, real_squared]
+        self._forward_only = None  # tensor [tokens, squared]
+        self._counts = None        # TokenCounts once summed over the processes
         self._handles = [policy.register_forward_pre_hook(self._seen, with_kwargs=True)]
         if reference is not None and reference is not policy:
             self._handles.append(reference.register_forward_pre_hook(self._seen, with_kwargs=True))
@@ -149,16 +154,30 @@ class TokenCounter:
         if not self.active or not self._policy.training or input_ids is None:
             return None
         with torch.no_grad():
-            padded, lengths = sequence_lengths(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
-            real, squared = int(lengths.sum()), int((lengths.long() ** 2).sum())
+            padded, sums = batch_tokens(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
         if torch.is_grad_enabled() and module is self._policy:
-            self.counts.real += real
-            self.counts.padded += padded
-            self.counts.real_squared += squared
+            self._padded += padded
+            self._trained = sums if self._trained is None else self._trained + sums
         else:
-            self.counts.forward_only += real
-            self.counts.forward_only_squared += squared
+            self._forward_only = sums if self._forward_only is None else self._forward_only + sums
         return None
+
+    @property
+    def counts(self) -> "TokenCounts":
+        if self._counts is not None:
+            return self._counts
+        return TokenCounts(*[int(value) for value in self._local()])
+
+    def _local(self):
+        """[real, padded, real_squared, forward_only, forward_only_squared] as one tensor."""
+        import torch
+
+        device = next((t.device for t in (self._trained, self._forward_only) if t is not None), "cpu")
+        zero = torch.zeros(2, dtype=torch.int64, device=device)
+        trained = self._trained if self._trained is not None else zero
+        forward_only = self._forward_only if self._forward_only is not None else zero
+        return torch.stack([trained[0], torch.tensor(self._padded, device=device), trained[1],
+                            forward_only[0], forward_only[1]]).to(torch.int64)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -183,15 +202,12 @@ class TokenCounter:
         return CountTrainedTokens()
 
     def sum_over_processes(self, accelerator) -> None:
+        """Every process calls this (a collective): the job's counts, from then on."""
         if accelerator is None or accelerator.num_processes <= 1:
             return
-        import torch
-
-        local = torch.tensor([getattr(self.counts, name) for name in TokenCounts.FIELDS],
-                             dtype=torch.float64, device=accelerator.device)
+        local = self._local().to(accelerator.device)
         total = accelerator.reduce(local, reduction="sum")
-        for name, value in zip(TokenCounts.FIELDS, total.tolist()):
-            setattr(self.counts, name, int(round(value)))
+        self._counts = TokenCounts(*[int(value) for value in total.tolist()])
 
 
 def throughput(counts: TokenCounts, shape: ModelShape | None, runtime_s: float | None, world_size: int,

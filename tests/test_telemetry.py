@@ -73,6 +73,24 @@ def test_padding_free_rows_forward_only_passes_and_other_times_are_told_apart():
     assert (counter.counts.real, counter.counts.forward_only) == (8, 15)
 
 
+def test_under_several_processes_the_counts_are_the_whole_jobs():
+    class TwoProcesses:   # accelerate's reduce as two identical processes would see it
+        num_processes, device = 2, torch.device("cpu")
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "sum"
+            return tensor * 2
+
+    model = Echo()
+    counter = active_counter(model)
+    callback = counter.callback(TwoProcesses())
+    callback.on_train_begin(None, None, None)
+    model(**padded_batch([3, 5]))
+    callback.on_train_end(None, None, None)
+    model(**padded_batch([7, 9]))                     # after training: not counted
+    assert (counter.counts.real, counter.counts.padded, counter.counts.real_squared) == (16, 20, 68)
+
+
 def test_mfu_arithmetic_with_an_injected_peak():
     shape = ModelShape(params=1000, layers=2, attention_width=8)
     counts = TokenCounts(real=10, padded=16, real_squared=50, forward_only=4, forward_only_squared=16)
