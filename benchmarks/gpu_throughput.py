@@ -239,15 +239,17 @@ def telemetry_of(done, dtype: str) -> dict:
     return {**out, "device_name": device_name, "peak_memory_reserved_mb": round(reserved, 1) if reserved else None}
 
 
-def settings_differences(posttrain_trainer, plain_trainer) -> list[str]:
+def trainer_facts(trainer) -> dict:
+    """What must match between two trainers: every setting, collator, reference, dtype, rows."""
+    facts = {k: v for k, v in trainer.args.to_dict().items() if k not in ("output_dir", "logging_dir")}
+    return {**facts, "collator": type(trainer.data_collator).__name__,
+            "ref_model": type(getattr(trainer, "ref_model", None)).__name__,
+            "dtype": str(next(trainer.model.parameters()).dtype), "rows": len(trainer.train_dataset)}
+
+
+def settings_differences(posttrain: argparse.Namespace, plain_trainer) -> list[str]:
     """Every trainer setting that differs between posttrain's and the plain script's."""
-    ignore = {"output_dir", "logging_dir"}
-    ours = {k: v for k, v in posttrain_trainer.args.to_dict().items() if k not in ignore}
-    theirs = {k: v for k, v in plain_trainer.args.to_dict().items() if k not in ignore}
-    facts = lambda t: {"collator": type(t.data_collator).__name__, "ref_model": type(getattr(t, "ref_model", None)).__name__,  # noqa: E731
-                       "dtype": str(next(t.model.parameters()).dtype), "rows": len(t.train_dataset)}
-    ours.update(facts(posttrain_trainer))
-    theirs.update(facts(plain_trainer))
+    ours, theirs = posttrain.facts, trainer_facts(plain_trainer)
     return [f"{k}: posttrain={ours.get(k)!r} plain={theirs.get(k)!r}" for k in sorted(set(ours) | set(theirs))
             if ours.get(k) != theirs.get(k)]
 
@@ -324,8 +326,8 @@ def main() -> None:
     captured: list = []
     real_run_training = common.run_training
 
-    def capture(trainer, ctx):  # posttrain's trainer: its settings are the plain script's
-        captured.append(trainer)
+    def capture(trainer, ctx):  # posttrain's settings (the plain script's), not its trainer (memory)
+        captured.append(argparse.Namespace(args=trainer.args, facts=trainer_facts(trainer)))
         return real_run_training(trainer, ctx)
 
     common.run_training = capture
