@@ -90,14 +90,20 @@ def model_shape(model) -> ModelShape:
     embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()
     table = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
-    params = sum(p.numel() for p in model.parameters() if id(p) not in table)
+    params = sum(size(p) for p in model.parameters() if id(p) not in table)
     if head is not None:
         weight = getattr(head, "weight", None)
         if weight is not None and id(weight) in table:   # tied: the head's matmul still counts
-            params += weight.numel()
+            params += size(weight)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return ModelShape(int(params), int(config.num_hidden_layers), int(heads * head_dim))
+
+
+def size(parameter) -> int:
+    """A parameter's full size: DeepSpeed ZeRO-3 leaves an empty local tensor and keeps
+    the size in `ds_numel`; an FSDP2 DTensor's numel() is already the full one."""
+    return int(getattr(parameter, "ds_numel", 0) or parameter.numel())
 
 
 @dataclass(frozen=True)
