@@ -91,6 +91,40 @@ def test_under_several_processes_the_counts_are_the_whole_jobs():
     assert (counter.counts.real, counter.counts.padded, counter.counts.real_squared) == (16, 20, 68)
 
 
+TWO_PROCESSES = """
+import torch
+from accelerate import Accelerator
+from posttrain.telemetry import TokenCounter
+
+accelerator = Accelerator(cpu=True)
+model = torch.nn.Linear(1, 1)
+model.forward = lambda input_ids, attention_mask=None: None
+counter = TokenCounter(model)
+callback = counter.callback(accelerator)
+callback.on_train_begin(None, None, None)
+real = 3 + 2 * accelerator.process_index       # rank 0 trains 3 of 6 tokens, rank 1 5 of 6
+model(input_ids=torch.ones(1, 6, dtype=torch.long), attention_mask=torch.tensor([[1] * real + [0] * (6 - real)]))
+callback.on_train_end(None, None, None)
+print("counts", accelerator.process_index, counter.counts.real, counter.counts.padded, counter.counts.real_squared)
+"""
+
+
+def test_under_torchrun_every_process_reads_the_whole_jobs_counts(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESSES)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("counts"))
+    assert lines == ["counts 0 8 12 34", "counts 1 8 12 34"]
+
+
 def test_mfu_arithmetic_with_an_injected_peak():
     shape = ModelShape(params=1000, layers=2, attention_width=8)
     counts = TokenCounts(real=10, padded=16, real_squared=50, forward_only=4, forward_only_squared=16)
