@@ -172,6 +172,9 @@ def expected_counts(method: str, dataset) -> tuple[int, int]:
     """(real, padded) tokens of one epoch at batch 2 in dataset order, from the tokenized
     columns: each batch is padded to its longest sequence; a preference batch holds the
     two pairs' chosen and rejected sequences together (DPO, ORPO/CPO/SimPO)."""
+    if method == "sft-packed":   # conversations packed into rows, batches padding-free: no pad
+        real = sum(lengths_of(dataset, ("input_ids",)))
+        return real, real
     if method == "sft":
         groups = [lengths_of(dataset, ("input_ids",))]
     elif method == "kto":
@@ -204,22 +207,29 @@ def trainers(monkeypatch):
 
 def one_epoch(tmp_path, method: str, **settings):
     """Four rows (pairs) of the method at batch 2, one epoch, in dataset order."""
-    spec = METHODS[method].settings(method=method, data="d", learning_rate=1e-3, epochs=1, batch_size=2, max_length=96,
-                                    trainer={"train_sampling_strategy": "sequential"}, **settings)
+    spec = METHODS[method].settings(**{"method": method, "data": "d", "learning_rate": 1e-3, "epochs": 1,
+                                       "batch_size": 2, "max_length": 96,
+                                       "trainer": {"train_sampling_strategy": "sequential"}, **settings})
     rows = method_rows(method, 2 if METHODS[method].data == "unpaired" else 4)
     return context(tmp_path, spec, examples=rows)
 
 
-@pytest.mark.parametrize("method, settings", [("sft", {}), ("dpo", {"precompute_ref_log_probs": False}),
+@pytest.mark.parametrize("method, settings", [("sft", {}), ("sft", {"packing": True, "max_length": 256}),
+                                              ("dpo", {"precompute_ref_log_probs": False}),
                                               ("kto", {}), ("orpo", {}), ("simpo", {})])
 def test_real_and_padded_tokens_per_method_family(tmp_path, trainers, method, settings):
     ctx = one_epoch(tmp_path, method, **settings)
     cost = run_stage(ctx).cost
     dataset = trainers[-1].train_dataset
-    assert len(dataset) == 4
-    real, padded = expected_counts(method, dataset)
+    packed = settings.get("packing", False)
+    assert len(dataset) < 4 if packed else len(dataset) == 4
+    real, padded = expected_counts("sft-packed" if packed else method, dataset)
     assert (cost["tokens_real"], cost["tokens_padded"]) == (real, padded)
-    assert real < padded                             # the rows differ in length: padding was counted apart
+    assert real == padded if packed else real < padded   # the rows differ in length: pads counted apart
+    if packed:   # attention within each packed conversation (position ids restart), not across the row
+        shape = model_shape(trainers[-1].model)
+        squares = sum(n * n for row in dataset["seq_lengths"] for n in row)
+        assert cost["model_flops"] == 6 * shape.params * real + 12 * shape.layers * shape.attention_width * squares
     assert cost["tokens_real"] == cost["train_tokens"]
     assert cost["tokens_per_s_real"] == pytest.approx(real / cost["train_runtime_s"], rel=1e-3)
     if method == "dpo":   # the frozen reference scored every trained sequence, without gradients
