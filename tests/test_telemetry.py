@@ -236,6 +236,7 @@ def test_real_and_padded_tokens_per_method_family(tmp_path, trainers, method, se
         assert trainers[-1].ref_model is not None
     # On CPU there is no peak to measure against: MFU is null, written as such.
     assert cost["mfu"] is None and cost["device_name"] == "cpu" and cost["world_size"] == 1
+    assert cost["peak_memory_reserved_mb"] is None and cost["peak_memory_kind"] == "peak_rss_during_stage"
     assert "mfu" in json.loads(json.dumps(Cost.from_json(cost).to_json()))
 
 
