@@ -118,6 +118,10 @@ def _reported(label: str, spec: str) -> dict:
 
 # Cost's row counts: written only when known (an older record reads back unchanged).
 ROW_COUNTS = ("rows_given", "rows_trained", "rows_truncated")
+# Cost's throughput telemetry (posttrain.telemetry): written only when known; None in
+# records written before it was measured (the report shows "n/a").
+THROUGHPUT = ("tokens_real", "tokens_padded", "train_runtime_s", "tokens_per_s_real", "tokens_per_s_padded",
+              "model_flops", "peak_flops_per_device", "mfu", "world_size", "device_name", "peak_memory_reserved_mb")
 
 
 @dataclass(frozen=True)
@@ -145,13 +149,33 @@ class Cost:
     # Of the rows trained, those with a sequence cut at max_length (its tokens past it never
     # trained; train_tokens counts only what was kept). None in records written before.
     rows_truncated: int | None = None
+    # Throughput (posttrain.telemetry, where the formulas are stated), over the trainer's
+    # training-loop time (train_runtime_s: no model loading, tokenising or precomputed
+    # reference log-probs; this attempt only when resumed), for the whole job (all processes).
+    tokens_real: int | None = None           # non-padding tokens of the trained forwards
+    tokens_padded: int | None = None         # tokens of their batches, padding included
+    train_runtime_s: float | None = None
+    tokens_per_s_real: float | None = None
+    tokens_per_s_padded: float | None = None
+    model_flops: float | None = None         # PaLM-style model FLOPs of the counted forwards
+    peak_flops_per_device: float | None = None  # the device's dense bf16/fp16 peak (None: CPU, fp32, unknown)
+    mfu: float | None = None                 # model_flops / train_runtime_s / (peak x world_size)
+    world_size: int | None = None            # processes that trained the stage
+    device_name: str | None = None           # "cpu" or torch.cuda.get_device_name()
+    peak_memory_reserved_mb: float | None = None  # GPU only: the caching allocator's peak reserve
     extra: dict = field(default_factory=dict)  # a method's own counts (DPO: reference_logps_cached)
 
     _TYPES: ClassVar[dict] = {"optimizer_steps": NUMBER, "examples_seen": NUMBER, "train_tokens": NUMBER,
                               "forward_passes": NUMBER, "backward_passes": NUMBER, "wall_s": NUMBER,
                               "resumed_from_step": (int, type(None)), "peak_memory_mb": NUMBER,
                               "peak_memory_kind": (str, type(None)), "rows_given": (int, type(None)),
-                              "rows_trained": (int, type(None)), "rows_truncated": (int, type(None))}
+                              "rows_trained": (int, type(None)), "rows_truncated": (int, type(None)),
+                              "tokens_real": (int, type(None)), "tokens_padded": (int, type(None)),
+                              "train_runtime_s": NUMBER + (type(None),), "tokens_per_s_real": NUMBER + (type(None),),
+                              "tokens_per_s_padded": NUMBER + (type(None),), "model_flops": NUMBER + (type(None),),
+                              "peak_flops_per_device": NUMBER + (type(None),), "mfu": NUMBER + (type(None),),
+                              "world_size": (int, type(None)), "device_name": (str, type(None)),
+                              "peak_memory_reserved_mb": NUMBER + (type(None),)}
 
     @property
     def rows_dropped(self) -> int:
@@ -168,12 +192,22 @@ class Cost:
         return cls(**known, extra={k: v for k, v in data.items() if k not in cls._TYPES})
 
     def to_json(self) -> dict:
-        return {**{name: getattr(self, name) for name in self._TYPES
-                   if not (name in ROW_COUNTS and getattr(self, name) is None)}, **self.extra}
+        """Row counts are written when known; throughput whenever it was measured (its
+        nulls then say "not available here", e.g. MFU on CPU)."""
+        def unknown(name: str) -> bool:
+            return ((name in ROW_COUNTS and getattr(self, name) is None)
+                    or (name in THROUGHPUT and self.tokens_real is None))
+
+        return {**{name: getattr(self, name) for name in self._TYPES if not unknown(name)}, **self.extra}
 
 
 # The report's cost columns: {field: (label, number format)}, in the order of Cost's fields.
 COST_COLUMNS = {f.name: (f.metadata["label"], f.metadata["format"]) for f in fields(Cost) if f.metadata}
+# The report's throughput columns (a pipeline's: tokens over its stages' summed training
+# time; MFU its FLOPs over the summed time x peak x world size); None shows "n/a".
+THROUGHPUT_COLUMNS = {"tokens_per_s_real": ("tokens/s (real)", ",.0f"),
+                      "tokens_per_s_padded": ("tokens/s (padded)", ",.0f"),
+                      "mfu": ("MFU", ".1%"), "world_size": ("world size", ".0f")}
 
 
 @dataclass(frozen=True)

@@ -89,18 +89,19 @@ def write_format1_run(root: Path) -> Path:
     return root
 
 
-# What `posttrain report` at 06b2c6a wrote for that directory (report.md's tables).
+# What `posttrain report` at 06b2c6a wrote for that directory (report.md's tables), with
+# the throughput columns added since: "n/a" (those records never measured it).
 FORMAT1_TABLES = """\
 | pipeline | seeds | skills_exact/exact_match | Δ skills_exact/exact_match |
 |---|---|---|---|
 | base | 1 | 16.7 [0.0, 50.0] | -50.0 [-83.3, -16.7] ✱ |
 | sft | 1 | 66.7 [33.3, 100.0] |  |
 | sft+dpo | 1 | 83.3 [50.0, 100.0] | +16.7 [+0.0, +50.0] |
-| pipeline | stages | train tokens | optimizer steps | forward passes | backward passes | train time (s) | peak memory (MB) |
-|---|---|---|---|---|---|---|---|
-| base | — | 0 | 0 | 0 | 0 | 0.0 | 0 |
-| sft | sft (shared with sft+dpo) | 1,802 | 4 | 32 | 32 | 2.0 | 557 |
-| sft+dpo | sft (shared with sft) → dpo | 3,830 | 6 | 192 | 64 | 2.6 | 570 |
+| pipeline | stages | train tokens | optimizer steps | forward passes | backward passes | train time (s) | peak memory (MB) | tokens/s (real) | tokens/s (padded) | MFU | world size |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+| base | — | 0 | 0 | 0 | 0 | 0.0 | 0 | n/a | n/a | n/a | n/a |
+| sft | sft (shared with sft+dpo) | 1,802 | 4 | 32 | 32 | 2.0 | 557 | n/a | n/a | n/a | n/a |
+| sft+dpo | sft (shared with sft) → dpo | 3,830 | 6 | 192 | 64 | 2.6 | 570 | n/a | n/a | n/a | n/a |
 | pipeline | prefers chosen (%) | mean log-prob margin | reply tokens (skills_exact) |
 |---|---|---|---|
 | base | 50.0 [0.0, 83.3] | 0.87 [-2.67, 3.80] | 1.5 |

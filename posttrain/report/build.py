@@ -17,7 +17,7 @@ from statistics import mean
 from posttrain.artifacts import RUN_FORMAT, PathEscape, RunDir
 from posttrain.errors import DataError, PosttrainError
 from posttrain.recipe.schema import BASE_PIPELINE
-from posttrain.records import COST_COLUMNS, DAMAGED_HINT, ResultRow, StageRecord, read_json, read_jsonl, read_results
+from posttrain.records import COST_COLUMNS, DAMAGED_HINT, THROUGHPUT_COLUMNS, ResultRow, StageRecord, read_json, read_jsonl, read_results
 from posttrain.stages import METHODS
 
 CURVE_KEYS = ("loss", "nll_loss", "log_odds_ratio", "rewards/margins", "rewards/accuracies", "mean_token_accuracy")
@@ -183,13 +183,15 @@ def pipeline_cost(run: Run, pipeline: str) -> tuple[dict, list[dict]]:
     totals = []
     for stage_dirs in by_seed.values():
         total = dict.fromkeys(COST_COLUMNS, 0.0)
-        for stage_dir in stage_dirs:
-            cost = run.stage(stage_dir).cost
+        costs = [run.stage(stage_dir).cost for stage_dir in stage_dirs]
+        for cost in costs:
             for key in COST_COLUMNS:
                 total[key] = (max(total[key], getattr(cost, key)) if key == "peak_memory_mb"
                               else total[key] + getattr(cost, key))
-        totals.append(total)
+        totals.append({**total, **pipeline_throughput(costs)})
     cost = {key: (mean(t[key] for t in totals) if totals else 0.0) for key in COST_COLUMNS}
+    cost.update({key: (mean(t[key] for t in totals) if totals and None not in [t[key] for t in totals] else None)
+                 for key in THROUGHPUT_COLUMNS})
     stages = []
     first_seed_dirs = next(iter(by_seed.values()), [])
     for stage_dir in first_seed_dirs:
@@ -198,6 +200,23 @@ def pipeline_cost(run: Run, pipeline: str) -> tuple[dict, list[dict]]:
                   if other != pipeline and any(stage_dir in dirs for dirs in seeds.values())]
         stages.append({"stage": record.stage, "method": record.method, "shared_with": shared})
     return cost, stages
+
+
+def pipeline_throughput(costs: list) -> dict:
+    """A pipeline's throughput over its stages (one seed): tokens over the summed training
+    time, MFU the summed model FLOPs over the summed time x peak x world size. None when a
+    stage did not measure it (a record from before it was, or MFU on CPU / an unknown device)."""
+    out = dict.fromkeys(THROUGHPUT_COLUMNS)
+    if not costs or any(c.train_runtime_s is None for c in costs):
+        return out
+    runtime = sum(c.train_runtime_s for c in costs)
+    out["tokens_per_s_real"] = sum(c.tokens_real for c in costs) / runtime if runtime else None
+    out["tokens_per_s_padded"] = sum(c.tokens_padded for c in costs) / runtime if runtime else None
+    out["world_size"] = max(c.world_size or 1 for c in costs)
+    if all(c.mfu is not None and c.model_flops and c.peak_flops_per_device for c in costs):
+        capacity = sum(c.train_runtime_s * c.peak_flops_per_device * (c.world_size or 1) for c in costs)
+        out["mfu"] = sum(c.model_flops for c in costs) / capacity if capacity else None
+    return out
 
 
 def curves(runs: list[Run]) -> list[dict]:

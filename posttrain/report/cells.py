@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from posttrain.records import COST_COLUMNS
+from posttrain.records import COST_COLUMNS, THROUGHPUT_COLUMNS
 
 SIGNIFICANT = "\u2731"  # ✱: a difference whose interval excludes zero
 
@@ -174,15 +174,32 @@ def stage_text(stage: dict) -> str:
     return name + (f" ({'; '.join(notes)})" if notes else "")
 
 
+# The report's footnote to the throughput columns (the formulas: posttrain.telemetry).
+THROUGHPUT_NOTE = (
+    "Tokens/s: the tokens of the trained forwards (real: non-padding; padded: padding included) over the "
+    "trainer's training-loop time (train_runtime: no model loading, tokenising or precomputed reference "
+    "log-probs), for the whole job (all processes), a pipeline's over its stages' summed time. "
+    "MFU = model FLOPs / train_runtime / (device peak × world size); model FLOPs per real token: "
+    "6N + 12·L·A·t trained (PaLM, appendix B), 2N + 4·L·A·t forward-only (a frozen reference, KTO's KL), N the "
+    "parameters a token multiplies (all but the input embedding table; the LM head counted, even tied; with "
+    "LoRA the base's too), L layers, A attention width, t the token's sequence length. Peak: the device's "
+    "dense bf16/fp16 datasheet figure (H100 SXM 989 TFLOP/s); n/a on CPU, in float32, on an unlisted device, "
+    "or in records written before it was measured.")
+
+
 def cost_table(report: dict) -> Table:
     cols = [Column("pipeline", "name"), Column("stages")]
     cols += [Column(label, "number") for label, _ in COST_COLUMNS.values()]
+    cols += [Column(label, "number") for label, _ in THROUGHPUT_COLUMNS.values()]
     rows = []
     for p in pipelines(report):
         stages = [stage_text(s) for s in p.get("stages") or [] if isinstance(s, dict)]
         cost = p.get("cost") or {}
         cells = [Cell(str(p["name"])), Cell(" → ".join(stages) or "—")]
         cells += [count_cell(cost.get(key), spec) for key, (_, spec) in COST_COLUMNS.items()]
+        # Not measured (an older record; MFU on CPU or an unknown device): "n/a", never a guess.
+        cells += [count_cell(cost.get(key), spec) if number(cost.get(key)) is not None else Cell("n/a")
+                  for key, (_, spec) in THROUGHPUT_COLUMNS.items()]
         rows.append(Row(tuple(cells), baseline=p["name"] == report.get("baseline")))
     return Table(tuple(cols), tuple(rows))
 

@@ -12,7 +12,7 @@ import base64
 import html
 from pathlib import Path
 
-from posttrain.report.cells import (SIGNIFICANT, Cell, Column, Table, cost_table, curation_table, extras_table,
+from posttrain.report.cells import (SIGNIFICANT, THROUGHPUT_NOTE, Cell, Column, Table, cost_table, curation_table, extras_table,
                                     level, pipelines, quality_table, sample_tables)
 
 NAME = ' class="name"'   # the pipeline's (or dataset's) column: left-aligned, bold
@@ -146,7 +146,8 @@ def _comparison_section(report: dict) -> str:
 def _cost_section(report: dict) -> str:
     if not pipelines(report):
         return ""
-    return f'<h2>Cost</h2>{_table(cost_table(report))}<p class="note">{_e(COST_NOTE)}</p>'
+    return (f'<h2>Cost</h2>{_table(cost_table(report))}<p class="note">{_e(COST_NOTE)}</p>'
+            f'<p class="note">{_e(THROUGHPUT_NOTE)}</p>')
 
 
 def _extras_section(report: dict) -> str:

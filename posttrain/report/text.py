@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import io
 
-from posttrain.records import COST_COLUMNS
-from posttrain.report.cells import (SIGNIFICANT, Table, cost_table, curation_table, extras_table, level,
+from posttrain.records import COST_COLUMNS, THROUGHPUT_COLUMNS
+from posttrain.report.cells import (SIGNIFICANT, THROUGHPUT_NOTE, Table, cost_table, curation_table, extras_table, level,
                                     quality_table, sample_tables)
 
 
@@ -53,6 +53,7 @@ def markdown(report: dict) -> str:
         "Summed over each pipeline's stages (mean over seeds; peak memory is the maximum). A stage shared by "
         "several pipelines was trained once: its cost appears in each of them.\n\n",
         markdown_table(cost_table(report)),
+        f"\n{THROUGHPUT_NOTE}\n",
     ]
     extras = extras_table(report)
     if extras:
@@ -70,7 +71,7 @@ def to_csv(report: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["pipeline", "seeds", "column", "mean", "lo", "hi", "delta", "delta_lo", "delta_hi",
-                     "significant", *COST_COLUMNS])
+                     "significant", *COST_COLUMNS, *THROUGHPUT_COLUMNS])
     for p in report["pipelines"]:
         for column in report["columns"]:
             m, d = p["metrics"].get(column), p["delta"].get(column)
@@ -78,5 +79,6 @@ def to_csv(report: dict) -> str:
                 continue
             writer.writerow([p["name"], p["seeds"], column, m["mean"], m["lo"], m["hi"],
                              *(d[k] if d else "" for k in ("mean", "lo", "hi", "significant")),
-                             *(p["cost"][k] for k in COST_COLUMNS)])
+                             *(p["cost"][k] for k in COST_COLUMNS),
+                             *("" if p["cost"].get(k) is None else p["cost"][k] for k in THROUGHPUT_COLUMNS)])
     return buffer.getvalue()

@@ -292,8 +292,10 @@ class CostMeter:
         self._stop.set()
         self._sampler.join()
         self._peak_rss = max(self._peak_rss, self._process.memory_info().rss)
+        self.peak_reserved_mb = None   # GPU only: what the caching allocator held at its peak
         if self.on_gpu:
             self.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+            self.peak_reserved_mb = torch.cuda.max_memory_reserved() / 2**20
             self.memory_kind = "cuda_max_allocated"
         else:
             self.peak_memory_mb = self._peak_rss / 2**20
@@ -454,6 +456,7 @@ class Trained:
     tokenizer: Any
     meter: CostMeter
     attempts: dict   # earlier attempts (resumed_from_step, earlier_attempts_wall_s)
+    tokens: Any = None   # telemetry.TokenCounter: the tokens of the trained forwards
 
     @property
     def epochs(self) -> float:
@@ -470,8 +473,38 @@ def train_built(ctx: StageContext, build_trainer) -> Trained:
     """Build the stage's trainer with `build_trainer(ctx)` and train it, metered."""
     with CostMeter() as meter:
         trainer, tokenizer = build_trainer(ctx)
+        tokens = count_tokens(trainer)
         attempts = run_training(trainer, ctx)
-    return Trained(trainer, tokenizer, meter, attempts)
+    tokens.remove()
+    return Trained(trainer, tokenizer, meter, attempts, tokens)
+
+
+def count_tokens(trainer):
+    """A TokenCounter on the trainer's model (and its separate reference, if any), counting
+    while the trainer trains (posttrain.telemetry)."""
+    from posttrain.telemetry import TokenCounter
+
+    counter = TokenCounter(trainer.model, getattr(trainer, "ref_model", None))
+    trainer.add_callback(counter.callback(trainer.accelerator))
+    return counter
+
+
+def throughput_cost(ctx: StageContext, done: Trained) -> dict:
+    """The Cost fields of throughput: tokens/s over the trainer's train_runtime, MFU
+    against the device's peak (None on CPU, float32 or an unknown device), world size."""
+    import torch
+
+    from posttrain.telemetry import model_shape, peak_flops, throughput
+
+    if done.tokens is None:
+        return {}
+    runtime = next((e["train_runtime"] for e in reversed(done.trainer.state.log_history) if "train_runtime" in e), None)
+    device_name = torch.cuda.get_device_name() if done.meter.on_gpu else "cpu"
+    peak = peak_flops(device_name if done.meter.on_gpu else None, resolve_precision(ctx.start.dtype).dtype)
+    reserved = done.meter.peak_reserved_mb
+    return dict(throughput(done.tokens.counts, model_shape(done.trainer.model), runtime,
+                           batch_layout(ctx).world_size, peak),
+                device_name=device_name, peak_memory_reserved_mb=round(reserved, 1) if reserved is not None else None)
 
 
 def finish(ctx: StageContext, done: Trained, *, sequences: tuple[tuple[str, ...], ...], cut_rows=None,
@@ -529,6 +562,7 @@ def finish(ctx: StageContext, done: Trained, *, sequences: tuple[tuple[str, ...]
         rows_trained=examples,
         rows_truncated=int(counted.over.sum()) if cut_rows is None else cut_rows(done, counted.at_limit.nonzero()[0]),
         extra=dict(extra_cost or {}),
+        **throughput_cost(ctx, done),
     ).to_json()
     # Checkpoints exist to resume this stage; once it is finished they are dead weight.
     trainer.accelerator.wait_for_everyone()
