@@ -106,8 +106,11 @@ def validate(recipes, overrides, world_size):
 @click.option("--dry-run", is_flag=True, help="Print the plan (what trains, what is reused) and stop.")
 @click.option("--force", is_flag=True,
               help="Write into --out even when it is the run directory of a recipe with another name.")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="local: train here; slurm: submit data preparation, each stage and the evaluation as "
+                   "SLURM jobs (submitit, with afterok dependencies) and return.")
 @user_errors
-def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_dir, dry_run, force):
+def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_dir, dry_run, force, executor):
     """Train every pipeline of RECIPE, evaluate each and the base model, print the table.
 
     \b
@@ -126,10 +129,15 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     check_static(parsed, Path(recipe).resolve().parent, recipe)
     if dry_run:
         return print_plan(recipe, parsed, cache_dir, as_json)
+    target = Path(out_dir) if out_dir else Path(parsed.output.dir) / parsed.name
+    if executor == "slurm":
+        from posttrain.executors import run_on_cluster
+
+        run_on_cluster(parsed, recipe, target, cache_dir, force, lambda line: click.echo(line, err=quiet))
+        return
     from posttrain.cache import Cache
     from posttrain.pipeline import RunOptions, run_recipe
 
-    target = Path(out_dir) if out_dir else Path(parsed.output.dir) / parsed.name
     silent = quiet or as_json
     store = Cache(cache_dir)
     store.ensure()  # a --cache that is a folder of the user's is refused before anything is written
