@@ -2,6 +2,7 @@
 sbatch/squeue/sacct/scancel scripts on PATH (as submitit's own tests stand in for SLURM),
 and submitit's local executors end to end against `--executor local`."""
 
+import json
 import os
 import re
 import stat
@@ -138,3 +139,101 @@ def test_stage_graph_is_the_plans_nodes_without_data(tmp_path):
     assert [node.label for node, _ in stage_graph(pinned)].count("orpo-s0") == 1
     assert "orpo-s1" not in [node.label for node, _ in stage_graph(pinned)]   # one key: trained once
     assert job_resources(recipe, "prepare") == {"gpus": 0, "time": 60}
+
+
+# ---------------------------------------------------------------- end to end, on this machine
+
+E2E = (TINY.replace("  orpo: [orpo]\n", "").replace("  orpo: {method: orpo, data: prefs, learning_rate: 1.0e-2, "
+                                                   "max_steps: 2, batch_size: 8, max_length: 96}\n", "")
+       .replace("max_steps: 2, batch_size: 8", "max_steps: 3, batch_size: 8"))
+
+
+def results(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    return {(r["pipeline"], r["seed"], r["task"], r["metric"]): r["value"] for r in rows}
+
+
+def stage_keys(run_dir: Path) -> dict:
+    return {row["stage"]: row["key"] for row in json.loads((run_dir / "plan.json").read_text())["stages"]}
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """The tiny recipe run in this process (`--executor local`), and through submitit's local
+    executor (each job its own process, run in dependency order) with its own cache."""
+    from posttrain.executors import submit_run
+
+    root = tmp_path_factory.mktemp("e2e")
+    assert "orpo" not in E2E
+    recipe_file = write_recipe(root, REPO, E2E)
+    recipe = load_recipe(recipe_file, ["tracking.wandb.mode=disabled"])
+    clean = CliRunner().invoke(main, ["run", str(recipe_file), "--no-wandb", "--out", str(root / "clean"),
+                                      "--cache", str(root / "cache-clean")])
+    assert clean.exit_code == 0, clean.output
+    lines = []
+    submitted = submit_run(recipe, str(recipe_file), root / "jobs", root, root / "cache-jobs", cluster="local",
+                           log=lines.append)
+    outcome = {label: job.result() for label, job in submitted.jobs}
+    return {"root": root, "recipe": recipe, "recipe_file": recipe_file, "outcome": outcome, "lines": lines,
+            "submitted": submitted}
+
+
+def test_local_executor_gives_the_results_of_executor_local(e2e):
+    root = e2e["root"]
+    assert [label for label, _ in e2e["submitted"].jobs] == ["prepare", "sft-s0", "sft-dpo-s0", "evaluate"]
+    assert stage_keys(root / "jobs") == stage_keys(root / "clean")
+    assert results(root / "jobs") == results(root / "clean")
+    assert (root / "jobs" / "report.md").is_file()
+    # Each stage job trained its own node, nothing else (its log says so).
+    for label, stage in (("sft-s0", "sft"), ("sft-dpo-s0", "dpo")):
+        job = dict(e2e["submitted"].jobs)[label]
+        log = Path(job.paths.stdout).read_text()
+        assert f"train  {stage} " in log and log.count("  train  ") == 1, log[-2000:]
+    assert e2e["outcome"]["sft-dpo-s0"] == stage_keys(root / "clean")["dpo"]
+
+
+def test_a_stage_job_stopped_mid_training_resumes_when_resubmitted(e2e, tmp_path, monkeypatch):
+    """The DPO job is stopped through the SIGTERM path SLURM takes before preempting (the
+    signal sent at its first step); submitting again reuses SFT and resumes DPO from its
+    checkpoint, to the results of an uninterrupted run. submitit's debug executor runs the
+    jobs in this process, so the stand-in signal can be planted here."""
+    import signal
+    from contextlib import contextmanager
+
+    import posttrain.training as training
+    from posttrain.executors import submit_run
+
+    real = training.stop_on_signals
+    calls = []
+
+    @contextmanager
+    def sigterm_in_second_stage(log):
+        with real(log) as requested:
+            calls.append(1)
+            if len(calls) == 2:   # sft trains first, then dpo: stop dpo
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield requested
+
+    monkeypatch.setattr(training, "stop_on_signals", sigterm_in_second_stage)
+    monkeypatch.setattr("pdb.post_mortem", lambda *args: None)   # the debug executor opens pdb on a failed job
+    cache, out, root = tmp_path / "cache", tmp_path / "run", e2e["root"]
+    with pytest.raises(Exception) as failed:
+        submitted = submit_run(e2e["recipe"], str(e2e["recipe_file"]), out, root, cache, cluster="debug",
+                               log=print)
+        [job.result() for _, job in submitted.jobs]
+    assert "stopped at step" in str(failed.value)
+    assert list(cache.glob("stages/.partial-*/trainer/checkpoint-*/posttrain_progress.json"))
+    lines = []
+    monkeypatch.setattr(training, "stop_on_signals", real)
+    again = submit_run(e2e["recipe"], str(e2e["recipe_file"]), out, root, cache, cluster="debug",
+                       log=lines.append)
+    for _, job in again.jobs:
+        job.result()
+    records = {path.name.split("-s0-")[0]: json.loads((path / "stage.json").read_text())
+               for path in (out / "stages").iterdir()}
+    assert records["sft"]["reused"] is True                 # finished before the stop: from the cache
+    assert records["dpo"]["cost"]["resumed_from_step"] == 1  # from the checkpoint the stop saved
+    assert records["dpo"]["cost"]["optimizer_steps"] == 3
+    assert results(out) == results(root / "clean")
+    assert stage_keys(out) == stage_keys(root / "clean")
+    assert not list(cache.glob("stages/.partial-*"))
