@@ -7,6 +7,7 @@ settings subclass `StageBase` in its module under `posttrain/stages/`.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -80,6 +81,9 @@ class LoraSpec(Strict):
 SLURM_TIME = r"^(?:\d+-)?\d+(?::\d{1,2}){0,2}$"   # sbatch --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 
 
+MAX_JOB_MINUTES = 366 * 24 * 60
+
+
 def time_minutes(value: int | str) -> int:
     """A job's time limit in whole minutes (rounded up) from minutes or sbatch's --time forms."""
     if isinstance(value, int):
@@ -101,23 +105,27 @@ class ResourcesSpec(Strict):
     gpus: int | None = Field(None, ge=0, le=64, description="GPUs per node; one task each")
     cpus: int | None = Field(None, gt=0, le=1024, description="CPUs per task")
     mem_gb: float | None = Field(None, gt=0, description="memory per node, GB")
-    time: Annotated[int, Field(gt=0)] | Annotated[str, Field(pattern=SLURM_TIME)] | None = Field(
-        None, description="time limit: minutes, or sbatch's H:MM:SS / D-HH:MM:SS")
+    time: int | str | None = Field(None, description="time limit: minutes, or sbatch's H:MM:SS / D-HH:MM:SS")
     partition: Text | None = None
     account: Text | None = None
     qos: Text | None = None
     constraint: Text | None = None
     nodes: int | None = Field(None, gt=0, le=1024)
 
-    @field_validator("time", mode="wrap")
+    @field_validator("time", mode="before")
     @classmethod
-    def _time(cls, value: Any, handler) -> Any:
-        try:
-            value = handler(value)
-        except ValidationError:
-            raise ValueError("must be minutes (a positive whole number) or sbatch's time form: H:MM:SS, "
-                             "D-HH:MM:SS, D-HH, M:SS (e.g. 4:00:00)") from None
-        if value is not None and time_minutes(value) <= 0:
+    def _time(cls, value: Any) -> Any:
+        form = ("minutes (a whole number) or sbatch's time form: H:MM:SS, D-HH:MM:SS, D-HH, M:SS "
+                "(e.g. 4:00:00)")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"must be {form}")
+        if isinstance(value, int) and not 0 < value <= MAX_JOB_MINUTES:
+            raise ValueError(f"must be > 0 and <= {MAX_JOB_MINUTES} (minutes: a year)")
+        if isinstance(value, str) and not re.fullmatch(SLURM_TIME, value):
+            raise ValueError(f"must be {form}")
+        if time_minutes(value) <= 0:
             raise ValueError("must be at least one minute")
         return value
 
