@@ -98,11 +98,22 @@ def executor_parameters(resources: dict, name: str, cluster: str) -> dict:
     return {key: value for key, value in params.items() if value is not None}
 
 
+def stage_device(recipe: Recipe) -> str:
+    """Where the stage jobs train: cuda when they ask for GPUs, else cpu."""
+    return "cuda" if any(job_resources(recipe, "stage", name)["gpus"] for name in recipe.stages) else "cpu"
+
+
 def resource_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
-    """Each stage whose global batch its job's processes (gpus x nodes) cannot share evenly."""
+    """Each stage whose global batch its job's processes (gpus x nodes) cannot share evenly;
+    `model.dtype: auto` with stages on GPU and on CPU (it would resolve two ways)."""
     from posttrain.distributed import batch_problem
 
     problems = []
+    on_gpu = {name: bool(job_resources(recipe, "stage", name)["gpus"]) for name in recipe.stages}
+    if recipe.model.dtype == "auto" and len(set(on_gpu.values())) > 1:
+        problems.append((("model", "dtype"), "auto resolves to bfloat16 on a GPU and float32 on CPU, and these "
+                         f"stages run on CPU (resources gpus 0): {', '.join(n for n, g in on_gpu.items() if not g)}; "
+                         "name the dtype, or give every stage GPUs"))
     for name, spec in recipe.stages.items():
         resources = job_resources(recipe, "stage", name)
         world = max(resources["gpus"], 1) * resources.get("nodes", 1)
@@ -124,14 +135,19 @@ class RunSpec:
     out_dir: str
     base_dir: str
     cache_root: str
+    # The device the stage jobs train on, for the jobs that plan stages they do not train
+    # (data, evaluation: maybe on a CPU node): `model.dtype: auto` resolves by it, and
+    # with it every stage key. A stage job plans for its own machine.
+    device: str | None = None
 
-    def options(self):
+    def options(self, own_device: bool = False):
         from posttrain.cache import Cache
         from posttrain.training import RunOptions
 
         os.environ.setdefault("TQDM_DISABLE", "1")  # bars are noise in a job's log
         return RunOptions(out_dir=Path(self.out_dir), base_dir=Path(self.base_dir), log=lambda line: print(line, flush=True),
-                          cache=Cache(Path(self.cache_root)), force=True)
+                          cache=Cache(Path(self.cache_root)), force=True,
+                          device=None if own_device else self.device)
 
 
 def prepare_job(spec: RunSpec) -> int:
@@ -173,7 +189,7 @@ class StageJob:
         from posttrain.training import train_node
 
         export_distributed()
-        options = self.spec.options()
+        options = self.spec.options(own_device=True)
         run = RunDir(options.out_dir)
         plan, _setup, _info = prepare_run(self.spec.recipe, options, run)   # from the cache: cheap
         node = node_of(plan, self.job)
@@ -316,7 +332,9 @@ def submit_run(recipe: Recipe, recipe_file: str, out_dir: Path, base_dir: Path, 
     run = RunDir(out_dir)
     run.claim(recipe.name, force=force)
     log_dir = run.area.mkdir(run.root / "slurm")
-    spec = RunSpec(recipe, str(run.root), str(base_dir), str(cache_root))
+    # submitit's local executors run every job on this machine, whatever the recipe asks.
+    spec = RunSpec(recipe, str(run.root), str(base_dir), str(cache_root),
+                   stage_device(recipe) if cluster == "slurm" else None)
     submitted: list = []
 
     def submit(label, resources, after, function, *args):

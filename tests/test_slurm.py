@@ -237,3 +237,59 @@ def test_a_stage_job_stopped_mid_training_resumes_when_resubmitted(e2e, tmp_path
     assert results(out) == results(root / "clean")
     assert stage_keys(out) == stage_keys(root / "clean")
     assert not list(cache.glob("stages/.partial-*"))
+
+
+def test_dtype_auto_with_stages_on_gpu_and_on_cpu_is_refused(tmp_path, fake_slurm):
+    recipe = tiny_with(tmp_path, "", sft="{gpus: 0}")
+    result = CliRunner().invoke(main, ["run", str(recipe), "-o", "model.dtype=auto", "--executor", "slurm",
+                                       "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 2
+    assert "model.dtype: auto resolves to bfloat16 on a GPU and float32 on CPU, and these stages run on CPU " \
+           "(resources gpus 0): sft" in result.output
+
+
+def test_preemption_signal_checkpoints_then_requeues_and_the_requeued_job_resumes(e2e, tmp_path, monkeypatch):
+    """submitit signals USR2 before a time limit or preemption; its handler requeues the
+    job and exits at once. A stage job first lets the stage save a checkpoint at its step
+    boundary and only then hands over to submitit's handler (here a stand-in that records
+    the moment); the job submitit requeues (StageJob.checkpoint) resumes from it."""
+    import signal
+    from contextlib import contextmanager
+
+    import posttrain.training as training
+    from posttrain.executors import RunSpec, StageJob, StageJobSpec, submit_run
+
+    class Requeued(Exception):
+        pass
+
+    real, seen = training.stop_on_signals, []
+
+    @contextmanager
+    def usr2_in_second_stage(log):
+        with real(log) as requested:
+            seen.append("train")
+            if len(seen) == 2:
+                os.kill(os.getpid(), signal.SIGUSR2)
+            yield requested
+
+    def submitit_stand_in(signum, frame):
+        seen.append(sorted(p.name for p in cache.glob("stages/.partial-*/trainer/checkpoint-*")))
+        raise Requeued
+
+    monkeypatch.setattr(training, "stop_on_signals", usr2_in_second_stage)
+    monkeypatch.setattr("pdb.post_mortem", lambda *args: None)
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    previous = signal.signal(signal.SIGUSR2, submitit_stand_in)
+    try:
+        with pytest.raises(Requeued):   # raised from inside the DPO job: the submitter stops there
+            submit_run(e2e["recipe"], str(e2e["recipe_file"]), out, e2e["root"], cache, cluster="debug", log=print)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == ["train", "train", ["checkpoint-1"]]   # handed over only once the checkpoint was saved
+    monkeypatch.setattr(training, "stop_on_signals", real)
+    stopped = StageJob(RunSpec(e2e["recipe"], str(out), str(e2e["root"]), str(cache)), StageJobSpec(("sft", "dpo"), 0))
+    key = stopped.checkpoint().result()   # what submitit runs when the requeued job starts
+    (folder,) = (out / "stages").glob("dpo-s0-*")
+    record = json.loads((folder / "stage.json").read_text())
+    assert key == record["key"] == stage_keys(e2e["root"] / "clean")["dpo"]
+    assert record["cost"]["resumed_from_step"] == 1 and record["cost"]["optimizer_steps"] == 3
