@@ -27,6 +27,10 @@ from posttrain.artifacts import Area
 HEARTBEAT_S = 30.0      # the holder refreshes the lock's mtime this often
 STALE_AFTER_S = 300.0   # a heartbeat older than this (10 missed beats) means the holder is gone
 POLL_S = 1.0            # a blocked waiter looks again this often
+# A lock file without an owner record is either being written (for microseconds after its
+# create) or an empty file left by posttrain versions that locked with filelock (which
+# never removed it, so every key trained before has one): gone once this old.
+UNOWNED_AFTER_S = 10.0
 
 
 def lock_timeout():
@@ -94,7 +98,10 @@ class SharedFileLock:
                 pass  # a filesystem hiccup: the next beat tries again
 
     def _stale(self, owner: dict) -> bool:
-        """The holder is gone: its pid no longer runs on this host, or its heartbeat stopped."""
+        """The holder is gone: its pid no longer runs on this host, or its heartbeat stopped
+        (a file with no owner record: see UNOWNED_AFTER_S)."""
+        if "token" not in owner:
+            return time.time() - owner["mtime"] > min(UNOWNED_AFTER_S, self.stale_after_s)
         if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
                 and not pid_alive(owner["pid"]):
             return True

@@ -110,3 +110,14 @@ def test_cache_lock_and_is_locked(tmp_path):
         with pytest.raises(Timeout):
             cache.lock(key).acquire(timeout=0)
     assert not is_locked(cache, key)
+
+
+def test_an_empty_lock_file_left_by_filelock_is_taken_over(tmp_path):
+    """Earlier versions locked with filelock, which leaves an empty file behind; one being
+    created right now (no owner record yet) is waited for."""
+    (tmp_path / "k.lock").write_text("")
+    with pytest.raises(Timeout):
+        SharedFileLock(tmp_path / "k.lock", Area(tmp_path)).acquire(timeout=0)
+    os.utime(tmp_path / "k.lock", (time.time() - 60, time.time() - 60))
+    with SharedFileLock(tmp_path / "k.lock", Area(tmp_path)) as lock:
+        assert read_owner(tmp_path / "k.lock")["token"] == lock.token
