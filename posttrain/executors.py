@@ -344,6 +344,9 @@ def submit_run(recipe: Recipe, recipe_file: str, out_dir: Path, base_dir: Path, 
         params = executor_parameters(resources, f"{recipe.name}-{label}", cluster)
         if after and cluster == "slurm":
             params["slurm_dependency"] = "afterok:" + ":".join(job.job_id for job in after)
+            # A failed upstream job cancels the jobs after it, instead of leaving them pending
+            # forever (DependencyNeverSatisfied); submitting again resumes from the cache.
+            params["slurm_additional_parameters"] = {"kill-on-invalid-dep": "yes"}
         job = submit_one(submitit, log_dir, cluster, params, function, *args)
         submitted.append((label, job))
         log(f"  submitted {label:<24} job {job.job_id}")

@@ -77,7 +77,8 @@ def test_stage_jobs_submitted_in_dependency_order_with_their_resources(tmp_path,
     assert list(ids) == ["prepare", "sft-s0", "sft-dpo-s0", "orpo-s0", "evaluate"]
     assert list(ids.values()) == [str(n) for n in range(4100, 4105)]   # submitted in this order
     flags = {label: sbatch_flags(fake_slurm / f"job-{job}.sh") for label, job in ids.items()}
-    assert "--dependency" not in flags["prepare"]
+    assert "--dependency" not in flags["prepare"] and "--kill-on-invalid-dep" not in flags["prepare"]
+    assert flags["sft-dpo-s0"]["--kill-on-invalid-dep"] == "yes"   # a failed upstream job cancels it
     assert flags["sft-s0"]["--dependency"] == f"afterok:{ids['prepare']}"
     assert flags["sft-dpo-s0"]["--dependency"] == f"afterok:{ids['prepare']}:{ids['sft-s0']}"
     assert flags["orpo-s0"]["--dependency"] == f"afterok:{ids['prepare']}"
