@@ -25,7 +25,8 @@ from pathlib import Path
 from posttrain.artifacts import Area
 
 HEARTBEAT_S = 30.0      # the holder refreshes the lock's mtime this often
-STALE_AFTER_S = 300.0   # a heartbeat older than this (10 missed beats) means the holder is gone
+STALE_AFTER_S = 300.0   # a heartbeat older than this (10 missed beats) means the holder is gone; well
+                        # above the minute NFS clients may cache a file's attributes (acregmax)
 POLL_S = 1.0            # a blocked waiter looks again this often
 # A lock file without an owner record is either being written (for microseconds after its
 # create) or an empty file left by posttrain versions that locked with filelock (which
