@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +192,11 @@ class StageJob:
         export_distributed()
         options = self.spec.options(own_device=True)
         run = RunDir(options.out_dir)
-        plan, _setup, _info = prepare_run(self.spec.recipe, options, run)   # from the cache: cheap
+        # Planning again (cheap: curated data come from the cache) also copies the eval tasks
+        # into a run directory: into a scratch one, as stage jobs that start together would
+        # replace each other's copies in the shared one (the data job wrote it already).
+        with tempfile.TemporaryDirectory(prefix="posttrain-plan-") as scratch:
+            plan, _setup, _info = prepare_run(self.spec.recipe, options, RunDir(Path(scratch)))
         node = node_of(plan, self.job)
         with requeue_on_preemption() as preemption:
             try:
