@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from posttrain.cli import main
-from posttrain.executors import job_resources, stage_graph
+from posttrain.executors import executor_parameters, job_resources, stage_graph
 from posttrain.recipe.load import load_recipe
 from tiny_recipes import TINY, write_recipe
 
@@ -294,3 +294,27 @@ def test_preemption_signal_checkpoints_then_requeues_and_the_requeued_job_resume
     record = json.loads((folder / "stage.json").read_text())
     assert key == record["key"] == stage_keys(e2e["root"] / "clean")["dpo"]
     assert record["cost"]["resumed_from_step"] == 1 and record["cost"]["optimizer_steps"] == 3
+
+
+def distributed_env() -> dict:
+    from posttrain.executors import export_distributed
+
+    export_distributed()
+    return {name: os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def test_each_task_of_a_multi_gpu_job_gets_the_torch_distributed_environment(tmp_path, monkeypatch):
+    """A stage job on N GPUs runs N tasks; each exports what torchrun would set (submitit's
+    local executor runs the tasks as SLURM would, as processes of one job)."""
+    import submitit
+
+    monkeypatch.setenv("PYTHONPATH", f"{REPO / 'tests'}{os.pathsep}{REPO}")   # the tasks import this module
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="local")
+    executor.update_parameters(**executor_parameters({"gpus": 2, "time": 5}, "dist", "local"))
+    envs = executor.submit(distributed_env).results()
+    assert sorted(env["RANK"] for env in envs) == ["0", "1"]
+    assert {env["WORLD_SIZE"] for env in envs} == {"2"} and len({env["MASTER_PORT"] for env in envs}) == 1
+    assert all(env["LOCAL_RANK"] == env["RANK"] and env["MASTER_ADDR"] for env in envs)
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed_env()["RANK"] is None   # outside a submitit job nothing is exported
