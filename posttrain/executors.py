@@ -327,13 +327,9 @@ def submit_run(recipe: Recipe, recipe_file: str, out_dir: Path, base_dir: Path, 
     import submitit
 
     from posttrain.artifacts import RunDir
-    from posttrain.checks import _line_index, check_static
-    from posttrain.recipe.yamlfile import problems_error
+    from posttrain.checks import check_static
 
-    check_static(recipe, base_dir, recipe_file, world_size=1)
-    problems = resource_problems(recipe)
-    if problems:
-        raise problems_error(Path(recipe_file).name, problems, _line_index(recipe_file))
+    check_static(recipe, base_dir, recipe_file, world_size=1)   # with resource_problems
     run = RunDir(out_dir)
     run.claim(recipe.name, force=force)
     log_dir = run.area.mkdir(run.root / "slurm")

@@ -106,6 +106,8 @@ def test_submission_refuses_a_batch_its_gpus_cannot_share(tmp_path, fake_slurm):
     assert result.exit_code == 2
     assert re.search(r"tiny.yaml:\d+: stages.sft.resources: stage sft runs on 3 processes", result.output)
     assert not (fake_slurm / "next").exists()   # nothing submitted
+    checked = CliRunner().invoke(main, ["validate", str(recipe)])   # and `validate` says so
+    assert checked.exit_code == 2 and "stages.sft.resources: stage sft runs on 3 processes" in checked.output
 
 
 def test_resources_are_validated(tmp_path):
