@@ -121,3 +121,19 @@ def test_an_empty_lock_file_left_by_filelock_is_taken_over(tmp_path):
     os.utime(tmp_path / "k.lock", (time.time() - 60, time.time() - 60))
     with SharedFileLock(tmp_path / "k.lock", Area(tmp_path)) as lock:
         assert read_owner(tmp_path / "k.lock")["token"] == lock.token
+
+
+def test_a_waiter_that_renamed_a_lock_taken_afresh_puts_it_back(tmp_path):
+    """Between a waiter's look (stale) and its rename, another waiter broke the lock and took
+    it: the rename catches the new, live lock, which must be restored, not destroyed."""
+    path = tmp_path / "k.lock"
+    plant(path, "another-node", 1, age_s=3600)
+    stale = read_owner(path)
+    waiter = SharedFileLock(path, Area(tmp_path))
+    assert waiter._stale(stale)
+    os.unlink(path)
+    plant(path, "another-node", 2, token="fresh")   # broken and retaken meanwhile
+    waiter._break(stale)
+    assert read_owner(path)["token"] == "fresh" and [p.name for p in tmp_path.iterdir()] == ["k.lock"]
+    with pytest.raises(Timeout):
+        waiter.acquire(timeout=0)
