@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.errors import Interrupted, PosttrainError
+from posttrain.errors import Interrupted, PosttrainError, TrainingDiverged
 from posttrain.recipe.fields import time_minutes
 from posttrain.recipe.schema import Recipe
 
@@ -201,6 +201,9 @@ class StageJob:
         with requeue_on_preemption() as preemption:
             try:
                 train_node(plan, node, run, options, make_tracker(plan.recipe, run, options))
+            except TrainingDiverged as exc:
+                run.area.write_json(run.failed, exc.record())   # which stage failed, as a local run says
+                raise
             except Interrupted:
                 if preemption is not None and preemption.preempted:
                     preemption.requeue()   # checkpoint saved: submitit requeues this job and exits
