@@ -146,9 +146,9 @@ class RunSpec:
         from posttrain.training import RunOptions
 
         os.environ.setdefault("TQDM_DISABLE", "1")  # bars are noise in a job's log
-        return RunOptions(out_dir=Path(self.out_dir), base_dir=Path(self.base_dir), log=lambda line: print(line, flush=True),
-                          cache=Cache(Path(self.cache_root)), force=True,
-                          device=None if own_device else self.device)
+        return RunOptions(out_dir=Path(self.out_dir), base_dir=Path(self.base_dir),
+                          log=lambda line: print(line, flush=True), cache=Cache(Path(self.cache_root)),
+                          force=True, device=None if own_device else self.device)
 
 
 def prepare_job(spec: RunSpec) -> int:
@@ -178,8 +178,9 @@ def node_of(plan, job: StageJobSpec):
 
 
 class StageJob:
-    """Train one stage node (a submitit Checkpointable: requeued on preemption or timeout,
-    and the requeued job resumes the stage from the checkpoint it saved)."""
+    """Train one stage node. Checkpointable in submitit's sense (its `checkpoint` says what
+    to run when requeued on preemption or timeout): the requeued job resumes the stage from
+    the checkpoint it saved."""
 
     def __init__(self, spec: RunSpec, job: StageJobSpec):
         self.spec, self.job = spec, job
