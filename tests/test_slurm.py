@@ -195,6 +195,17 @@ def test_local_executor_gives_the_results_of_executor_local(e2e):
     assert e2e["outcome"]["sft-dpo-s0"] == stage_keys(root / "clean")["dpo"]
 
 
+def cache_without_dpo(e2e, tmp_path) -> Path:
+    """The clean run's cache less its DPO stage and its evaluations: SFT is there to reuse."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(e2e["root"] / "cache-clean", cache, symlinks=True)
+    shutil.rmtree(cache / "stages" / stage_keys(e2e["root"] / "clean")["dpo"])
+    shutil.rmtree(cache / "evals")
+    return cache
+
+
 def test_a_stage_job_stopped_mid_training_resumes_when_resubmitted(e2e, tmp_path, monkeypatch):
     """The DPO job is stopped through the SIGTERM path SLURM takes before preempting (the
     signal sent at its first step); submitting again reuses SFT and resumes DPO from its
@@ -213,13 +224,13 @@ def test_a_stage_job_stopped_mid_training_resumes_when_resubmitted(e2e, tmp_path
     def sigterm_in_second_stage(log):
         with real(log) as requested:
             calls.append(1)
-            if len(calls) == 2:   # sft trains first, then dpo: stop dpo
+            if len(calls) == 1:   # the one stage to train: dpo
                 os.kill(os.getpid(), signal.SIGTERM)
             yield requested
 
     monkeypatch.setattr(training, "stop_on_signals", sigterm_in_second_stage)
     monkeypatch.setattr("pdb.post_mortem", lambda *args: None)   # the debug executor opens pdb on a failed job
-    cache, out, root = tmp_path / "cache", tmp_path / "run", e2e["root"]
+    cache, out, root = cache_without_dpo(e2e, tmp_path), tmp_path / "run", e2e["root"]
     with pytest.raises(Exception) as failed:
         submitted = submit_run(e2e["recipe"], str(e2e["recipe_file"]), out, root, cache, cluster="debug",
                                log=print)
@@ -271,7 +282,7 @@ def test_preemption_signal_checkpoints_then_requeues_and_the_requeued_job_resume
     def usr2_in_second_stage(log):
         with real(log) as requested:
             seen.append("train")
-            if len(seen) == 2:
+            if len(seen) == 1:
                 os.kill(os.getpid(), signal.SIGUSR2)
             yield requested
 
@@ -281,14 +292,14 @@ def test_preemption_signal_checkpoints_then_requeues_and_the_requeued_job_resume
 
     monkeypatch.setattr(training, "stop_on_signals", usr2_in_second_stage)
     monkeypatch.setattr("pdb.post_mortem", lambda *args: None)
-    cache, out = tmp_path / "cache", tmp_path / "run"
+    cache, out = cache_without_dpo(e2e, tmp_path), tmp_path / "run"
     previous = signal.signal(signal.SIGUSR2, submitit_stand_in)
     try:
         with pytest.raises(Requeued):   # raised from inside the DPO job: the submitter stops there
             submit_run(e2e["recipe"], str(e2e["recipe_file"]), out, e2e["root"], cache, cluster="debug", log=print)
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    assert seen == ["train", "train", ["checkpoint-1"]]   # handed over only once the checkpoint was saved
+    assert seen == ["train", ["checkpoint-1"]]   # handed over only once the checkpoint was saved
     monkeypatch.setattr(training, "stop_on_signals", real)
     stopped = StageJob(RunSpec(e2e["recipe"], str(out), str(e2e["root"]), str(cache)), StageJobSpec(("sft", "dpo"), 0))
     key = stopped.checkpoint().result()   # what submitit runs when the requeued job starts
