@@ -288,6 +288,22 @@ class Area:
             raise
         return target
 
+    def create_new(self, path: Path | str, data: bytes) -> bool:
+        """Create `path` holding `data` only if nothing is there (O_CREAT|O_EXCL, atomic on
+        local filesystems and on NFSv3+): False when it exists. A lock's way to be taken once."""
+        target = self.check(path, "create")
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return True
+
+    def touch(self, path: Path | str) -> None:
+        """Set an existing file's modification time to now (a lock's heartbeat); the content stays."""
+        os.utime(self.check(path, "touch"), follow_symlinks=False)
+
     def rmtree(self, path: Path | str) -> None:
         """Remove a directory tree, a file or a symlink (not its target); missing is fine."""
         target = self.check(path, "delete")

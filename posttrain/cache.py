@@ -209,7 +209,7 @@ class Cache:
 
     def lock_path(self, key: str) -> Path:
         """locks/<key>.lock, where a symlink planted for the folder or the file is removed
-        first: filelock opens (and may create or truncate) that path."""
+        first (the lock is created there exclusively, and a planted link would block it)."""
         if not LOCK_NAME.fullmatch(f"{key}.lock"):
             raise PosttrainError(f"{key!r} is not a cache key (64 lowercase hex digits)")
         folder = self.root / "locks"
@@ -221,12 +221,13 @@ class Cache:
         return path
 
     def lock(self, key: str):
-        """An inter-process lock for training `key` (another run may be training it)."""
-        from filelock import FileLock
+        """An inter-process lock for training `key` (another run, maybe on another node of a
+        cluster, may be training it): atomic create, so it holds on NFS/Lustre (see locks.py)."""
+        from posttrain.locks import SharedFileLock
 
         path = self.lock_path(key)
         self.area.mkdir(path.parent)
-        return FileLock(str(path))
+        return SharedFileLock(path, self.area)
 
     def resume_checkpoint(self, key: str, log=print) -> Path | None:
         """The newest complete and intact checkpoint of an unfinished stage, or None. A
@@ -882,8 +883,9 @@ def read_object(path: Path) -> dict:
 def is_locked(cache: Cache, key: str) -> bool:
     """True while some process holds the training lock of `key`. No lock file (or none
     posttrain could have made): nobody holds it, and nothing is written to find out."""
-    from filelock import Timeout
+    from posttrain.locks import lock_timeout
 
+    Timeout = lock_timeout()
     path = cache.root / "locks" / f"{key}.lock"
     if kind_folder(cache, "locks") is None or path.is_symlink() or not path.is_file():
         return False

@@ -57,7 +57,14 @@ def check_static(recipe, base_dir: Path, recipe_file: Path | str | None = None,
 def static_problems(recipe, base_dir: Path, world_size: int | None = None) -> list[Problem]:
     return (_model_name_problems(recipe) + _template_file_problems(recipe, base_dir)
             + _data_source_problems(recipe, base_dir) + _task_file_problems(recipe, base_dir)
-            + batch_problems(recipe, world_size))
+            + batch_problems(recipe, world_size) + cluster_problems(recipe))
+
+
+def cluster_problems(recipe) -> list[Problem]:
+    """The recipe's `resources:` against its stages (used by `run --executor slurm`)."""
+    from posttrain.executors import resource_problems
+
+    return resource_problems(recipe)
 
 
 def batch_problems(recipe, world_size: int | None = None) -> list[Problem]:

@@ -109,8 +109,11 @@ def validate(recipes, overrides, world_size):
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
               help="Train on N GPUs of this machine: runs this command again under `accelerate launch` "
                    "(printed). With --dry-run: plan for N GPUs.")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="local: train here; slurm: submit data preparation, each stage and the evaluation as "
+                   "SLURM jobs (submitit, with afterok dependencies) and return.")
 @user_errors
-def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_dir, dry_run, force, gpus):
+def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_dir, dry_run, force, gpus, executor):
     """Train every pipeline of RECIPE, evaluate each and the base model, print the table.
 
     \b
@@ -131,6 +134,14 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     if dry_run:   # under a launcher: printed once, by rank 0, for the launcher's world size
         return print_plan(recipe, parsed, cache_dir, as_json, world_size=gpus,
                           device="cuda" if gpus else None) if launcher_rank() == 0 else None
+    target = Path(out_dir) if out_dir else Path(parsed.output.dir) / parsed.name
+    if executor == "slurm":
+        from posttrain.executors import run_on_cluster
+
+        if gpus is not None:
+            raise PosttrainError("--gpus with --executor slurm: a stage's GPUs are its `resources.gpus` in the recipe")
+        run_on_cluster(parsed, recipe, target, cache_dir, force, lambda line: click.echo(line, err=quiet))
+        return
     if gpus is not None and gpus > 1:
         from posttrain.ranks import relaunch_on_gpus
 
@@ -143,7 +154,6 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     from posttrain.cache import Cache
     from posttrain.pipeline import RunOptions, run_recipe
 
-    target = Path(out_dir) if out_dir else Path(parsed.output.dir) / parsed.name
     silent = quiet or as_json
     store = Cache(cache_dir)
     store.ensure()  # a --cache that is a folder of the user's is refused before anything is written

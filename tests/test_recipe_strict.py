@@ -328,7 +328,7 @@ for _method in ("orpo", "kto", "cpo", "simpo"):
     FULL["stages"][_method] = {"method": _method, "data": "prefs", "learning_rate": 1.0e-3}
     FULL["pipelines"][_method] = [_method]
 FULL["eval"]["preferences"] = {"source": "builtin:skills-preferences", "split": "test"}
-FULL.update(output={}, report={}, tracking={"wandb": {}}, compare={"match": "tokens"})
+FULL.update(output={}, report={}, tracking={"wandb": {}}, compare={"match": "tokens"}, resources={"prepare": {}})
 # Where each spec of the schema sits in FULL: a new spec must be added here.
 SPEC_PATHS = {"Recipe": (), "ModelSpec": ("model",), "LoraSpec": ("model", "lora"), "DataSpec": ("data", "ins"),
               "CurateSpec": ("data", "ins", "curate"), "SelectSpec": ("data", "ins", "curate", "select"),
@@ -336,7 +336,8 @@ SPEC_PATHS = {"Recipe": (), "ModelSpec": ("model",), "LoraSpec": ("model", "lora
               "ORPOStage": ("stages", "orpo"), "KTOStage": ("stages", "kto"), "CPOStage": ("stages", "cpo"),
               "SimPOStage": ("stages", "simpo"), "EvalSpec": ("eval",), "OutputSpec": ("output",),
               "ReportSpec": ("report",), "CompareSpec": ("compare",), "TrackingSpec": ("tracking",),
-              "WandbSpec": ("tracking", "wandb")}
+              "WandbSpec": ("tracking", "wandb"), "ClusterResources": ("resources",),
+              "ResourcesSpec": ("resources", "prepare")}
 
 
 def leaf_types(annotation) -> set:

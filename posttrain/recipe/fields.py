@@ -7,6 +7,7 @@ settings subclass `StageBase` in its module under `posttrain/stages/`.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -77,6 +78,58 @@ class LoraSpec(Strict):
 
 
 
+SLURM_TIME = r"^(?:\d+-)?\d+(?::\d{1,2}){0,2}$"   # sbatch --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
+
+
+MAX_JOB_MINUTES = 366 * 24 * 60
+
+
+def time_minutes(value: int | str) -> int:
+    """A job's time limit in whole minutes (rounded up) from minutes or sbatch's --time forms."""
+    if isinstance(value, int):
+        return value
+    days, _, clock = value.rpartition("-")
+    parts = [int(part) for part in clock.split(":")]
+    if days:   # D-H, D-H:M, D-H:M:S
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+        return int(days) * 1440 + hours * 60 + minutes + (seconds > 0)
+    if len(parts) == 3:
+        return parts[0] * 60 + parts[1] + (parts[2] > 0)
+    return parts[0] + (len(parts) == 2 and parts[1] > 0)   # M or M:S
+
+
+class ResourcesSpec(Strict):
+    """What a cluster job asks for (`posttrain run --executor slurm`); how a stage runs,
+    never what it computes: no stage key holds it."""
+
+    gpus: int | None = Field(None, ge=0, le=64, description="GPUs per node; one task each")
+    cpus: int | None = Field(None, gt=0, le=1024, description="CPUs per task")
+    mem_gb: float | None = Field(None, gt=0, description="memory per node, GB")
+    time: int | str | None = Field(None, description="time limit: minutes, or sbatch's H:MM:SS / D-HH:MM:SS")
+    partition: Text | None = None
+    account: Text | None = None
+    qos: Text | None = None
+    constraint: Text | None = None
+    nodes: int | None = Field(None, gt=0, le=1024)
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, value: Any) -> Any:
+        form = ("minutes (a whole number) or sbatch's time form: H:MM:SS, D-HH:MM:SS, D-HH, M:SS "
+                "(e.g. 4:00:00)")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"must be {form}")
+        if isinstance(value, int) and not 0 < value <= MAX_JOB_MINUTES:
+            raise ValueError(f"must be > 0 and <= {MAX_JOB_MINUTES} (minutes: a year)")
+        if isinstance(value, str) and not re.fullmatch(SLURM_TIME, value):
+            raise ValueError(f"must be {form}")
+        if time_minutes(value) <= 0:
+            raise ValueError("must be at least one minute")
+        return value
+
+
 class StageBase(Strict):
     data: str
     learning_rate: float = Field(gt=0)
@@ -104,6 +157,8 @@ class StageBase(Strict):
     eval_data: Text | None = Field(None, description="a dataset of the recipe: its loss is measured during training")
     eval_steps: int | None = Field(None, gt=0, description="with eval_data: every N optimizer steps (default: at the end)")
     trainer: dict[Text, Any] = Field({}, description="other fields of the method's TRL config, checked before training")
+    resources: ResourcesSpec | None = Field(None, description="this stage's cluster job (over the recipe's "
+                                                              "resources); in no key")
 
     # A method's settings added after its stage keys were first published: left out of
     # the key while at their default, so that adding a setting keeps every cached stage
@@ -124,10 +179,11 @@ class StageBase(Strict):
 
     def key_settings(self) -> dict:
         """The settings a stage's key hashes: all but LoRA (hashed resolved, apart), logging,
-        how many processes tokenize and the per-device cap (none changes what is trained:
+        how many processes tokenize, the per-device cap and the cluster job's resources
+        (none changes what is trained:
         the global batch is batch_size x gradient_accumulation on any world size)."""
         dumped = self.model_dump(mode="json", exclude={"lora", "logging_steps", "dataset_num_proc",
-                                                       "max_device_batch"})
+                                                       "max_device_batch", "resources"})
         for name in self.COMMON_OMITS_DEFAULT + self.KEY_OMITS_DEFAULT:
             if getattr(self, name) == type(self).model_fields[name].default:
                 del dumped[name]

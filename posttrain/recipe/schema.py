@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from posttrain.recipe.fields import LoraSpec, Seed, Strict, Text
+from posttrain.recipe.fields import LoraSpec, ResourcesSpec, Seed, Strict, Text
 from posttrain.stages import METHODS
 
 BASE_PIPELINE = "base"
@@ -205,6 +205,14 @@ class TrackingSpec(Strict):
     tensorboard: bool = Field(False, description="training curves also to <run>/tensorboard (needs tensorboard)")
 
 
+class ClusterResources(ResourcesSpec):
+    """The recipe's `resources:`: every cluster job's defaults (a stage's own `resources:`
+    overrides them key by key), and the data-preparation and evaluation jobs' own."""
+
+    prepare: ResourcesSpec | None = Field(None, description="the data preparation job (default: no GPU)")
+    evaluate: ResourcesSpec | None = Field(None, description="the evaluation and report job")
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     seeds: list[Seed] = Field([0], min_length=1)
@@ -219,6 +227,7 @@ class Recipe(Strict):
     report: ReportSpec = ReportSpec()
     tracking: TrackingSpec = TrackingSpec()
     compare: CompareSpec | None = None
+    resources: ClusterResources = Field(ClusterResources(), description="cluster jobs (--executor slurm); in no key")
     # A grid over stage settings, `stages.<stage>.<field>: [values]` (several keys: the
     # cartesian product). validate_recipe expands it into variant stages and pipelines
     # (see expand_sweep) before this model is built, so a Recipe always holds the
