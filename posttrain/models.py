@@ -499,3 +499,36 @@ def chat_template_problem(tokenizer, choice: str) -> str | None:
     except Exception as exc:  # jinja2 errors, templates that raise on a role: the user's template
         return f"the chat template does not render a sample conversation: {type(exc).__name__}: {exc}"
     return None
+
+
+def model_size(source: ModelSource, lora=None):
+    """The model's size (distributed.ModelSize) from its config on the meta device: no
+    weights are read. With `lora` (a LoraSpec), the trainable parameters are the adapter's:
+    r x (in + out) for every adapted Linear (all-linear: every Linear but the LM head)."""
+    from posttrain.distributed import ModelSize
+
+    config = model_config(source)
+    model = meta_model(config, source.trust_remote_code)
+    params = count_parameters(model)
+    hidden = getattr(config, "hidden_size", 0) or 0
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    if lora is None:
+        return ModelSize(params, params, hidden, layers)
+    return ModelSize(params, lora_parameters(model, lora), hidden, layers)
+
+
+def lora_parameters(model, lora) -> int:
+    """The parameters LoRA adds to `model` (a meta model): r x (in + out) per adapted Linear."""
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    head = model.get_output_embeddings()
+    config = None if lora.target_modules == "all-linear" else LoraConfig(target_modules=list(lora.target_modules))
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if config is None or check_target_module_exists(config, name):
+            total += lora.r * (module.in_features + module.out_features)
+    return total

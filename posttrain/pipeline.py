@@ -29,7 +29,7 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     check_static(recipe, options.base_dir, world_size=options.world_size)   # again for callers other than the CLI
     options.cache.ensure()  # (the CLI did already) a folder of the user's is never written into
     setup = prepare_eval(recipe, run, options.base_dir)
-    check_before_training(recipe, setup.refs, setup.task_dir, options.log)
+    check_before_training(recipe, setup.refs, setup.task_dir, options.log, options.device, options.world_size)
     env = data_env(recipe, options.base_dir, cache_dir=options.cache.curated_dir(),
                    eval_texts=lambda: task_texts(setup.refs, setup.task_dir), log=options.log)
     data = load_stage_data(recipe, env)
@@ -44,7 +44,7 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     if recipe.compare is not None:
         recipe, estimates, matching = match_compute(recipe, data, estimates)
     plan = make_plan(recipe, env, data, cache_root=options.cache.root, world_size=options.world_size,
-                     device=options.device)
+                     device=options.device, gpu_memory_gb=options.gpu_memory_gb)
     template = {"chat_template": recipe.model.chat_template if recipe.model.template_file() or len(
         recipe.model.chat_template) < 80 else "(Jinja)", "identity": plan.template,
         "eos": tokenizer.eos_token, "added_tokens": tokenizer.convert_ids_to_tokens(list(added))}

@@ -30,6 +30,7 @@ class RunOptions:
     force: bool = False                # write into the run directory of another recipe
     world_size: int | None = None      # processes sharing each global batch (None: the launcher's, else 1)
     device: str | None = None          # "cuda"/"cpu" planned for (None: this machine's): resolves dtype auto
+    gpu_memory_gb: float | None = None # one GPU's memory planned for (None: this machine's): posttrain.defaults
 
 
 def record_stage(cache: Cache, node: StageNode, run: RunDir, reused: bool) -> StageRecord:
@@ -138,6 +139,7 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
                 reflogps_dir=cache.root / "reflogps", checkpoint=checkpoint_policy(recipe), resume_from=resume,
                 eval_examples=node.eval_data.examples if node.eval_data is not None else None,
                 batch=stage_layout(node.stage, spec, plan.world_size),
+                resolved=resolved(plan, node.stage),
             )
             with stop_on_signals(options.log) as ctx.stop_requested:
                 try:
