@@ -110,7 +110,7 @@ def resolve_stage(spec, lora, model, requested_strategy: str, layout, facts: Mac
     not needed, on CPU)."""
     from posttrain.models import resolve_precision
 
-    precision = resolve_precision(model.dtype, facts.device)
+    precision = resolve_precision(model.dtype, facts.device, facts.bf16 if facts.device == "cuda" else None)
     weight_bytes = DTYPE_BYTES[precision.dtype]
     world = layout.world_size
     launched = launcher_strategy() if world > 1 else None

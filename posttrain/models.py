@@ -159,19 +159,22 @@ class Precision:
     bf16: bool    # the trainer's bf16 mixed precision (TrainingArguments.bf16)
 
 
-def resolve_precision(name: str, device: str | None = None) -> Precision:
+def resolve_precision(name: str, device: str | None = None, bf16_supported: bool | None = None) -> Precision:
     """`model.dtype` on `device` ("cuda" or "cpu"; None: this machine's). The one place
     `auto` is decided, for the weights, the trainer's bf16 and the stage key (a CPU
     float32 stage and a GPU bf16 stage are different stages): `auto` is bfloat16 on a
     GPU that supports it (one named from elsewhere, `plan --device cuda`, is taken to),
     else float32; an explicit dtype is itself. bf16 mixed precision runs on a GPU with
-    bfloat16 weights, never on CPU (5-16x slower there)."""
+    bfloat16 weights, never on CPU (5-16x slower there). `bf16_supported`: the GPU's
+    answer when known (defaults.Machine), instead of asking torch."""
     import torch
 
     on_gpu = torch.cuda.is_available() if device is None else device == "cuda"
     dtype = name
     if name == "auto":
-        bf16_ok = on_gpu and (device == "cuda" or torch.cuda.is_bf16_supported())
+        if bf16_supported is None:
+            bf16_supported = device == "cuda" or (on_gpu and torch.cuda.is_bf16_supported())
+        bf16_ok = on_gpu and bf16_supported
         dtype = "bfloat16" if bf16_ok else "float32"
     return Precision(dtype=dtype, bf16=on_gpu and dtype == "bfloat16")
 
