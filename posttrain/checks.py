@@ -95,7 +95,8 @@ def _accelerate_config_problems(recipe, base_dir: Path, world: int) -> tuple[str
     """(the strategy the recipe trains with, as far as known without the machine, and the
     problems): the accelerate config file exists and names the recipe's strategy (auto
     follows it), and so does the launcher's (accelerate launch exports it)."""
-    from posttrain.distributed import config_strategy, launcher_problem, launcher_strategy, read_accelerate_config
+    from posttrain.distributed import (config_strategy, launcher_precision_problem, launcher_problem,
+                                       launcher_strategy, read_accelerate_config)
 
     spec, problems = recipe.distributed, []
     strategy = spec.strategy
@@ -103,14 +104,23 @@ def _accelerate_config_problems(recipe, base_dir: Path, world: int) -> tuple[str
     if path is not None:
         loc = ("distributed", "accelerate_config")
         try:
-            named = config_strategy(read_accelerate_config(path))
+            config = read_accelerate_config(path)
         except ValueError as exc:
             return strategy, [(loc, f"{exc} (a relative path is taken from the recipe's folder)")]
+        named = config_strategy(config)
+        if launcher_precision_problem({"ACCELERATE_MIXED_PRECISION": str(config.get("mixed_precision", "no"))}):
+            problems.append((loc, f"{path.name} sets mixed_precision {config['mixed_precision']}, which transformers "
+                                  "applies to every stage not in bf16 itself (a float32 stage would train in "
+                                  "autocast); set mixed_precision: 'no' (posttrain sets each stage's precision from "
+                                  "model.dtype)"))
         if strategy == "auto":
             strategy = named
         elif named not in (strategy, "single") and not (named == "ddp" and strategy == "ddp"):
             problems.append((loc, f"{path.name} runs {named} but distributed.strategy is {strategy}; "
                                   "make them agree (strategy auto follows the file)"))
+    precision = launcher_precision_problem()
+    if precision:
+        problems.append((("model", "dtype"), precision))
     if world > 1:
         launched = launcher_strategy()
         message = launcher_problem(spec.strategy, launched)

@@ -205,6 +205,18 @@ def launcher_strategy(environ=None) -> str | None:
     return None
 
 
+def launcher_precision_problem(environ=None) -> str | None:
+    """Why the launcher's mixed precision would change a stage's numerics, or None: the
+    TrainingArguments of a float32 stage (bf16=False) take ACCELERATE_MIXED_PRECISION."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if value in ("no", ""):
+        return None
+    return (f"the launcher's accelerate config sets mixed_precision {value}, which transformers applies to "
+            "every stage that does not train in bf16 itself (a float32 stage would train in autocast); set "
+            "mixed_precision: 'no' in it (posttrain sets each stage's precision from model.dtype)")
+
+
 def launcher_problem(requested: str, launched: str | None) -> str | None:
     """Why the recipe's strategy and the launcher's accelerate config disagree, or None.
     `auto` follows the launcher's config; a named strategy must be the one it names."""
@@ -270,12 +282,16 @@ def deepspeed_config(strategy: str) -> dict:
     return config
 
 
-def accelerate_config(strategy: str, num_processes: int, mixed_precision: str = "bf16",
+def accelerate_config(strategy: str, num_processes: int, mixed_precision: str = "no",
                       use_cpu: bool = False) -> dict:
     """An accelerate config for `accelerate launch --config_file` (what `posttrain run
-    --gpus N` passes): the file TRL ships for `strategy` with our explicit values (the
-    number of processes, mixed precision "bf16" or "no", CPU), and FSDP2's activation
-    checkpointing off (posttrain sets it per stage through the TrainingArguments)."""
+    --gpus N` passes): the file TRL ships for `strategy` (auto: multi_gpu.yaml, each
+    stage's strategy then set through its TrainingArguments) with our explicit values: the
+    number of processes, CPU, no rank-0-only loading under FSDP2, and mixed precision
+    "no": transformers takes the launcher's ACCELERATE_MIXED_PRECISION for any stage whose
+    `bf16` is False, so TRL's "bf16" would train a float32 stage in bf16 autocast; each
+    stage's precision comes from its model.dtype (TrainingArguments.bf16)."""
+    strategy = "ddp" if strategy == "auto" else strategy
     config = trl_accelerate_config("single" if num_processes == 1 else strategy)
     config.update(num_processes=num_processes, mixed_precision=mixed_precision, use_cpu=use_cpu)
     if strategy == "fsdp2" and "fsdp_config" in config:
@@ -306,3 +322,13 @@ def read_accelerate_config(path) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not an accelerate config (a mapping of settings)")
     return config
+
+
+def launch_config(recipe, base_dir, num_processes: int, use_cpu: bool = False) -> dict:
+    """The accelerate config `posttrain run --gpus N` launches with (write it as YAML and
+    pass it as --config_file): the recipe's `distributed.accelerate_config` file with N
+    processes, else `accelerate_config` for the recipe's strategy."""
+    path = recipe.distributed.config_file(base_dir)
+    if path is None:
+        return accelerate_config(recipe.distributed.strategy, num_processes, use_cpu=use_cpu)
+    return {**read_accelerate_config(path), "num_processes": num_processes}

@@ -26,7 +26,7 @@ OURS = {"num_processes", "mixed_precision", "use_cpu"}   # what accelerate_confi
                                                ("zero2", "zero2.yaml"), ("zero3", "zero3.yaml")])
 def test_generated_accelerate_config_is_trls_file_plus_our_values(strategy, shipped):
     trl = yaml.safe_load((TRL_CONFIGS / shipped).read_text())
-    ours = accelerate_config(strategy, 4, mixed_precision="no")
+    ours = accelerate_config(strategy, 4)
     assert (ours["num_processes"], ours["mixed_precision"], ours["use_cpu"]) == (4, "no", False)
     if strategy == "fsdp2":   # every rank builds the model: no rank-0-only loading
         assert ours["fsdp_config"].pop("fsdp_cpu_ram_efficient_loading") is False
@@ -34,6 +34,7 @@ def test_generated_accelerate_config_is_trls_file_plus_our_values(strategy, ship
     assert {k: v for k, v in ours.items() if k not in OURS} == {k: v for k, v in trl.items() if k not in OURS}
     assert config_strategy(ours) == strategy
     assert config_strategy(accelerate_config(strategy, 1)) == "single"
+    assert config_strategy(accelerate_config("auto", 4)) == "ddp"   # each stage's strategy: its TrainingArguments
 
 
 def test_fsdp2_trainer_config_is_trls_with_checkpointing_as_resolved():
@@ -82,6 +83,15 @@ B = 1_000_000_000
 def test_auto_picks_by_the_documented_rule(requested, params, trainable, world, memory, expected):
     strategy, why = choose_strategy(requested, ModelSize(params, trainable), world, memory)
     assert strategy == expected, why
+
+
+def test_launcher_mixed_precision_is_refused(tmp_path, monkeypatch):
+    """transformers takes ACCELERATE_MIXED_PRECISION for a stage with bf16=False: a float32
+    stage would silently train in bf16 autocast under TRL's shipped configs."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert "mixed_precision bf16" in messages(sharding_problems(tiny(tmp_path), tmp_path, 1))["model.dtype"]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert not sharding_problems(tiny(tmp_path), tmp_path, 1)
 
 
 def test_launcher_config_is_followed_by_auto_and_refused_when_it_differs():
@@ -144,6 +154,9 @@ def test_accelerate_config_file_must_exist_and_agree(tmp_path):
     recipe = tiny(tmp_path, **{"distributed.strategy": "ddp", "distributed.accelerate_config": "fsdp.yaml"})
     assert "runs fsdp2 but distributed.strategy is ddp" in messages(
         sharding_problems(recipe, tmp_path, 2))["distributed.accelerate_config"]
+    (tmp_path / "trl.yaml").write_text((TRL_CONFIGS / "fsdp2.yaml").read_text())   # mixed_precision: bf16
+    recipe = tiny(tmp_path, **{"distributed.accelerate_config": "trl.yaml"})
+    assert "sets mixed_precision bf16" in messages(sharding_problems(recipe, tmp_path, 2))["distributed.accelerate_config"]
     recipe = tiny(tmp_path, **{"distributed.accelerate_config": "missing.yaml"})
     assert "cannot read" in messages(sharding_problems(recipe, tmp_path, 1))["distributed.accelerate_config"]
 
@@ -218,3 +231,12 @@ def test_plan_for_8_gpus_of_80_gb_picks_by_size_and_estimates_disk(hub_8b):
     one = plan_8b(hub_8b, "--world-size", "1", "--gpu-memory", "80", "-o", "model.lora=null")
     assert one["sft"]["strategy"] == "single"
     assert one["sft"]["gradient_checkpointing"] is True    # the recipe asks for it
+
+
+def test_launch_config_is_the_recipes_file_or_the_strategys(tmp_path):
+    from posttrain.distributed import launch_config
+
+    assert launch_config(tiny(tmp_path, **{"distributed.strategy": "fsdp2"}), tmp_path, 4) == accelerate_config("fsdp2", 4)
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**accelerate_config("ddp", 2), "gpu_ids": "0,1,2,3"}))
+    mine = launch_config(tiny(tmp_path, **{"distributed.accelerate_config": "mine.yaml"}), tmp_path, 4)
+    assert (mine["num_processes"], mine["gpu_ids"]) == (4, "0,1,2,3")
