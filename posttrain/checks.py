@@ -131,10 +131,12 @@ def _accelerate_config_problems(recipe, base_dir: Path, world: int) -> tuple[str
     return strategy, problems
 
 
-# Why each strategy cannot run on CPU processes (measured with torchrun --nproc_per_node 2,
-# gloo, accelerate 1.15: TrainingArguments(fsdp=True, use_cpu=True) sets up MULTI_CPU and
-# drops the FSDP plugin, trainer.is_fsdp_enabled is False and the model is wrapped in
-# DistributedDataParallel: it would silently train as ddp).
+# Why each strategy cannot run on CPU processes. Measured with torchrun --nproc_per_node 2
+# (gloo; torch 2.13 CPU, transformers 5.24, accelerate 1.15, TRL 1.16), SFTTrainer on the
+# micro model with fsdp=True, fsdp_config={"version": 2, ...}: with use_cpu=True accelerate
+# sets up DistributedType.MULTI_CPU and drops the FSDP plugin (trainer.is_fsdp_enabled
+# False, the model wrapped in DistributedDataParallel: it trains, silently as ddp); without
+# use_cpu, transformers raises "ValueError: Using fsdp only works in distributed training.".
 CPU_REFUSALS = {
     "fsdp2": "FSDP2 needs CUDA GPUs: on CPU accelerate drops the FSDP plugin and the processes train as ddp "
              "(use ddp on CPU)",

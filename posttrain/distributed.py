@@ -186,7 +186,7 @@ def choose_strategy(requested: str, size: ModelSize | None, world: int, gpu_memo
     if requested != "auto":
         return requested, "distributed.strategy in the recipe"
     if not gpu_memory_gb or size is None:
-        return "ddp", "auto: no GPU memory to fit (CPU processes)"
+        return "ddp", "auto: no GPU memory known (CPU processes, or a plan without --gpu-memory)"
     need = training_state_bytes(size, weight_bytes)
     budget = FIT_FRACTION * gpu_memory_gb * 1e9
     verdict = "fits in" if need <= budget else "exceeds"

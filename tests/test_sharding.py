@@ -240,3 +240,15 @@ def test_launch_config_is_the_recipes_file_or_the_strategys(tmp_path):
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**accelerate_config("ddp", 2), "gpu_ids": "0,1,2,3"}))
     mine = launch_config(tiny(tmp_path, **{"distributed.accelerate_config": "mine.yaml"}), tmp_path, 4)
     assert (mine["num_processes"], mine["gpu_ids"]) == (4, "0,1,2,3")
+
+
+def test_plan_refuses_fsdp2_on_cpu_processes_and_plans_it_for_gpus(tmp_path):
+    path = write_recipe(tmp_path, REPO, TINY + "distributed: {strategy: fsdp2}\n")
+    cache = ["--cache", str(tmp_path / "cache"), "-o", "pipelines={sft: [sft]}"]
+    assert CliRunner().invoke(main, ["validate", str(path), "--world-size", "2"]).exit_code == 0   # device unknown
+    refused = CliRunner().invoke(main, ["plan", str(path), "--world-size", "2", "--device", "cpu", *cache])
+    assert refused.exit_code == 2 and "distributed.strategy: fsdp2: FSDP2 needs CUDA GPUs" in refused.output
+    planned = CliRunner().invoke(main, ["plan", str(path), "--json", "--world-size", "2", "--gpu-memory", "80", *cache])
+    assert planned.exit_code == 0, planned.output
+    (row,) = json.loads(planned.stdout)["stages"]
+    assert (row["strategy"], row["device"], row["dataloader_pin_memory"]) == ("fsdp2", "cuda", True)
