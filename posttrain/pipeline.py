@@ -12,7 +12,7 @@ from pathlib import Path
 
 from posttrain.artifacts import RunDir
 from posttrain.evaluation import EvalSetup, evaluate_plan, prepare_eval
-from posttrain.plan import (Plan, base_source, data_env, data_summary, format_plan, load_stage_data, make_plan,
+from posttrain.plan import (Plan, base_source, data_env, data_summary, disk_total, format_plan, load_stage_data, make_plan,
                             match_compute, pipeline_stage_dirs, plan_rows, stage_estimates)
 from posttrain.recipe.schema import Recipe, dump_recipe
 from posttrain.training import RunOptions, train_plan
@@ -59,7 +59,7 @@ def plan_recipe(recipe: Recipe, options: RunOptions) -> dict:
         plan, _setup, info = prepare_run(recipe, options, RunDir(Path(scratch)))
         rows = plan_rows(plan, options.cache, info["estimates"])
         return {"cache": str(options.cache.root), "stages": rows, "compute_match": info["compute_match"],
-                "pipelines": {f"{pipeline}/{seed}": node.key if node else None
+                "disk": disk_total(rows), "pipelines": {f"{pipeline}/{seed}": node.key if node else None
                               for (pipeline, seed), node in plan.finals.items()},
                 "text": format_plan(plan, rows, info)}
 
@@ -99,7 +99,7 @@ def record_plan(plan: Plan, info: dict, run: RunDir, options: RunOptions) -> lis
     say it; the plan's rows, in training order."""
     rows = plan_rows(plan, options.cache, info["estimates"])
     run.area.write_text(run.recipe, dump_recipe(plan.recipe))   # after compute matching
-    run.area.write_json(run.plan, {"cache": str(options.cache.root), "stages": rows,
+    run.area.write_json(run.plan, {"cache": str(options.cache.root), "stages": rows, "disk": disk_total(rows),
                                    "compute_match": info["compute_match"], "template": info.get("template")})
     run.area.write_json(run.data, data_summary(plan))
     run.area.write_json(run.pipelines, pipeline_stage_dirs(plan, run))

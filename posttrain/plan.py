@@ -410,6 +410,15 @@ def disk_estimate(plan: Plan, stage: str, row: dict) -> dict:
             "peak_bytes": model + kept * checkpoint}
 
 
+def disk_total(rows: list[dict]) -> dict:
+    """The cache's growth for the stages to train (not reused): every final model, plus the
+    largest one stage's checkpoints (a finished stage deletes its own before the next)."""
+    todo = [r for r in rows if r["status"] != "reuse"]
+    models = sum(r["disk"]["model_bytes"] for r in todo)
+    checkpoints = max((r["disk"]["peak_bytes"] - r["disk"]["model_bytes"] for r in todo), default=0)
+    return {"models_bytes": models, "checkpoints_bytes": checkpoints, "total_bytes": models + checkpoints}
+
+
 def gigabytes(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
@@ -438,11 +447,10 @@ def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
                  f"(~{sum(r.get('steps', 0) for r in todo):,} steps, ~{sum(r.get('tokens', 0) for r in todo):,} "
                  "tokens)")
     if todo:
-        finals = sum(r["disk"]["model_bytes"] for r in todo)
-        checkpoints = max(r["disk"]["peak_bytes"] - r["disk"]["model_bytes"] for r in todo)
-        lines.append(f"disk: ~{gigabytes(finals + checkpoints)} in the cache for the stages to train (their models "
-                     f"{gigabytes(finals)}, plus at most {gigabytes(checkpoints)} of one stage's checkpoints at a time: a "
-                     "finished stage deletes its checkpoints)")
+        disk = disk_total(rows)
+        lines.append(f"disk: ~{gigabytes(disk['total_bytes'])} in the cache for the stages to train (their models "
+                     f"{gigabytes(disk['models_bytes'])}, plus at most {gigabytes(disk['checkpoints_bytes'])} of one "
+                     "stage's checkpoints at a time: a finished stage deletes its checkpoints)")
     if rows and rows[0]["device"] == "cuda":
         lines += [f"GPU defaults {r['stage']} (seed {r['seed']}): " + ", ".join(
             f"{k} {r[k]}" for k in ("attn_implementation", "gradient_checkpointing", "dataloader_pin_memory",

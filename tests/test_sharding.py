@@ -206,7 +206,13 @@ def plan_8b(hub, *extra):
             "-o", "tracking.tensorboard=false", *extra]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    return {row["stage"]: row for row in json.loads(result.stdout)["stages"]}
+    planned = json.loads(result.stdout)
+    rows = {row["stage"]: row for row in planned["stages"]}
+    # the total: every stage's model, plus the largest one stage's checkpoints at a time
+    assert planned["disk"]["models_bytes"] == sum(row["disk"]["model_bytes"] for row in rows.values())
+    assert planned["disk"]["total_bytes"] == planned["disk"]["models_bytes"] + max(
+        row["disk"]["peak_bytes"] - row["disk"]["model_bytes"] for row in rows.values())
+    return rows
 
 
 def test_plan_for_8_gpus_of_80_gb_picks_by_size_and_estimates_disk(hub_8b):
