@@ -142,8 +142,10 @@ def gradient_checkpointing(memory: float | None, facts: Machine, lora, strategy:
     """(on, why) for a stage that does not say: on when the estimate exceeds FIT_FRACTION of
     one GPU; never on CPU (5-16x slower there, and small models do not need it); never
     with LoRA under zero3 (posttrain's non-reentrant checkpointing crashes there)."""
-    if facts.device != "cuda" or memory is None or not facts.gpu_memory_gb:
+    if facts.device != "cuda":
         return False, "off on CPU"
+    if memory is None or not facts.gpu_memory_gb:
+        return False, "off: no memory estimate (GPU memory or the model's size unknown)"
     budget = FIT_FRACTION * facts.gpu_memory_gb * 1e9
     if memory <= budget:
         return False, f"estimate {memory / 1e9:.1f} GB fits in {FIT_FRACTION:.0%} of {facts.gpu_memory_gb:g} GB"

@@ -185,8 +185,10 @@ def choose_strategy(requested: str, size: ModelSize | None, world: int, gpu_memo
         return "single", "one process"
     if requested != "auto":
         return requested, "distributed.strategy in the recipe"
-    if not gpu_memory_gb or size is None:
+    if not gpu_memory_gb:
         return "ddp", "auto: no GPU memory known (CPU processes, or a plan without --gpu-memory)"
+    if size is None:
+        return "ddp", "auto: the model's size could not be counted"
     need = training_state_bytes(size, weight_bytes)
     budget = FIT_FRACTION * gpu_memory_gb * 1e9
     verdict = "fits in" if need <= budget else "exceeds"

@@ -337,8 +337,20 @@ def plan_rows(plan: Plan, cache: Cache, estimates: dict[str, dict]) -> list[dict
                      "why": ("the cached entry is corrupt: " + "; ".join(corrupt) if corrupt
                              else why_trains(cache, node) if status == "train" else None),
                      **estimates.get(node.stage, {}), **resolved(plan, node.stage)})
-        rows[-1]["disk"] = disk_estimate(plan, node.stage, rows[-1])
+        rows[-1]["disk"] = countable(lambda: disk_estimate(plan, node.stage, rows[-1]))
     return rows
+
+
+def countable(estimate):
+    """`estimate`'s result, or None when the model cannot be built on the meta device to count
+    its parameters (an architecture transformers cannot build from its config): the plan shows
+    "?" rather than failing on an estimate."""
+    from posttrain.errors import ModelError
+
+    try:
+        return estimate()
+    except (ModelError, ValueError, OSError, ImportError, KeyError):
+        return None
 
 
 def resolved(plan: Plan, stage: str) -> dict:
@@ -352,7 +364,7 @@ def resolved(plan: Plan, stage: str) -> dict:
     layout = stage_layout(stage, spec, plan.world_size)
     lora = resolve_lora(plan.recipe, spec)
     facts = machine_facts(plan)
-    size = model_size_for(plan, lora) if facts.device == "cuda" else None
+    size = countable(lambda: model_size_for(plan, lora)) if facts.device == "cuda" else None
     settings = resolve_stage(spec, lora, plan.recipe.model, plan.recipe.distributed.strategy, layout, facts, size,
                              METHODS[spec.method].sequences)
     return {**layout.as_dict(), **settings}
@@ -413,7 +425,7 @@ def disk_estimate(plan: Plan, stage: str, row: dict) -> dict:
 def disk_total(rows: list[dict]) -> dict:
     """The cache's growth for the stages to train (not reused): every final model, plus the
     largest one stage's checkpoints (a finished stage deletes its own before the next)."""
-    todo = [r for r in rows if r["status"] != "reuse"]
+    todo = [r for r in rows if r["status"] != "reuse" and r["disk"] is not None]
     models = sum(r["disk"]["model_bytes"] for r in todo)
     checkpoints = max((r["disk"]["peak_bytes"] - r["disk"]["model_bytes"] for r in todo), default=0)
     return {"models_bytes": models, "checkpoints_bytes": checkpoints, "total_bytes": models + checkpoints}
@@ -432,7 +444,7 @@ def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
               f"{r.get('truncated', 0):,}", f"{r.get('steps', 0):,}", f"{r.get('tokens', 0):,}",
               str(r["global_batch"]), str(r["per_device_batch"]), str(r["gradient_accumulation"]),
               r["precision"] + (" (bf16 mixed)" if r["bf16"] else ""), r["strategy"],
-              gigabytes(r["disk"]["peak_bytes"])] for r in rows]
+              gigabytes(r["disk"]["peak_bytes"]) if r["disk"] else "?"] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
@@ -446,7 +458,7 @@ def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
     lines.append(f"\n{len(rows)} stage runs: {len(rows) - len(todo)} reused from the cache, {len(todo)} to train "
                  f"(~{sum(r.get('steps', 0) for r in todo):,} steps, ~{sum(r.get('tokens', 0) for r in todo):,} "
                  "tokens)")
-    if todo:
+    if any(r["disk"] for r in todo):
         disk = disk_total(rows)
         lines.append(f"disk: ~{gigabytes(disk['total_bytes'])} in the cache for the stages to train (their models "
                      f"{gigabytes(disk['models_bytes'])}, plus at most {gigabytes(disk['checkpoints_bytes'])} of one "

@@ -258,3 +258,20 @@ def test_plan_refuses_fsdp2_on_cpu_processes_and_plans_it_for_gpus(tmp_path):
     assert planned.exit_code == 0, planned.output
     (row,) = json.loads(planned.stdout)["stages"]
     assert (row["strategy"], row["device"], row["dataloader_pin_memory"]) == ("fsdp2", "cuda", True)
+
+
+def test_a_model_that_cannot_be_counted_plans_with_an_unknown_disk(tmp_path, monkeypatch):
+    import posttrain.models
+    from posttrain.errors import ModelError
+
+    def refuse(*args, **kwargs):
+        raise ModelError("no meta model for this architecture")
+
+    monkeypatch.setattr(posttrain.models, "model_size", refuse)
+    path = write_recipe(tmp_path, REPO)
+    args = ["plan", str(path), "--cache", str(tmp_path / "cache"), "-o", "pipelines={sft: [sft]}"]
+    result = CliRunner().invoke(main, [*args, "--gpu-memory", "80", "--world-size", "2"])
+    assert result.exit_code == 0, result.output
+    header, row = result.stdout.splitlines()[:2]
+    assert header.split()[-1] == "disk" and row.split()[-1] == "?"
+    assert "the model's size could not be counted" in result.stdout
