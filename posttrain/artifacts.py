@@ -372,6 +372,20 @@ def git_commit(cwd: Path) -> str | None:
     return out.stdout.strip() or None
 
 
+def run_defaults() -> dict:
+    """The machine's facts the GPU defaults depend on (device, GPUs and their memory, bf16,
+    flash-attn/liger/deepspeed installed) and the run-level defaults they give; each
+    stage's resolved settings are in its stage.json (`resolved`)."""
+    from posttrain.defaults import machine
+
+    facts = machine()
+    on_gpu = facts.device == "cuda"
+    return {"machine": facts.as_dict(), "defaults": {
+        "attn_implementation": ("flash_attention_2" if facts.flash_attn else "sdpa") if on_gpu else None,
+        "bf16_for_dtype_auto": on_gpu and facts.bf16, "dataloader_pin_memory": on_gpu,
+        "dataloader_num_workers": 0}}
+
+
 def environment() -> dict:
     """Versions and hardware; deliberately no environment variables (they hold keys)."""
     import torch
@@ -386,6 +400,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
+        **run_defaults(),
         "libraries": library_versions(),
         "git_commit": git_commit(Path(__file__).resolve().parent),
     }

@@ -57,7 +57,8 @@ def check_static(recipe, base_dir: Path, recipe_file: Path | str | None = None,
 def static_problems(recipe, base_dir: Path, world_size: int | None = None) -> list[Problem]:
     return (_model_name_problems(recipe) + _template_file_problems(recipe, base_dir)
             + _data_source_problems(recipe, base_dir) + _task_file_problems(recipe, base_dir)
-            + batch_problems(recipe, world_size) + cluster_problems(recipe))
+            + batch_problems(recipe, world_size) + sharding_problems(recipe, base_dir, world_size)
+            + cluster_problems(recipe))
 
 
 def cluster_problems(recipe) -> list[Problem]:
@@ -78,6 +79,117 @@ def batch_problems(recipe, world_size: int | None = None) -> list[Problem]:
         message = batch_problem(spec.batch_size, spec.gradient_accumulation, world)
         if message:
             problems.append((("stages", name, "batch_size"), message))
+    return problems
+
+
+def sharding_problems(recipe, base_dir: Path, world_size: int | None = None,
+                      device: str | None = None) -> list[Problem]:
+    """The recipe's `distributed:` section and the combinations known to fail in TRL/peft
+    today, each refused with its reason. Strategy-dependent refusals apply to several
+    processes (one process is always `single`); `device` ("cpu"/"cuda", None: not known
+    without torch, so `check_before_training` asks again) refuses strategies CPU cannot run."""
+    from posttrain.distributed import world_size as launched_world_size
+
+    world = launched_world_size() if world_size is None else world_size
+    strategy, problems = _accelerate_config_problems(recipe, Path(base_dir), world)
+    for name, stage in recipe.stages.items():
+        problems += _stage_combination_problems(recipe, name, stage, strategy if world > 1 else "single")
+    if world > 1:
+        problems += _strategy_problems(recipe, strategy, device)
+    return problems
+
+
+def _accelerate_config_problems(recipe, base_dir: Path, world: int) -> tuple[str, list[Problem]]:
+    """(the strategy the recipe trains with, as far as known without the machine, and the
+    problems): the accelerate config file exists and names the recipe's strategy (auto
+    follows it), and so does the launcher's (accelerate launch exports it)."""
+    from posttrain.distributed import (config_strategy, launcher_precision_problem, launcher_problem,
+                                       launcher_strategy, read_accelerate_config)
+
+    spec, problems = recipe.distributed, []
+    strategy = spec.strategy
+    path = spec.config_file(base_dir)
+    if path is not None:
+        loc = ("distributed", "accelerate_config")
+        try:
+            config = read_accelerate_config(path)
+        except ValueError as exc:
+            return strategy, [(loc, f"{exc} (a relative path is taken from the recipe's folder)")]
+        named = config_strategy(config)
+        if launcher_precision_problem({"ACCELERATE_MIXED_PRECISION": str(config.get("mixed_precision", "no"))}):
+            problems.append((loc, f"{path.name} sets mixed_precision {config['mixed_precision']}, which transformers "
+                                  "applies to every stage not in bf16 itself (a float32 stage would train in "
+                                  "autocast); set mixed_precision: 'no' (posttrain sets each stage's precision from "
+                                  "model.dtype)"))
+        if strategy == "auto":
+            strategy = named
+        elif named not in (strategy, "single") and not (named == "ddp" and strategy == "ddp"):
+            problems.append((loc, f"{path.name} runs {named} but distributed.strategy is {strategy}; "
+                                  "make them agree (strategy auto follows the file)"))
+    precision = launcher_precision_problem()
+    if precision:
+        problems.append((("model", "dtype"), precision))
+    if world > 1:
+        launched = launcher_strategy()
+        message = launcher_problem(spec.strategy, launched)
+        if message:
+            problems.append((("distributed", "strategy"), message))
+        elif launched and strategy == "auto":
+            strategy = launched
+    return strategy, problems
+
+
+# Why each strategy cannot run on CPU processes. Measured with torchrun --nproc_per_node 2
+# (gloo; torch 2.13 CPU, transformers 5.24, accelerate 1.15, TRL 1.16), SFTTrainer on the
+# micro model with fsdp=True, fsdp_config={"version": 2, ...}: with use_cpu=True accelerate
+# sets up DistributedType.MULTI_CPU and drops the FSDP plugin (trainer.is_fsdp_enabled
+# False, the model wrapped in DistributedDataParallel: it trains, silently as ddp); without
+# use_cpu, transformers raises "ValueError: Using fsdp only works in distributed training.".
+CPU_REFUSALS = {
+    "fsdp2": "FSDP2 needs CUDA GPUs: on CPU accelerate drops the FSDP plugin and the processes train as ddp "
+             "(use ddp on CPU)",
+    "zero2": "DeepSpeed ZeRO needs CUDA GPUs (use ddp on CPU)",
+    "zero3": "DeepSpeed ZeRO needs CUDA GPUs (use ddp on CPU)",
+}
+
+
+def _strategy_problems(recipe, strategy: str, device: str | None) -> list[Problem]:
+    """A strategy the machine or the installed packages cannot run."""
+    import importlib.util
+
+    from posttrain.distributed import DEEPSPEED_INSTALL, DEEPSPEED_STRATEGIES
+
+    loc = ("distributed", "strategy")
+    problems = []
+    if device == "cpu" and strategy in CPU_REFUSALS:
+        problems.append((loc, f"{strategy}: {CPU_REFUSALS[strategy]}"))
+    if strategy in DEEPSPEED_STRATEGIES and importlib.util.find_spec("deepspeed") is None:
+        problems.append((loc, f"{strategy} needs DeepSpeed, which is not installed: {DEEPSPEED_INSTALL}"))
+    if strategy in ("fsdp2", "zero3") and recipe.model.quantization is not None:
+        problems.append((("model", "quantization"), f"QLoRA under {strategy} is not supported by posttrain: its "
+                         "4-bit weights are stored as uint8, which cannot be sharded (use ddp or zero2)"))
+    return problems
+
+
+def _stage_combination_problems(recipe, name: str, stage, strategy: str) -> list[Problem]:
+    """A stage's settings that fail together in TRL 1.16 / peft today."""
+    import importlib.util
+
+    from posttrain.recipe.schema import resolve_lora
+
+    problems = []
+    loc = ("stages", name)
+    if stage.method == "dpo" and stage.trainer.get("padding_free"):
+        problems.append((loc + ("trainer", "padding_free"), "a no-op in TRL 1.16's DPOTrainer (it warns and "
+                         "pads anyway); remove it"))
+    if stage.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        problems.append((loc + ("use_liger_kernel",), "needs Liger's kernels: pip install liger-kernel (a CUDA GPU)"))
+    if stage.use_liger_kernel and stage.method == "dpo" and strategy == "fsdp2":
+        problems.append((loc + ("use_liger_kernel",), "Liger's DPO loss fails under FSDP2 (TRL 1.16); turn it off "
+                         "or use ddp/zero"))
+    if strategy == "zero3" and resolve_lora(recipe, stage) is not None and stage.gradient_checkpointing:
+        problems.append((loc + ("gradient_checkpointing",), "LoRA under zero3 with posttrain's non-reentrant "
+                         "gradient checkpointing crashes (peft/DeepSpeed); turn it off or use fsdp2"))
     return problems
 
 
@@ -169,7 +281,8 @@ def _task_file_problems(recipe, base_dir: Path) -> list[Problem]:
 
 
 def check_before_training(recipe, refs: list, task_dir: Path | None,
-                          log: Callable[[str], None] = lambda line: None) -> None:
+                          log: Callable[[str], None] = lambda line: None, device: str | None = None,
+                          world_size: int | None = None) -> None:
     """Raise RecipeError listing every problem that would stop the run after training started.
 
     ``refs``/``task_dir``: the resolved eval tasks and their prepared folder
@@ -177,12 +290,26 @@ def check_before_training(recipe, refs: list, task_dir: Path | None,
     """
     started = time.perf_counter()
     problems = (quantization_problems(recipe) + trainer_setting_problems(recipe) + model_problems(recipe)
-                + eval_task_problems(refs, task_dir, log))
+                + device_strategy_problems(recipe, device, world_size) + eval_task_problems(refs, task_dir, log))
     log(f"checks: model, tokenizer, chat template, LoRA targets and {len(refs)} eval task(s) "
         f"checked in {time.perf_counter() - started:.1f} s")
     if problems:
         raise RecipeError(f"{len(problems)} problem(s) found before training (nothing was trained)",
                           [_render(loc, message) for loc, message in problems])
+
+
+def device_strategy_problems(recipe, device: str | None = None, world_size: int | None = None) -> list[Problem]:
+    """The strategy on the device planned for (None: this machine's), which `validate`
+    cannot know without torch: fsdp2 and ZeRO refused on CPU processes."""
+    from posttrain.defaults import machine
+    from posttrain.distributed import world_size as launched_world_size
+
+    world = launched_world_size() if world_size is None else world_size
+    if world == 1:
+        return []
+    strategy, _ = _accelerate_config_problems(recipe, recipe.model._base_dir or Path("."), world)
+    found = _strategy_problems(recipe, strategy, machine(device).device)
+    return [(loc, message) for loc, message in found if "CUDA GPUs" in message]
 
 
 def trainer_setting_problems(recipe) -> list[Problem]:

@@ -150,7 +150,10 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
                  *(["--cache", cache_dir] if cache_dir else []), *(["--quiet"] if quiet else []),
                  *(["--json"] if as_json else []), *(["--force"] if force else []),
                  *([] if progress is None else ["--progress" if progress else "--no-progress"])]
-        sys.exit(relaunch_on_gpus(gpus, again, lambda line: click.echo(line, err=True)))
+        from posttrain.distributed import launch_config
+
+        config = launch_config(parsed, Path(recipe).resolve().parent, gpus)
+        sys.exit(relaunch_on_gpus(gpus, again, config, lambda line: click.echo(line, err=True)))
     from posttrain.cache import Cache
     from posttrain.pipeline import RunOptions, run_recipe
 
@@ -185,8 +188,11 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
               help="Plan for N processes/GPUs (default: the launcher's WORLD_SIZE, else 1).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Plan for this device (default: this machine's); resolves model.dtype: auto.")
+@click.option("--gpu-memory", "gpu_memory", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Plan for GPUs with this much memory each, in GB (implies --device cuda): picks the `auto` "
+                   "strategy and gradient checkpointing.")
 @user_errors
-def plan(recipe, overrides, cache_dir, as_json, world_size, device):
+def plan(recipe, overrides, cache_dir, as_json, world_size, device, gpu_memory):
     """Show what `posttrain run RECIPE` would do: stages to train or reuse, keys, sizes.
 
     \b
@@ -194,6 +200,7 @@ def plan(recipe, overrides, cache_dir, as_json, world_size, device):
       posttrain plan recipes/quickstart.yaml
       posttrain plan recipes/quickstart.yaml -o "sweep.stages.dpo.beta=[0.05,0.1,0.3]"
       posttrain plan recipes/examples/qwen2.5-0.5b.yaml --world-size 8 --device cuda
+      posttrain plan recipes/examples/llama-3.1-8b-lora.yaml --world-size 8 --gpu-memory 80
     Loads (and curates) the data to know the stage keys; trains nothing. Each stage's
     batch_size x gradient_accumulation is its global batch, shared by the world size.
     """
@@ -202,7 +209,10 @@ def plan(recipe, overrides, cache_dir, as_json, world_size, device):
 
     parsed = load_recipe(recipe, list(overrides))
     check_static(parsed, Path(recipe).resolve().parent, recipe, world_size)  # before any heavy import
-    print_plan(recipe, parsed, cache_dir, as_json, world_size, device)
+    if device == "cpu" and gpu_memory is not None:
+        raise click.BadParameter("--gpu-memory plans for GPUs; it does not go with --device cpu",
+                                 param_hint="--gpu-memory")
+    print_plan(recipe, parsed, cache_dir, as_json, world_size, device, gpu_memory)
 
 
 @main.command()
@@ -229,7 +239,7 @@ def methods(name):
 
 
 def print_plan(recipe_path: str, recipe, cache_dir: str | None, as_json: bool, world_size: int | None = None,
-               device: str | None = None) -> None:
+               device: str | None = None, gpu_memory: float | None = None) -> None:
     import contextlib
     import json
 
@@ -240,7 +250,7 @@ def print_plan(recipe_path: str, recipe, cache_dir: str | None, as_json: bool, w
     store.ensure()  # plan writes into the cache too (curated sets)
     options = RunOptions(out_dir=Path("."), base_dir=Path(recipe_path).resolve().parent,
                          log=lambda line: click.echo(line, err=True), cache=store, world_size=world_size,
-                         device=device)
+                         device="cuda" if gpu_memory is not None else device, gpu_memory_gb=gpu_memory)
     with contextlib.redirect_stdout(sys.stderr):
         planned = plan_recipe(recipe, options)
     text = planned.pop("text")

@@ -159,19 +159,22 @@ class Precision:
     bf16: bool    # the trainer's bf16 mixed precision (TrainingArguments.bf16)
 
 
-def resolve_precision(name: str, device: str | None = None) -> Precision:
+def resolve_precision(name: str, device: str | None = None, bf16_supported: bool | None = None) -> Precision:
     """`model.dtype` on `device` ("cuda" or "cpu"; None: this machine's). The one place
     `auto` is decided, for the weights, the trainer's bf16 and the stage key (a CPU
     float32 stage and a GPU bf16 stage are different stages): `auto` is bfloat16 on a
     GPU that supports it (one named from elsewhere, `plan --device cuda`, is taken to),
     else float32; an explicit dtype is itself. bf16 mixed precision runs on a GPU with
-    bfloat16 weights, never on CPU (5-16x slower there)."""
+    bfloat16 weights, never on CPU (5-16x slower there). `bf16_supported`: the GPU's
+    answer when known (defaults.Machine), instead of asking torch."""
     import torch
 
     on_gpu = torch.cuda.is_available() if device is None else device == "cuda"
     dtype = name
     if name == "auto":
-        bf16_ok = on_gpu and (device == "cuda" or torch.cuda.is_bf16_supported())
+        if bf16_supported is None:
+            bf16_supported = device == "cuda" or (on_gpu and torch.cuda.is_bf16_supported())
+        bf16_ok = on_gpu and bf16_supported
         dtype = "bfloat16" if bf16_ok else "float32"
     return Precision(dtype=dtype, bf16=on_gpu and dtype == "bfloat16")
 
@@ -499,3 +502,36 @@ def chat_template_problem(tokenizer, choice: str) -> str | None:
     except Exception as exc:  # jinja2 errors, templates that raise on a role: the user's template
         return f"the chat template does not render a sample conversation: {type(exc).__name__}: {exc}"
     return None
+
+
+def model_size(source: ModelSource, lora=None):
+    """The model's size (distributed.ModelSize) from its config on the meta device: no
+    weights are read. With `lora` (a LoraSpec), the trainable parameters are the adapter's:
+    r x (in + out) for every adapted Linear (all-linear: every Linear but the LM head)."""
+    from posttrain.distributed import ModelSize
+
+    config = model_config(source)
+    model = meta_model(config, source.trust_remote_code)
+    params = count_parameters(model)
+    hidden = getattr(config, "hidden_size", 0) or 0
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    if lora is None:
+        return ModelSize(params, params, hidden, layers)
+    return ModelSize(params, lora_parameters(model, lora), hidden, layers)
+
+
+def lora_parameters(model, lora) -> int:
+    """The parameters LoRA adds to `model` (a meta model): r x (in + out) per adapted Linear."""
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    head = model.get_output_embeddings()
+    config = None if lora.target_modules == "all-linear" else LoraConfig(target_modules=list(lora.target_modules))
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if config is None or check_target_module_exists(config, name):
+            total += lora.r * (module.in_features + module.out_features)
+    return total

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from posttrain.artifacts import RunDir
 from posttrain.evaluation import EvalSetup, evaluate_plan, prepare_eval
-from posttrain.plan import (Plan, base_source, data_env, data_summary, format_plan, load_stage_data, make_plan,
+from posttrain.plan import (Plan, base_source, data_env, data_summary, disk_total, format_plan, load_stage_data, make_plan,
                             match_compute, pipeline_stage_dirs, plan_rows, stage_estimates)
 from posttrain.errors import PosttrainError
 from posttrain.ranks import this_process
@@ -31,7 +31,7 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     check_static(recipe, options.base_dir, world_size=options.world_size)   # again for callers other than the CLI
     options.cache.ensure()  # (the CLI did already) a folder of the user's is never written into
     setup = prepare_eval(recipe, run, options.base_dir)
-    check_before_training(recipe, setup.refs, setup.task_dir, options.log)
+    check_before_training(recipe, setup.refs, setup.task_dir, options.log, options.device, options.world_size)
     env = data_env(recipe, options.base_dir, cache_dir=options.cache.curated_dir(),
                    eval_texts=lambda: task_texts(setup.refs, setup.task_dir), log=options.log)
     data = load_stage_data(recipe, env)
@@ -46,7 +46,7 @@ def prepare_run(recipe: Recipe, options: RunOptions, run: RunDir) -> tuple[Plan,
     if recipe.compare is not None:
         recipe, estimates, matching = match_compute(recipe, data, estimates)
     plan = make_plan(recipe, env, data, cache_root=options.cache.root, world_size=options.world_size,
-                     device=options.device)
+                     device=options.device, gpu_memory_gb=options.gpu_memory_gb)
     template = {"chat_template": recipe.model.chat_template if recipe.model.template_file() or len(
         recipe.model.chat_template) < 80 else "(Jinja)", "identity": plan.template,
         "eos": tokenizer.eos_token, "added_tokens": tokenizer.convert_ids_to_tokens(list(added))}
@@ -61,7 +61,7 @@ def plan_recipe(recipe: Recipe, options: RunOptions) -> dict:
         plan, _setup, info = prepare_run(recipe, options, RunDir(Path(scratch)))
         rows = plan_rows(plan, options.cache, info["estimates"])
         return {"cache": str(options.cache.root), "stages": rows, "compute_match": info["compute_match"],
-                "pipelines": {f"{pipeline}/{seed}": node.key if node else None
+                "disk": disk_total(rows), "pipelines": {f"{pipeline}/{seed}": node.key if node else None
                               for (pipeline, seed), node in plan.finals.items()},
                 "text": format_plan(plan, rows, info)}
 
@@ -140,7 +140,7 @@ def record_plan(plan: Plan, info: dict, run: RunDir, options: RunOptions) -> lis
     say it; the plan's rows, in training order."""
     rows = plan_rows(plan, options.cache, info["estimates"])
     run.area.write_text(run.recipe, dump_recipe(plan.recipe))   # after compute matching
-    run.area.write_json(run.plan, {"cache": str(options.cache.root), "stages": rows,
+    run.area.write_json(run.plan, {"cache": str(options.cache.root), "stages": rows, "disk": disk_total(rows),
                                    "compute_match": info["compute_match"], "template": info.get("template")})
     run.area.write_json(run.data, data_summary(plan))
     run.area.write_json(run.pipelines, pipeline_stage_dirs(plan, run))

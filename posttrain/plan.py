@@ -50,6 +50,9 @@ class Plan:
     precision: str | None = None                 # model.dtype resolved on the device (models.resolve_precision)
     world_size: int = 1                          # the processes each stage trains on (posttrain.distributed)
     device: str | None = None                    # "cuda"/"cpu" planned for (None: this machine's)
+    gpu_memory_gb: float | None = None           # one GPU's memory planned for (None: this machine's)
+    sizes: dict = field(default_factory=dict, repr=False)   # LoRA spec -> ModelSize (model_size_for)
+    facts: object = field(default=None, repr=False)         # defaults.Machine (machine_facts)
 
     @property
     def base_key(self) -> str:
@@ -215,7 +218,8 @@ def data_env(recipe: Recipe, base_dir: Path, cache_dir: Path | None = None, eval
 
 
 def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] | None = None,
-              cache_root: Path | None = None, world_size: int | None = None, device: str | None = None) -> Plan:
+              cache_root: Path | None = None, world_size: int | None = None, device: str | None = None,
+              gpu_memory_gb: float | None = None) -> Plan:
     """The stage graph with every key. `cache_root`: where a local model folder's file
     hashes are remembered (None: hashed afresh). `world_size` and `device`: the machine
     planned for (None: this run's processes, this machine's device); the world size is
@@ -246,7 +250,7 @@ def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] |
                 parent = nodes.setdefault(key, StageNode(stage_name, seed, key, parent, stage_data, inputs, held_out))
             finals[(pipeline, seed)] = parent
     return Plan(recipe, nodes, finals, data, weights, template, precision,
-                launched_world_size() if world_size is None else world_size, device)
+                launched_world_size() if world_size is None else world_size, device, gpu_memory_gb)
 
 
 def source_after(plan: Plan, node: StageNode | None, cache: Cache) -> ModelSource:
@@ -333,31 +337,114 @@ def plan_rows(plan: Plan, cache: Cache, estimates: dict[str, dict]) -> list[dict
                      "why": ("the cached entry is corrupt: " + "; ".join(corrupt) if corrupt
                              else why_trains(cache, node) if status == "train" else None),
                      **estimates.get(node.stage, {}), **resolved(plan, node.stage)})
+        rows[-1]["disk"] = countable(lambda: disk_estimate(plan, node.stage, rows[-1]))
     return rows
+
+
+def countable(estimate):
+    """`estimate`'s result, or None when the model cannot be built on the meta device to count
+    its parameters (an architecture transformers cannot build from its config): the plan shows
+    "?" rather than failing on an estimate."""
+    from posttrain.errors import ModelError
+
+    try:
+        return estimate()
+    except (ModelError, ValueError, OSError, ImportError, KeyError):
+        return None
 
 
 def resolved(plan: Plan, stage: str) -> dict:
     """How stage `stage` trains on the machine planned for: its global batch laid out on the
-    world size (per-device batch, accumulation, strategy) and the precision. Recorded in
-    stage.json too (`StageRecord.resolved`)."""
+    world size (per-device batch, accumulation), the strategy, precision and the GPU
+    defaults (`defaults.resolve_stage`). Recorded in stage.json too (`StageRecord.resolved`)."""
+    from posttrain.defaults import resolve_stage
     from posttrain.distributed import stage_layout
-    from posttrain.models import resolve_precision
-    from posttrain.stages.common import device
 
-    precision = resolve_precision(plan.recipe.model.dtype, plan.device)
-    return {**stage_layout(stage, plan.recipe.stages[stage], plan.world_size).as_dict(),
-            "precision": precision.dtype, "bf16": precision.bf16, "device": plan.device or device()}
+    spec = plan.recipe.stages[stage]
+    layout = stage_layout(stage, spec, plan.world_size)
+    lora = resolve_lora(plan.recipe, spec)
+    facts = machine_facts(plan)
+    size = countable(lambda: model_size_for(plan, lora)) if facts.device == "cuda" else None
+    settings = resolve_stage(spec, lora, plan.recipe.model, plan.recipe.distributed.strategy, layout, facts, size,
+                             METHODS[spec.method].sequences)
+    return {**layout.as_dict(), **settings}
+
+
+def machine_facts(plan: Plan):
+    """The facts of the machine planned for (defaults.Machine), read once per plan."""
+    if plan.facts is None:
+        from posttrain.defaults import machine
+
+        plan.facts = machine(plan.device, plan.gpu_memory_gb)
+    return plan.facts
+
+
+def model_size_for(plan: Plan, lora):
+    """The base model's size with `lora` (distributed.ModelSize), counted once per LoRA spec."""
+    key = lora.model_dump_json() if lora is not None else None
+    if key not in plan.sizes:
+        from posttrain.models import model_size
+
+        plan.sizes[key] = model_size(base_source(plan.recipe), lora)
+    return plan.sizes[key]
+
+
+# Bytes per parameter in a training checkpoint beside the weights: AdamW's two fp32 moments.
+OPTIMIZER_BYTES = 8
+# DeepSpeed also keeps fp32 master weights of 16-bit parameters in its optimizer state.
+MASTER_BYTES = 4
+ADAPTER_BYTES = 4   # peft keeps (and saves) LoRA adapters in float32
+
+
+def disk_estimate(plan: Plan, stage: str, row: dict) -> dict:
+    """The disk stage `stage` takes in the cache: its final model (full weights in the
+    trained dtype, or the LoRA adapter) and, while it trains, up to
+    `output.save_total_limit` checkpoints of weights + optimizer state (AdamW: 8 bytes a
+    trainable parameter; + fp32 master weights under DeepSpeed), none when checkpoints are
+    off. `peak` is both; a finished stage keeps only its model."""
+    spec, output = plan.recipe.stages[stage], plan.recipe.output
+    lora = resolve_lora(plan.recipe, spec)
+    size = model_size_for(plan, lora)
+    weight = {"float32": 4, "bfloat16": 2, "float16": 2}[row["precision"]]
+    if lora is None:
+        model = weight * size.params
+        master = MASTER_BYTES * size.params if weight < 4 and row["strategy"] in ("zero2", "zero3") else 0
+        checkpoint = model + OPTIMIZER_BYTES * size.params + master
+    else:
+        model = ADAPTER_BYTES * size.trainable
+        checkpoint = model + OPTIMIZER_BYTES * size.trainable
+    kept = 0
+    if output.checkpoint_steps or output.checkpoint_minutes:
+        kept = output.save_total_limit
+        if output.checkpoint_steps and not output.checkpoint_minutes and row.get("steps"):
+            kept = min(kept, row["steps"] // output.checkpoint_steps)
+    return {"model_bytes": model, "checkpoint_bytes": checkpoint, "checkpoints": kept,
+            "peak_bytes": model + kept * checkpoint}
+
+
+def disk_total(rows: list[dict]) -> dict:
+    """The cache's growth for the stages to train (not reused): every final model, plus the
+    largest one stage's checkpoints (a finished stage deletes its own before the next)."""
+    todo = [r for r in rows if r["status"] != "reuse" and r["disk"] is not None]
+    models = sum(r["disk"]["model_bytes"] for r in todo)
+    checkpoints = max((r["disk"]["peak_bytes"] - r["disk"]["model_bytes"] for r in todo), default=0)
+    return {"models_bytes": models, "checkpoints_bytes": checkpoints, "total_bytes": models + checkpoints}
+
+
+def gigabytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
     """The plan as text: a table of stages, then pipelines and compute matching."""
     header = ["status", "stage", "seed", "key", "after", "examples", "cut", "steps", "~tokens",
-              "batch", "device batch", "accum", "precision", "strategy"]
+              "batch", "device batch", "accum", "precision", "strategy", "disk"]
     table = [[r["status"], f"{r['stage']} ({r['method']})", str(r["seed"]), r["key"][:12], r["after"],
               f"{r.get('examples', 0):,}" + (f" ({r['dropped']:,} dropped)" if r.get("dropped") else ""),
               f"{r.get('truncated', 0):,}", f"{r.get('steps', 0):,}", f"{r.get('tokens', 0):,}",
               str(r["global_batch"]), str(r["per_device_batch"]), str(r["gradient_accumulation"]),
-              r["precision"] + (" (bf16 mixed)" if r["bf16"] else ""), r["strategy"]] for r in rows]
+              r["precision"] + (" (bf16 mixed)" if r["bf16"] else ""), r["strategy"],
+              gigabytes(r["disk"]["peak_bytes"]) if r["disk"] else "?"] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
@@ -371,6 +458,19 @@ def format_plan(plan: Plan, rows: list[dict], info: dict) -> str:
     lines.append(f"\n{len(rows)} stage runs: {len(rows) - len(todo)} reused from the cache, {len(todo)} to train "
                  f"(~{sum(r.get('steps', 0) for r in todo):,} steps, ~{sum(r.get('tokens', 0) for r in todo):,} "
                  "tokens)")
+    if any(r["disk"] for r in todo):
+        disk = disk_total(rows)
+        lines.append(f"disk: ~{gigabytes(disk['total_bytes'])} in the cache for the stages to train (their models "
+                     f"{gigabytes(disk['models_bytes'])}, plus at most {gigabytes(disk['checkpoints_bytes'])} of one "
+                     "stage's checkpoints at a time: a finished stage deletes its checkpoints)")
+    if rows and rows[0]["device"] == "cuda":
+        lines += [f"GPU defaults {r['stage']} (seed {r['seed']}): " + ", ".join(
+            f"{k} {r[k]}" for k in ("attn_implementation", "gradient_checkpointing", "dataloader_pin_memory",
+                                    "use_liger_kernel")) + f" (per-device memory estimate {r['memory_gb']} GB)"
+            for r in rows if r["seed"] == rows[0]["seed"]]
+    strategies = {(r["stage"], r["strategy"], r["strategy_why"]) for r in rows if r["strategy"] != "single"}
+    for stage, strategy, why in sorted(strategies):
+        lines.append(f"strategy {stage}: {strategy} ({why})")
     if rows:
         lines.append(f"world size {plan.world_size} ({rows[0]['device']}): batch = batch_size x gradient_accumulation"
                      f", the global batch = device batch x accum x {plan.world_size} (stage keys do not depend on "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 
 from posttrain.distributed import world_size
@@ -114,23 +115,30 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def launch_command(gpus: int, argv: list[str]) -> list[str]:
+def launch_command(gpus: int, argv: list[str], config_file: str) -> list[str]:
     """accelerate's launcher running the `posttrain` command `argv` (this one, without --gpus)
-    in `gpus` processes, one per GPU of this machine. Every setting the launcher would
-    otherwise guess (and warn about) is given; precision, sharding and the rest are the
-    recipe's, set by the trainer in each process."""
+    in `gpus` processes, one per GPU of this machine, with the accelerate config of the
+    recipe's strategy (`distributed.launch_config`: mixed precision "no", each stage's
+    precision is its own). The settings the launcher would otherwise guess, and warn about,
+    are given."""
     import sys
 
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+            "--num_processes", str(gpus), "--num_machines", "1", "--dynamo_backend", "no",
             "-m", "posttrain", *argv]
 
 
-def relaunch_on_gpus(gpus: int, argv: list[str], log) -> int:
-    """Run this command again under accelerate's launcher on `gpus` GPUs; its exit code.
-    Refused (exit 2) under a launcher already, or when the GPUs are not there."""
+def relaunch_on_gpus(gpus: int, argv: list[str], config: dict, log) -> int:
+    """Run this command again under accelerate's launcher on `gpus` GPUs with the accelerate
+    `config`; its exit code. Refused (exit 2) under a launcher already, or when the GPUs
+    are not there."""
     import shlex
     import subprocess
+    import tempfile
+
+    import yaml
+
+    from posttrain.artifacts import Area
 
     if world_size() > 1:
         raise PosttrainError(f"--gpus {gpus}: this process was started by a launcher already "
@@ -141,6 +149,9 @@ def relaunch_on_gpus(gpus: int, argv: list[str], log) -> int:
             f"--gpus {gpus}: this machine has {have} CUDA GPU(s) visible"
             + (f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" if "CUDA_VISIBLE_DEVICES" in os.environ
                else "") + "; several processes on CPU: torchrun --nproc_per_node N -m posttrain run ...")
-    command = launch_command(gpus, argv)
-    log("launching: " + shlex.join(command))
-    return subprocess.run(command, check=False).returncode
+    with tempfile.TemporaryDirectory(prefix="posttrain-launch-") as folder:
+        config_file = Area(folder).write_text(Path(folder) / "accelerate.yaml", yaml.safe_dump(config))
+        command = launch_command(gpus, argv, str(config_file))
+        log("launching: " + shlex.join(command))
+        log("accelerate config: " + ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, dict)))
+        return subprocess.run(command, check=False).returncode

@@ -32,6 +32,7 @@ class RunOptions:
     world_size: int | None = None      # processes sharing each global batch (None: the launcher's, else 1)
     device: str | None = None          # "cuda"/"cpu" planned for (None: this machine's): resolves dtype auto
     ranks: Ranks = field(default_factory=Ranks)   # this process's place under a launcher (rank 0 writes)
+    gpu_memory_gb: float | None = None # one GPU's memory planned for (None: this machine's): posttrain.defaults
 
 
 def record_stage(cache: Cache, node: StageNode, run: RunDir, reused: bool) -> StageRecord:
@@ -174,7 +175,7 @@ def train_started(plan: Plan, node: StageNode, run: RunDir, options: RunOptions,
             start_key=node.parent.key if node.parent else plan.base_key,
             reflogps_dir=cache.root / "reflogps", checkpoint=checkpoint_policy(recipe), resume_from=start["resume"],
             eval_examples=node.eval_data.examples if node.eval_data is not None else None,
-            batch=stage_layout(node.stage, spec, plan.world_size),
+            batch=stage_layout(node.stage, spec, plan.world_size), resolved=resolved(plan, node.stage),
         )
         with stop_on_signals(options.log) as ctx.stop_requested:
             try:

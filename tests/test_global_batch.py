@@ -171,8 +171,8 @@ def test_plan_world_size_shows_the_layout_and_refuses_what_it_cannot_share(tmp_p
     assert (eight["per_device_batch"], eight["gradient_accumulation"], eight["strategy"]) == (2, 1, "ddp")
     text = CliRunner().invoke(main, ["plan", str(path), "--world-size", "8"])
     header, row = text.stdout.splitlines()[:2]
-    assert header.split()[-6:] == ["batch", "device", "batch", "accum", "precision", "strategy"]
-    assert row.split()[-5:] == ["16", "2", "1", "float32", "ddp"]
+    assert header.split()[-7:] == ["batch", "device", "batch", "accum", "precision", "strategy", "disk"]
+    assert row.split()[-7:-2] == ["16", "2", "1", "float32", "ddp"]   # then the disk, "<n> MB"
     assert "world size 8 (cpu)" in text.stdout
 
     refused = CliRunner().invoke(main, ["plan", str(path), "--world-size", "3"])

@@ -181,7 +181,8 @@ def test_gpus_relaunches_through_accelerate(runs, repo, tmp_path, monkeypatch, c
     child = capfd.readouterr()
     assert result.exit_code == 0, result.output + child.err[-3000:]
     assert "launching: " in result.output
-    assert "-m accelerate.commands.launch --multi_gpu --num_processes 2" in result.output
+    assert "-m accelerate.commands.launch --config_file " in result.output and "--num_processes 2" in result.output
+    assert "distributed_type=MULTI_GPU" in result.output and "mixed_precision=no" in result.output
     assert "-m posttrain run " + str(recipe) in result.output and "--gpus" not in result.output.split("launching:")[1]
     assert "— eval spec" in child.out
     sft = stage_records(tmp_path / "run")["sft"]

@@ -114,7 +114,8 @@ def test_a_setting_added_later_keeps_the_keys_of_stages_that_never_set_it():
 
     plain = DPOStage(method="dpo", data="d", learning_rate=1e-3)
     assert set(plain.key_settings()) == set(plain.model_dump()) - {
-        "lora", "logging_steps", "dataset_num_proc", "max_device_batch", "label_smoothing", "discopop_tau", *plain.COMMON_OMITS_DEFAULT}
+        "lora", "logging_steps", "dataset_num_proc", "max_device_batch", "resources", "label_smoothing", "discopop_tau",
+        *plain.COMMON_OMITS_DEFAULT}
     tuned = DPOStage(method="dpo", data="d", learning_rate=1e-3, gradient_checkpointing=True, optim="adafactor",
                      trainer={"neftune_noise_alpha": 5})
     assert {"gradient_checkpointing": True, "optim": "adafactor", "trainer": {"neftune_noise_alpha": 5}}.items() \

@@ -298,7 +298,8 @@ def test_only_stage_settings_can_be_swept(tmp_path):
         "recipe.yaml:20: sweep.stages.sft.beta: unknown setting 'beta' of a sft stage (settings: data, "
         "learning_rate, epochs, max_steps, batch_size, gradient_accumulation, max_device_batch, max_length, "
         "warmup_ratio, scheduler, weight_decay, max_grad_norm, seed, lora, logging_steps, gradient_checkpointing, "
-        "warmup_steps, optim, dataset_num_proc, eval_data, eval_steps, trainer, packing, padding_free)",
+        "use_liger_kernel, "
+        "warmup_steps, optim, dataset_num_proc, eval_data, eval_steps, trainer, resources, packing, padding_free)",
     ]
     assert problems[5:] == [
         "recipe.yaml:21: sweep.stages.dpo.method: the method cannot be swept (declare another stage)"]

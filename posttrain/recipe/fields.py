@@ -150,7 +150,10 @@ class StageBase(Strict):
     lora: LoraSpec | Literal[False] | None = Field(
         None, description="None: the model's LoRA setting; false: full fine-tuning")
     logging_steps: int = Field(10, gt=0)
-    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward (less memory)")
+    # None: on when the memory estimate on a GPU needs it, never on CPU (posttrain.defaults).
+    gradient_checkpointing: bool | None = Field(None, description="recompute activations in the backward (less "
+                                                                  "memory); default: when a GPU needs it")
+    use_liger_kernel: bool = Field(False, description="Liger's fused kernels (needs liger-kernel; GPU)")
     warmup_steps: int | None = Field(None, ge=0, description="warmup in optimizer steps (instead of warmup_ratio)")
     optim: Literal[OPTIMIZERS] = "adamw_torch"  # type: ignore[valid-type]
     dataset_num_proc: int | None = Field(None, gt=0, description="processes for TRL's tokenization")
@@ -167,7 +170,7 @@ class StageBase(Strict):
 
     # Settings every method gained later: out of the key while at their default (see above).
     COMMON_OMITS_DEFAULT: ClassVar[tuple[str, ...]] = (
-        "gradient_checkpointing", "warmup_steps", "optim", "eval_data", "eval_steps", "trainer")
+        "gradient_checkpointing", "warmup_steps", "optim", "eval_data", "eval_steps", "trainer", "use_liger_kernel")
 
     @model_validator(mode="after")
     def _one_warmup(self):
@@ -187,6 +190,8 @@ class StageBase(Strict):
         for name in self.COMMON_OMITS_DEFAULT + self.KEY_OMITS_DEFAULT:
             if getattr(self, name) == type(self).model_fields[name].default:
                 del dumped[name]
+        if self.gradient_checkpointing is False:   # off, as before `None` (automatic) was its default
+            del dumped["gradient_checkpointing"]
         return dumped
 
     @field_validator("lora", mode="wrap")

@@ -200,6 +200,23 @@ class WandbSpec(Strict):
     tags: list[str] = []
 
 
+class DistributedSpec(Strict):
+    """How the processes of a multi-process run share each stage (posttrain.distributed):
+    auto picks by the model's size and the GPUs at run time (see `choose_strategy`)."""
+
+    strategy: Literal["auto", "ddp", "fsdp2", "zero2", "zero3"] = "auto"
+    accelerate_config: Text | None = Field(None, description=(
+        "an accelerate config file (relative to the recipe) for `posttrain run --gpus N`; its strategy must be "
+        "the recipe's (auto follows it)"))
+
+    def config_file(self, base_dir: Path) -> Path | None:
+        """The accelerate config file, a relative path taken from the recipe's folder `base_dir`."""
+        if self.accelerate_config is None:
+            return None
+        path = Path(self.accelerate_config).expanduser()
+        return path if path.is_absolute() else Path(base_dir) / path
+
+
 class TrackingSpec(Strict):
     wandb: WandbSpec | None = None
     tensorboard: bool = Field(False, description="training curves also to <run>/tensorboard (needs tensorboard)")
@@ -227,6 +244,7 @@ class Recipe(Strict):
     report: ReportSpec = ReportSpec()
     tracking: TrackingSpec = TrackingSpec()
     compare: CompareSpec | None = None
+    distributed: DistributedSpec = DistributedSpec()
     resources: ClusterResources = Field(ClusterResources(), description="cluster jobs (--executor slurm); in no key")
     # A grid over stage settings, `stages.<stage>.<field>: [values]` (several keys: the
     # cartesian product). validate_recipe expands it into variant stages and pipelines

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ class StageContext:
     stop_requested: Any = None        # callable -> bool: stop at the next step boundary (Ctrl-C)
     eval_examples: list[dict] | None = None   # held-out rows (eval_data): their loss is measured
     batch: "BatchLayout | None" = None       # the global batch on this run's processes (None: resolved here)
+    resolved: dict | None = None             # plan.resolved: strategy and GPU defaults (None: resolved here)
 
 
 @dataclass
@@ -71,7 +72,8 @@ def load_start(ctx: StageContext):
     import torch
 
     torch.manual_seed(ctx.seed)
-    loaded = load_model(ctx.start)
+    attention = stage_settings(ctx)["attn_implementation"]   # the recipe's, else the GPU default
+    loaded = load_model(replace(ctx.start, attn_implementation=ctx.start.attn_implementation or attention))
     lora = lora_config(ctx.lora, loaded.model, loaded.added_token_ids) if ctx.lora else None
     return loaded.model, loaded.tokenizer, lora
 
@@ -85,7 +87,11 @@ def start_with_reference(ctx: StageContext):
 
     model, tokenizer, lora = load_start(ctx)
     reference = None
-    if lora is None and not ctx.spec.precompute_ref_log_probs:
+    # Under FSDP TRL scores precomputed log-probs with a reference model (the policy is
+    # sharded only when training starts); without one it would rebuild it from the model's
+    # hub name, which a builtin or trained model does not have.
+    sharded = stage_settings(ctx)["strategy"] == "fsdp2"
+    if lora is None and (sharded or not ctx.spec.precompute_ref_log_probs):
         reference = copy.deepcopy(model).eval()
     return model, tokenizer, lora, reference
 
@@ -115,6 +121,8 @@ def trainer_kwargs(ctx: StageContext) -> dict:
     spec = ctx.spec
     on_gpu = device() == "cuda"
     layout = batch_layout(ctx)
+    settings = stage_settings(ctx)
+    checkpointing = settings["gradient_checkpointing"]
     return dict(
         output_dir=str(ctx.out_dir / "trainer"),
         # The recipe's batch_size x gradient_accumulation is the global batch, shared by
@@ -134,10 +142,11 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         data_seed=ctx.seed,
         bf16=resolve_precision(ctx.start.dtype).bf16,
         fp16=False,
-        # Off unless asked (on CPU it is 5-16x slower, and small models do not need it);
-        # non-reentrant, the variant that works with LoRA's frozen inputs.
-        **{checkpointing_field(): spec.gradient_checkpointing,
-           checkpointing_field() + "_kwargs": {"use_reentrant": False} if spec.gradient_checkpointing else None},
+        # The stage's setting, else on only when a GPU's memory estimate needs it (on CPU it
+        # is 5-16x slower; posttrain.defaults); non-reentrant, the variant that works with
+        # LoRA's frozen inputs. Under FSDP2 FSDP's own checkpointing does it (fsdp_config).
+        **{checkpointing_field(): checkpointing and settings["strategy"] != "fsdp2",
+           checkpointing_field() + "_kwargs": {"use_reentrant": False} if checkpointing else None},
         torch_compile=False,
         use_cpu=not on_gpu,
         # DDP: every parameter that trains gets a gradient at every step (LoRA's frozen
@@ -145,7 +154,14 @@ def trainer_kwargs(ctx: StageContext) -> dict:
         # checkpointing) costs an extra walk of the autograd graph per step. Mixture-of-
         # experts models leave unrouted experts without one, and need the walk.
         ddp_find_unused_parameters=layout.world_size > 1 and is_mixture_of_experts(ctx),
-        dataloader_num_workers=0,
+        # Pinned host memory speeds copies to a GPU (pure speed: in no key); no workers: the
+        # rows are tokenized in memory and collating them is cheap.
+        dataloader_num_workers=settings["dataloader_num_workers"],
+        dataloader_pin_memory=settings["dataloader_pin_memory"],
+        use_liger_kernel=settings["use_liger_kernel"],
+        # How the processes share the model (fsdp/fsdp_config or deepspeed): through the
+        # TrainingArguments, so it holds under torchrun as under accelerate launch.
+        **strategy_kwargs(settings, checkpointing),
         logging_steps=spec.logging_steps,
         logging_first_step=True,
         # The divergence guard stops at the first non-finite loss; the filter would only
@@ -174,6 +190,33 @@ def is_mixture_of_experts(ctx: StageContext) -> bool:
 
     config = model_config(ctx.start)
     return any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
+def stage_settings(ctx: StageContext) -> dict:
+    """The stage's strategy and GPU defaults (`defaults.resolve_stage`): as the engine
+    resolved them for the plan, or here for this machine (a context built in code)."""
+    if ctx.resolved is None:
+        from posttrain.defaults import machine, resolve_stage
+        from posttrain.models import model_size
+        from posttrain.recipe.schema import ModelSpec
+        from posttrain.stages import METHODS
+
+        facts = machine()
+        size = model_size(ctx.start, ctx.lora) if facts.device == "cuda" else None
+        model = ModelSpec(name=ctx.start.name, dtype=ctx.start.dtype, attn_implementation=ctx.start.attn_implementation)
+        ctx.resolved = resolve_stage(ctx.spec, ctx.lora, model, "auto", batch_layout(ctx), facts, size,
+                                     METHODS[ctx.spec.method].sequences)
+    return ctx.resolved
+
+
+def strategy_kwargs(settings: dict, checkpointing: bool) -> dict:
+    """The TrainingArguments of the resolved strategy; none when the launcher's accelerate
+    config set it up already (auto followed it: its settings rule)."""
+    from posttrain.distributed import strategy_trainer_kwargs
+
+    if "launcher" in settings.get("strategy_why", ""):
+        return {}
+    return strategy_trainer_kwargs(settings["strategy"], checkpointing)
 
 
 def batch_layout(ctx: StageContext) -> BatchLayout:
@@ -227,7 +270,8 @@ NAMED_ELSEWHERE = {
     "eval_strategy": "eval_data / eval_steps", "save_total_limit": "output.save_total_limit",
     "report_to": "tracking", "push_to_hub": "posttrain export --push-to-hub",
     "hub_model_id": "posttrain export --push-to-hub", "model_init_kwargs": "model (dtype, attn_implementation, ...)",
-    "ref_model_init_kwargs": "model", "use_liger_kernel": "a later release (not offered yet)",
+    "ref_model_init_kwargs": "model", "use_liger_kernel": "use_liger_kernel",
+    "fsdp": "distributed.strategy", "fsdp_config": "distributed.strategy", "deepspeed": "distributed.strategy",
 }
 # Fields posttrain owns for the run's mechanics: `trainer:` may not set them.
 MANAGED = {
