@@ -69,7 +69,7 @@ ENTRY_NAMES = {
     "reflogps": re.compile(rf"{HEX64}\.npz"),
     "curated": re.compile(r"(?P<dataset>.+)-[0-9a-f]{16}\.(?:jsonl|curation\.json)"),
 }
-LOCK_NAME = re.compile(rf"{HEX64}\.lock")
+LOCK_NAME = re.compile(rf"{HEX64}\.lock(\.broken-[0-9a-f]{{32}})?")   # (a stale lock set aside: locks.py)
 # Reuse hashes an entry when its files total at most this. SHA-256 ran at 1,456-1,532 MB/s
 # on one core of the 2-core dev machine (hashlib with SHA-NI, files in the page cache), so
 # 1 GiB costs ~0.7 s per reuse: small next to loading the model, let alone training it.

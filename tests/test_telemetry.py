@@ -105,7 +105,10 @@ callback.on_train_begin(None, None, None)
 real = 3 + 2 * accelerator.process_index       # rank 0 trains 3 of 6 tokens, rank 1 5 of 6
 model(input_ids=torch.ones(1, 6, dtype=torch.long), attention_mask=torch.tensor([[1] * real + [0] * (6 - real)]))
 callback.on_train_end(None, None, None)
-print("counts", accelerator.process_index, counter.counts.real, counter.counts.padded, counter.counts.real_squared)
+import sys
+out = " ".join(map(str, ("counts", accelerator.process_index, counter.counts.real, counter.counts.padded,
+                         counter.counts.real_squared)))
+open(sys.argv[1] + f".{accelerator.process_index}", "w").write(out)   # two processes: one file each
 """
 
 
@@ -118,10 +121,10 @@ def test_under_torchrun_every_process_reads_the_whole_jobs_counts(tmp_path):
     script = tmp_path / "two.py"
     script.write_text(TWO_PROCESSES)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           str(tmp_path / "counts")], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("counts"))
+    lines = sorted((tmp_path / f"counts.{rank}").read_text() for rank in (0, 1))
     assert lines == ["counts 0 8 12 34", "counts 1 8 12 34"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.models import template_has_generation_markers
 from posttrain.recipe.fields import StageBase
@@ -18,6 +18,15 @@ class SFTStage(StageBase):
     packing: bool = Field(False, description="pack conversations into max_length rows (TRL's best-fit packing)")
     padding_free: bool = Field(False, description="batches as one row without padding (flash attention)")
     KEY_OMITS_DEFAULT = ("packing", "padding_free")
+
+    @model_validator(mode="after")
+    def _padding_free_packs(self):
+        # TRL 1.16's SFTTrainer refuses padding-free rows without packing when max_length
+        # is set (it could not enforce it), and posttrain always sets max_length.
+        if self.padding_free and not self.packing:
+            raise ValueError("padding_free needs packing: true (TRL 1.16 cannot enforce max_length on "
+                             "padding-free rows that are not packed)")
+        return self
 
 
 METHOD = Method(
