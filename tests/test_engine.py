@@ -1,8 +1,8 @@
 """The experiment engine: cache reuse, crash and Ctrl-C resume, determinism, plan, cache CLI.
 
 One tiny SFT -> DPO recipe is run uninterrupted twice (separate caches) and once
-killed with SIGKILL in the middle of DPO, then re-run. DPO is long enough (600
-steps, ~15 s) that the kill lands well inside it: the test kills as soon as the
+killed with SIGKILL in the middle of DPO, then re-run. DPO is long enough (240
+steps, ~6 s) that the kill lands well inside it: the test kills as soon as the
 first DPO checkpoint (every 20 steps) is marked complete.
 """
 
@@ -29,7 +29,7 @@ data:
   prefs: {source: builtin:skills-preferences, limit: 64}
 stages:
   sft: {method: sft, data: ins, learning_rate: 1.0e-2, max_steps: 5, batch_size: 8, max_length: 96}
-  dpo: {method: dpo, data: prefs, learning_rate: 1.0e-3, max_steps: 600, batch_size: 8, max_length: 96,
+  dpo: {method: dpo, data: prefs, learning_rate: 1.0e-3, max_steps: 240, batch_size: 8, max_length: 96,
         logging_steps: 20}
 pipelines:
   sft: [sft]
@@ -116,13 +116,13 @@ def test_sigkill_mid_dpo_then_rerun_resumes_dpo_and_reuses_sft(engine_runs):
     output = engine_runs["resumed_output"]
     assert "reuse  sft (seed 0)" in output and "train  sft" not in output
     step = int(engine_runs["killed_at"].name.split("-")[1])
-    assert 0 < step < 600
+    assert 0 < step < 240
     resumed_line = next(line for line in output.splitlines() if "resume from step" in line)
     resumed_step = int(resumed_line.split("resume from step ")[1].split()[0])
     assert resumed_step >= step and "dpo" in resumed_line
     assert f"1 to train (resuming dpo (seed 0) from step {resumed_step})" in output
     dpo = stage_record(engine_runs["killed"], "dpo")
-    assert dpo["cost"]["resumed_from_step"] == resumed_step and dpo["cost"]["optimizer_steps"] == 600
+    assert dpo["cost"]["resumed_from_step"] == resumed_step and dpo["cost"]["optimizer_steps"] == 240
     # The reference log-probs of the killed attempt were cached and reused on resume.
     assert dpo["cost"]["reference_logps_cached"] is True
 
@@ -181,7 +181,7 @@ def test_plan_shows_what_would_train_and_reuse(engine_runs, tmp_path):
     sft_record = stage_record(engine_runs["clean"], "sft")
     assert by_stage["sft"]["key"] == sft_record["key"]
     assert by_stage["sft"]["tokens"] == sft_record["cost"]["train_tokens"]
-    assert by_stage["sft"]["steps"] == 5 and by_stage["dpo"]["steps"] == 600
+    assert by_stage["sft"]["steps"] == 5 and by_stage["dpo"]["steps"] == 240
     # The plan says which input of the key changed since the cached stage of that name.
     # (against the most recently used cached dpo: another test of this module may have trained one)
     assert by_stage["sft"]["why"] is None and re.match(r"settings: beta 0\.[13] -> 0\.5", by_stage["dpo"]["why"])
