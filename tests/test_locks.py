@@ -70,7 +70,8 @@ def test_a_stale_heartbeat_from_another_host_is_broken(tmp_path):
         assert read_owner(tmp_path / "k.lock")["token"] == lock.token
 
 
-@pytest.mark.parametrize("host,pid", [("another-node", 1), (socket.gethostname(), os.getpid())])
+@pytest.mark.parametrize("host,pid", [("another-node", 1), (socket.gethostname(), os.getpid())],
+                         ids=["another-host", "this-process"])
 def test_a_live_lock_is_not_broken(tmp_path, host, pid):
     plant(tmp_path / "k.lock", host, pid, age_s=60)   # heartbeat a minute old: alive
     lock = SharedFileLock(tmp_path / "k.lock", Area(tmp_path), poll_s=0.01)
