@@ -86,11 +86,15 @@ def job_resources(recipe: Recipe, job: str, stage: str | None = None) -> dict:
     return merged
 
 
-def executor_parameters(resources: dict, name: str, cluster: str) -> dict:
-    """submitit's parameters for a job (AutoExecutor names; slurm_* only reach SLURM). A job
-    runs one task per GPU, each exporting the torch.distributed environment."""
-    gpus = resources["gpus"]
-    params = {"name": name, "timeout_min": time_minutes(resources["time"]), "nodes": resources.get("nodes", 1),
+def executor_parameters(resources: dict, name: str, cluster: str, per_gpu_tasks: bool = True) -> dict:
+    """submitit's parameters for a job (AutoExecutor names; slurm_* only reach SLURM). A stage
+    job runs one task per GPU, each exporting the torch.distributed environment; the data
+    and evaluation jobs (`per_gpu_tasks` False) are one process on one node and at most one
+    GPU, whatever the recipe's defaults for training say: a second task would prepare or
+    evaluate everything once more, into the same run directory."""
+    gpus = resources["gpus"] if per_gpu_tasks else min(resources["gpus"], 1)
+    nodes = resources.get("nodes", 1) if per_gpu_tasks else 1
+    params = {"name": name, "timeout_min": time_minutes(resources["time"]), "nodes": nodes,
               "tasks_per_node": max(gpus, 1), "cpus_per_task": resources.get("cpus"),
               "mem_gb": resources.get("mem_gb")}
     if cluster == "slurm":
@@ -355,7 +359,8 @@ def submit_run(recipe: Recipe, recipe_file: str, out_dir: Path, base_dir: Path, 
         if cluster != "slurm":
             for job in after:
                 job.result()   # no dependencies in submitit's local executors: wait for them
-        params = executor_parameters(resources, f"{recipe.name}-{label}", cluster)
+        params = executor_parameters(resources, f"{recipe.name}-{label}", cluster,
+                                     per_gpu_tasks=label not in ("prepare", "evaluate"))
         if after and cluster == "slurm":
             params["slurm_dependency"] = "afterok:" + ":".join(job.job_id for job in after)
             # A failed upstream job cancels the jobs after it, instead of leaving them pending

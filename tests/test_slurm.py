@@ -99,6 +99,21 @@ def test_stage_jobs_submitted_in_dependency_order_with_their_resources(tmp_path,
     assert not (out / "plan.json").exists()
 
 
+def test_data_and_evaluation_jobs_are_one_task_whatever_the_training_defaults(tmp_path, fake_slurm):
+    """Top-level `gpus`/`nodes` are for training: a data or evaluation job of several tasks
+    would prepare or evaluate everything once per task, into the same run directory."""
+    recipe = tiny_with(tmp_path, "resources: {gpus: 4, nodes: 2, time: 60}\n")
+    result = CliRunner().invoke(main, ["run", str(recipe), "--executor", "slurm", "--out", str(tmp_path / "run"),
+                                       "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    ids = dict(re.findall(r"submitted (\S+)\s+job (\d+)", result.output))
+    flags = {label: sbatch_flags(fake_slurm / f"job-{job}.sh") for label, job in ids.items()}
+    for label in ("prepare", "evaluate"):
+        assert flags[label]["--nodes"] == "1" and flags[label]["--ntasks-per-node"] == "1", flags[label]
+    assert "--gpus-per-node" not in flags["prepare"] and flags["evaluate"]["--gpus-per-node"] == "1"
+    assert flags["sft-s0"]["--ntasks-per-node"] == "4" and flags["sft-s0"]["--nodes"] == "2"
+
+
 def test_submission_refuses_a_batch_its_gpus_cannot_share(tmp_path, fake_slurm):
     recipe = tiny_with(tmp_path, "", sft="{gpus: 3}")
     result = CliRunner().invoke(main, ["run", str(recipe), "--executor", "slurm", "--out", str(tmp_path / "run"),
