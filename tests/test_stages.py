@@ -235,6 +235,9 @@ def test_stop_request_checkpoints_and_resume_matches_uninterrupted_with_lora(tmp
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-6)
+    # The stage's mean loss covers all 6 steps, as uninterrupted (transformers' own
+    # train_loss covers only the 3 after the resume).
+    assert resumed.metrics["train_loss_mean"] == pytest.approx(straight.metrics["train_loss_mean"], rel=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)

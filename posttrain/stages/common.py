@@ -395,14 +395,20 @@ def stage_control(ctx: StageContext):
             if not state.is_world_process_zero:
                 return
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            # The stage's loss so far (the mean train_loss_mean reports covers every step,
+            # resumed or not): this attempt's steps (the guard's) plus the earlier attempts'.
+            losses = getattr(self, "guard", None)
             Area(args.output_dir).write_text(folder / PROGRESS_FILE, json.dumps(
-                {"step": state.global_step, "wall_s": round(self.prior_wall_s + self.last_save - self.started, 2)}))
+                {"step": state.global_step, "wall_s": round(self.prior_wall_s + self.last_save - self.started, 2),
+                 "loss_sum": self.prior_loss[0] + (losses.loss_sum if losses else 0.0),
+                 "loss_steps": self.prior_loss[1] + (losses.loss_steps if losses else 0)}))
 
     control = StageControl()
-    control.prior_wall_s = 0.0
+    control.prior_wall_s, control.prior_loss = 0.0, (0.0, 0)
     if ctx.resume_from is not None:
         progress = json.loads((Path(ctx.resume_from) / PROGRESS_FILE).read_text())
         control.prior_wall_s = progress["wall_s"]
+        control.prior_loss = (progress.get("loss_sum", 0.0), progress.get("loss_steps", 0))  # (older markers: none)
     return control
 
 
@@ -431,14 +437,15 @@ def run_training(trainer, ctx: StageContext) -> dict:
 
     control = stage_control(ctx)
     trainer.add_callback(control)
-    guard = divergence_guard(trainer)
+    control.guard = guard = divergence_guard(trainer)
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    if trainer.args.world_size > 1 and guard.loss_steps:
-        # transformers adds the steps since its last log to train_loss un-gathered (rank 0's
-        # own losses); the guard's mean is of every step's loss averaged over the ranks.
-        summary = next((e for e in reversed(trainer.state.log_history) if "train_loss" in e), None)
-        if summary is not None:
-            summary["train_loss"] = guard.loss_sum / guard.loss_steps
+    steps = control.prior_loss[1] + guard.loss_steps
+    summary = next((e for e in reversed(trainer.state.log_history) if "train_loss" in e), None)
+    if summary is not None and steps:
+        # transformers' train_loss covers only the steps since a resume, and adds the steps
+        # since its last log un-gathered (rank 0's own losses): the guard's mean is of every
+        # step of the stage, each step's loss averaged over the ranks.
+        summary["train_loss"] = (control.prior_loss[0] + guard.loss_sum) / steps
     if trainer.eval_dataset is not None and not control.stopped:
         trainer.evaluate()   # the held-out loss of the trained model, in the trainer log
     if control.stopped and trainer.state.global_step < trainer.state.max_steps:
