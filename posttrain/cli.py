@@ -24,7 +24,8 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except PosttrainError as exc:
-            click.echo(f"{exc.prefix}: {exc.render()}", err=True)
+            if not said_by_rank_zero(exc):
+                click.echo(f"{exc.prefix}: {exc.render()}", err=True)
             sys.exit(exc.exit_code)
         except Exception as exc:
             failure = environment_failure(exc)
@@ -33,11 +34,24 @@ def user_errors(command):
             click.echo(f"{failure.prefix}: {failure.render()}", err=True)
             sys.exit(failure.exit_code)
         except KeyboardInterrupt:
-            click.echo("\ninterrupted: finished stages and evaluations are kept in the cache; "
-                       "run the same command again to continue", err=True)
+            if not said_by_rank_zero(None):
+                click.echo("\ninterrupted: finished stages and evaluations are kept in the cache; "
+                           "run the same command again to continue", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def said_by_rank_zero(exc: PosttrainError | None) -> bool:
+    """Under a launcher, whether rank 0 reports this error of another rank: the recipe's
+    checks (every rank runs them on the same files, before the processes meet), a stop
+    (Ctrl-C, SIGTERM), a diverged stage and rank 0's own failure are said once, by rank 0.
+    An error only this rank met (`rank` set, e.g. while planning after rank 0) is its own."""
+    from posttrain.ranks import launcher_rank
+
+    if launcher_rank() == 0:
+        return False
+    return exc is None or getattr(exc, "rank", None) is None
 
 
 override_option = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",

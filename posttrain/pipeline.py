@@ -8,14 +8,15 @@ The parts live in `plan` (stage graph, keys, estimates, compute matching),
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from posttrain.artifacts import RunDir
 from posttrain.evaluation import EvalSetup, evaluate_plan, prepare_eval
 from posttrain.plan import (Plan, base_source, data_env, data_summary, disk_total, format_plan, load_stage_data, make_plan,
                             match_compute, pipeline_stage_dirs, plan_rows, stage_estimates)
-from posttrain.errors import PosttrainError
-from posttrain.ranks import this_process
+from posttrain.errors import Interrupted, PosttrainError, TrainingDiverged
+from posttrain.ranks import LeaderFailed, this_process
 from posttrain.recipe.schema import Recipe, dump_recipe
 from posttrain.training import RunOptions, train_plan
 
@@ -105,18 +106,28 @@ def follow_recipe(recipe: Recipe, options: RunOptions) -> None:
     """A rank other than 0: plan as rank 0 did (after it, reading the data it cached),
     check both planned the same stages, and train them with it. It writes into a scratch
     run directory only and logs nothing; rank 0 evaluates after training."""
-    import tempfile
     from dataclasses import replace
 
+    options = replace(options, log=lambda line: None)
+    try:
+        follow_plan(recipe, options)
+    except (LeaderFailed, Interrupted, TrainingDiverged):
+        raise   # rank 0 says it (cli.said_by_rank_zero)
+    except PosttrainError as exc:
+        exc.rank = options.ranks.rank   # met by this rank only: it says so itself
+        exc.args = (f"{options.ranks}: {exc.args[0]}", *exc.args[1:]) if exc.args else exc.args
+        raise
+
+
+def follow_plan(recipe: Recipe, options: RunOptions) -> None:
     from posttrain.tracking import Tracker
 
-    options = replace(options, log=lambda line: None)
     with tempfile.TemporaryDirectory(prefix=f"posttrain-rank{options.ranks.rank}-") as scratch:
         run = RunDir(Path(scratch))
         plan, _setup, _info = options.ranks.leader_first(lambda: prepare_run(recipe, options, run))
         leader = options.ranks.broadcast(None)
         if leader != stage_keys(plan):
-            raise PosttrainError(f"{options.ranks}: planned other stages than rank 0 ({len(stage_keys(plan))} "
+            raise PosttrainError(f"planned other stages than rank 0 ({len(stage_keys(plan))} "
                                  f"vs {len(leader)}, first difference "
                                  f"{next((a for a, b in zip(stage_keys(plan), leader) if a != b), '-')[:12]}); "
                                  "every process must see the same recipe, data and cache")

@@ -124,16 +124,20 @@ def test_rank_zero_alone_writes_evaluates_and_reports(runs):
     assert list((root / "tmp").glob("posttrain-rank*")) == []
 
 
-def test_rank_zero_user_error_stops_every_rank_with_its_message(runs, tmp_path):
+@pytest.mark.parametrize("case", ["folder of the user's", "bad recipe value"])
+def test_a_user_error_stops_every_rank_and_is_said_once(runs, tmp_path, case):
+    """Rank 0's own failure (its run directory) and the recipe checks every rank runs: one
+    message, from rank 0; the other rank stops without a traceback or a second copy."""
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("not a run")
+    extra = ["--out", str(folder)] if case == "folder of the user's" else ["-o", "stages.dpo.beta=-1"]
+    message = "is not empty and is not a posttrain run directory" if extra[0] == "--out" else "stages.dpo.beta"
     result = subprocess.run(torchrun("--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "posttrain",
-                                     "run", str(runs["recipe"]), "--out", str(folder)),
+                                     "run", str(runs["recipe"]), *extra),
                             env=env_with(tmp_path / "tmp"), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert result.stderr.count("is not empty and is not a posttrain run directory") == 1
-    assert "rank 1 of 2: stopped, rank 0 failed" in result.stderr
+    assert result.stderr.count(message) == 1, result.stderr[-3000:]
     assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
