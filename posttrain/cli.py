@@ -156,7 +156,12 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
             raise PosttrainError("--gpus with --executor slurm: a stage's GPUs are its `resources.gpus` in the recipe")
         run_on_cluster(parsed, recipe, target, cache_dir, force, lambda line: click.echo(line, err=quiet))
         return
-    if gpus is not None and gpus > 1:
+    if gpus == 1:
+        from posttrain.ranks import visible_gpus
+
+        if visible_gpus() < 1:
+            raise PosttrainError("--gpus 1: this machine has no CUDA GPU visible; drop --gpus to train on the CPU")
+    elif gpus is not None:
         from posttrain.ranks import relaunch_on_gpus
 
         check_static(parsed, Path(recipe).resolve().parent, recipe, gpus)   # the batch divides over N

@@ -96,6 +96,11 @@ def this_process() -> Ranks:
     import torch
     from accelerate import PartialState
 
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "RANK") if not os.environ.get(name)]
+    if missing:
+        raise PosttrainError(f"WORLD_SIZE={world_size()} but {', '.join(missing)} unset: start the processes with a "
+                             "launcher (torchrun, accelerate launch, posttrain run --gpus N), or unset WORLD_SIZE "
+                             "to run one process")
     # cpu=True where the trainer will say use_cpu (no GPU): gloo; else the GPUs' backend.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT)
     return Ranks(state.process_index, state.num_processes, state.local_process_index)

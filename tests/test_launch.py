@@ -203,6 +203,22 @@ def test_gpus_refused_without_them(tmp_path, repo):
     assert not (tmp_path / "run").exists()
     odd = CliRunner().invoke(main, ["run", str(recipe), "--gpus", "3"])
     assert odd.exit_code == 2 and "is not divisible by 3" in odd.output
+    one = CliRunner().invoke(main, ["run", str(recipe), "--gpus", "1", "--out", str(tmp_path / "run")])
+    assert one.exit_code == 2 and "--gpus 1: this machine has no CUDA GPU visible" in one.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_world_size_without_a_launcher_is_refused(tmp_path, repo, monkeypatch):
+    """WORLD_SIZE left in the environment, no launcher: a message, not accelerate's ValueError."""
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(textwrap.dedent(SFT_ONLY).replace("{repo}", str(repo)))
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT, RANK unset" in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_dry_run_with_gpus_plans_for_them(tmp_path, repo):
