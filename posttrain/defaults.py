@@ -103,7 +103,7 @@ def memory_estimate(size: ModelSize, strategy: str, world: int, per_device_batch
 
 
 def resolve_stage(spec, lora, model, requested_strategy: str, layout, facts: Machine, size: ModelSize | None,
-                  sequences: int = 1) -> dict:
+                  sequences: int = 1, launched: str | None = None) -> dict:
     """The resolved settings of one stage (see the module's docstring), as recorded in
     stage.json `resolved`, shown by `plan` and passed to the TRL config. `model`: the
     recipe's model spec; `layout`: the stage's BatchLayout; `size`: the model's size (None:
@@ -113,9 +113,13 @@ def resolve_stage(spec, lora, model, requested_strategy: str, layout, facts: Mac
     precision = resolve_precision(model.dtype, facts.device, facts.bf16 if facts.device == "cuda" else None)
     weight_bytes = DTYPE_BYTES[precision.dtype]
     world = layout.world_size
-    launched = launcher_strategy() if world > 1 else None
-    if launched and requested_strategy == "auto":
-        strategy, why = launched, "auto: the launcher's accelerate config"
+    # The launcher's accelerate config (its environment), else the recipe's own file, which
+    # `run --gpus N` launches with: `auto` follows the one the processes will run under.
+    from_launcher = launcher_strategy() if world > 1 else None
+    if from_launcher and requested_strategy == "auto":
+        strategy, why = from_launcher, "auto: the launcher's accelerate config"
+    elif launched and world > 1 and requested_strategy == "auto":
+        strategy, why = launched, "auto: the recipe's distributed.accelerate_config"
     else:
         strategy, why = choose_strategy(requested_strategy, size, world,
                                         facts.gpu_memory_gb if facts.device == "cuda" else None, weight_bytes)

@@ -53,6 +53,7 @@ class Plan:
     gpu_memory_gb: float | None = None           # one GPU's memory planned for (None: this machine's)
     sizes: dict = field(default_factory=dict, repr=False)   # LoRA spec -> ModelSize (model_size_for)
     facts: object = field(default=None, repr=False)         # defaults.Machine (machine_facts)
+    config_strategy: str | None = None           # the strategy of the recipe's distributed.accelerate_config
 
     @property
     def base_key(self) -> str:
@@ -250,7 +251,22 @@ def make_plan(recipe: Recipe, env: DataEnv | Path, data: dict[str, LoadedData] |
                 parent = nodes.setdefault(key, StageNode(stage_name, seed, key, parent, stage_data, inputs, held_out))
             finals[(pipeline, seed)] = parent
     return Plan(recipe, nodes, finals, data, weights, template, precision,
-                launched_world_size() if world_size is None else world_size, device, gpu_memory_gb)
+                launched_world_size() if world_size is None else world_size, device, gpu_memory_gb,
+                config_strategy=recipe_config_strategy(recipe, env.base_dir))
+
+
+def recipe_config_strategy(recipe: Recipe, base_dir: Path) -> str | None:
+    """The strategy the recipe's own accelerate config names (what `run --gpus N` launches
+    with, and `auto` follows), or None (none given; an unreadable one is refused by the checks)."""
+    from posttrain.distributed import config_strategy, read_accelerate_config
+
+    path = recipe.distributed.config_file(base_dir)
+    if path is None:
+        return None
+    try:
+        return config_strategy(read_accelerate_config(path))
+    except ValueError:
+        return None
 
 
 def source_after(plan: Plan, node: StageNode | None, cache: Cache) -> ModelSource:
@@ -366,7 +382,7 @@ def resolved(plan: Plan, stage: str) -> dict:
     facts = machine_facts(plan)
     size = countable(lambda: model_size_for(plan, lora)) if facts.device == "cuda" else None
     settings = resolve_stage(spec, lora, plan.recipe.model, plan.recipe.distributed.strategy, layout, facts, size,
-                             METHODS[spec.method].sequences)
+                             METHODS[spec.method].sequences, launched=plan.config_strategy)
     return {**layout.as_dict(), **settings}
 
 

@@ -275,3 +275,19 @@ def test_a_model_that_cannot_be_counted_plans_with_an_unknown_disk(tmp_path, mon
     header, row = result.stdout.splitlines()[:2]
     assert header.split()[-1] == "disk" and row.split()[-1] == "?"
     assert "the model's size could not be counted" in result.stdout
+
+
+def test_auto_plans_the_strategy_of_the_recipes_accelerate_config(tmp_path):
+    """`run --gpus N` launches with the recipe's accelerate config: with `auto`, plan (and the
+    trainer's arguments) follow its strategy, as the processes will run (found by QA: plan said ddp)."""
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(accelerate_config("fsdp2", 2)))
+    path = write_recipe(tmp_path, REPO, TINY + "distributed: {accelerate_config: fsdp.yaml}\n")
+    cache = ["--cache", str(tmp_path / "cache"), "-o", "pipelines={sft: [sft]}"]
+    planned = CliRunner().invoke(main, ["plan", str(path), "--json", "--world-size", "2", "--gpu-memory", "80", *cache])
+    assert planned.exit_code == 0, planned.output
+    (row,) = json.loads(planned.stdout)["stages"]
+    assert row["strategy"] == "fsdp2" and "accelerate_config" in row["strategy_why"]
+    # ... and its TrainingArguments name FSDP themselves (under torchrun no launcher sets it up).
+    from posttrain.stages.common import strategy_kwargs
+
+    assert strategy_kwargs(row, False).get("fsdp")
