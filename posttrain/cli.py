@@ -231,7 +231,10 @@ def plan(recipe, overrides, cache_dir, as_json, world_size, device, gpu_memory):
     if device == "cpu" and gpu_memory is not None:
         raise click.BadParameter("--gpu-memory plans for GPUs; it does not go with --device cpu",
                                  param_hint="--gpu-memory")
-    print_plan(recipe, parsed, cache_dir, as_json, world_size, device, gpu_memory)
+    from posttrain.ranks import launcher_rank
+
+    if launcher_rank() == 0:   # under a launcher: printed once, by rank 0
+        print_plan(recipe, parsed, cache_dir, as_json, world_size, device, gpu_memory)
 
 
 @main.command()

@@ -425,12 +425,13 @@ def model_config(source: ModelSource, tokenizer=None):
     """The model's config without its weights (builtin, local folder or hub id, cache only offline)."""
     if is_builtin(source.name):
         return builtin_config(source.name, tokenizer if tokenizer is not None else build_char_tokenizer())
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(source.name, revision=source.revision,
                                           trust_remote_code=source.trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as exc:   # the model's files
         if hub_offline() and not Path(source.name).expanduser().exists():
             raise ModelError(
                 f"{source.name!r} is not in the local Hugging Face cache and the Hub is off (HF_HUB_OFFLINE), "

@@ -386,6 +386,10 @@ MODEL = [
          files={"models/empty/.keep": ""}, place=("models/empty",)),
     Case("model_local_bad_config", "model", cmd=PLAN, recipe=mini(("builtin:micro-llama\n", "./models/bad\n")),
          files={"models/bad/config.json": "{not json"}, place=("models/bad",)),
+    # valid JSON that transformers' typed config refuses (found by QA: a traceback from plan)
+    Case("model_local_config_wrong_types", "model", cmd=PLAN, recipe=mini(("builtin:micro-llama\n", "./models/typed\n")),
+         files={"models/typed/config.json": '{"model_type": "llama", "hidden_size": "big"}'},
+         place=("models/typed",)),
     Case("model_builtin_unknown", "model", recipe=mini(("builtin:micro-llama\n", "builtin:mikro-llama\n")),
          place=("model.name", "recipe.yaml:4")),
     Case("model_builtin_unknown_plan", "model", cmd=PLAN,
