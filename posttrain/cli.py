@@ -145,6 +145,13 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     overrides = list(overrides) + (["tracking.wandb.mode=disabled"] if no_wandb else [])
     parsed = load_recipe(recipe, overrides)  # every recipe error before any heavy import
     check_static(parsed, Path(recipe).resolve().parent, recipe)
+    if dry_run and executor == "slurm":   # the jobs, not this machine's plan
+        from posttrain.executors import cluster_jobs
+
+        check_static(parsed, Path(recipe).resolve().parent, recipe, world_size=1)   # resources included
+        click.echo("\n".join(cluster_jobs(parsed)))
+        click.echo("each stage job plans for its own gpus x nodes: posttrain plan --world-size N --device cuda")
+        return
     if dry_run:   # under a launcher: printed once, by rank 0, for the launcher's world size
         return print_plan(recipe, parsed, cache_dir, as_json, world_size=gpus,
                           device="cuda" if gpus else None) if launcher_rank() == 0 else None

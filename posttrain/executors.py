@@ -412,4 +412,26 @@ def run_on_cluster(recipe: Recipe, recipe_file: str, out_dir: Path, cache_dir: s
     return submitted
 
 
-__all__ = ["EXECUTORS", "job_resources", "stage_graph", "submit_run"]
+def cluster_jobs(recipe: Recipe) -> list[str]:
+    """`run --executor slurm --dry-run`: the jobs a submission would make, in submission
+    order, each with its dependencies and resources (its world size is gpus x nodes)."""
+    lines = [f"{'job':<24} {'after':<28} {'gpus x nodes':<13} {'time':<11} partition"]
+
+    def line(label, after, resources, per_gpu_tasks=True):
+        gpus = resources["gpus"] if per_gpu_tasks else min(resources["gpus"], 1)
+        nodes = resources.get("nodes", 1) if per_gpu_tasks else 1
+        minutes = f"{time_minutes(resources['time'])} min"
+        lines.append(f"{label:<24} {', '.join(after) or '-':<28} {f'{gpus} x {nodes}':<13} "
+                     f"{minutes:<11} {resources.get('partition') or '(default)'}")
+
+    line("prepare", [], job_resources(recipe, "prepare"), per_gpu_tasks=False)
+    labels = []
+    for node, parent in stage_graph(recipe):
+        line(node.label, ["prepare"] + ([parent.label] if parent else []), job_resources(recipe, "stage", node.stage))
+        labels.append(node.label)
+    line("evaluate", ["prepare", *labels] if len(labels) < 3 else ["prepare", f"{len(labels)} stage jobs"],
+         job_resources(recipe, "evaluate"), per_gpu_tasks=False)
+    return lines
+
+
+__all__ = ["EXECUTORS", "cluster_jobs", "job_resources", "stage_graph", "submit_run"]

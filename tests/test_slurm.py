@@ -346,3 +346,17 @@ def test_each_task_of_a_multi_gpu_job_gets_the_torch_distributed_environment(tmp
     for name in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     assert distributed_env()["RANK"] is None   # outside a submitit job nothing is exported
+
+
+def test_dry_run_lists_the_jobs_a_submission_would_make(tmp_path, fake_slurm):
+    """`--executor slurm --dry-run` shows the cluster's jobs (dependencies, gpus x nodes,
+    time), not this machine's plan (found by QA), and submits nothing."""
+    recipe = tiny_with(tmp_path, RESOURCES, dpo="{gpus: 2, time: 90, partition: big}")
+    result = CliRunner().invoke(main, ["run", str(recipe), "--executor", "slurm", "--dry-run",
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines()[1:] if line and not line.startswith("each")}
+    assert list(rows) == ["prepare", "sft-s0", "sft-dpo-s0", "orpo-s0", "evaluate"]
+    assert "prepare, sft-s0" in rows["sft-dpo-s0"] and "2 x 1" in rows["sft-dpo-s0"] and "90 min" in rows["sft-dpo-s0"]
+    assert "0 x 1" in rows["prepare"] and "30 min" in rows["prepare"]
+    assert not (tmp_path / "run").exists() and not list(fake_slurm.glob("job-*.sh"))
