@@ -63,7 +63,7 @@ def static_problems(recipe, base_dir: Path, world_size: int | None = None) -> li
 
 def cluster_problems(recipe) -> list[Problem]:
     """The recipe's `resources:` against its stages (used by `run --executor slurm`)."""
-    from posttrain.executors import resource_problems
+    from posttrain.cluster import resource_problems
 
     return resource_problems(recipe)
 

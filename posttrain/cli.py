@@ -146,7 +146,7 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     parsed = load_recipe(recipe, overrides)  # every recipe error before any heavy import
     check_static(parsed, Path(recipe).resolve().parent, recipe)
     if dry_run and executor == "slurm":   # the jobs, not this machine's plan
-        from posttrain.executors import cluster_jobs
+        from posttrain.cluster import cluster_jobs
 
         check_static(parsed, Path(recipe).resolve().parent, recipe, world_size=1)   # resources included
         click.echo("\n".join(cluster_jobs(parsed)))
