@@ -229,3 +229,37 @@ def test_dry_run_with_gpus_plans_for_them(tmp_path, repo):
     planned = json.loads(result.output[result.output.index("{"):])
     (row,) = planned["stages"]
     assert (row["world_size"], row["per_device_batch"], row["gradient_accumulation"]) == (4, 2, 1)
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_the_rerun_resumes(repo, tmp_path):
+    """Ctrl-C reaches every process of the launcher's group: the ranks agree on the step
+    (one collective per step), rank 0 saves the checkpoint and says so once; the same
+    command resumes from it."""
+    import signal
+    import time
+
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(textwrap.dedent(SFT_ONLY).replace("{repo}", str(repo)).replace("max_steps: 4", "max_steps: 400"))
+    def command():
+        return torchrun("--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "posttrain", "run",
+                        str(recipe), "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"))
+
+    first = subprocess.Popen(command(), env=env_with(tmp_path / "tmp"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "cache").glob("stages/.partial-*/pending.json")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        time.sleep(0.05)
+    time.sleep(3.0)   # the stage is set up and training on both ranks
+    os.killpg(first.pid, signal.SIGINT)   # what a terminal's Ctrl-C does: the whole group
+    _, err = first.communicate(timeout=300)
+    assert first.returncode != 0
+    assert err.count("stopped at step") == 1, err[-3000:]
+    step = int(err.split("stopped at step ")[1].split("/")[0])
+    assert 0 < step < 400
+    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err
+    again = subprocess.run(command(), env=env_with(tmp_path / "tmp"), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming sft (seed 0) from step {step}" in again.stderr
+    sft = stage_records(tmp_path / "run")["sft"]
+    assert sft["cost"]["optimizer_steps"] == 400 and sft["cost"]["resumed_from_step"] == step
