@@ -144,11 +144,12 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
 
     overrides = list(overrides) + (["tracking.wandb.mode=disabled"] if no_wandb else [])
     parsed = load_recipe(recipe, overrides)  # every recipe error before any heavy import
-    check_static(parsed, Path(recipe).resolve().parent, recipe)
+    if executor == "slurm" and gpus is not None:
+        raise PosttrainError("--gpus with --executor slurm: a stage's GPUs are its `resources.gpus` in the recipe")
+    check_static(parsed, Path(recipe).resolve().parent, recipe, gpus)   # with --gpus N: the batches divide over N
     if dry_run and executor == "slurm":   # the jobs, not this machine's plan
         from posttrain.cluster import cluster_jobs
 
-        check_static(parsed, Path(recipe).resolve().parent, recipe, world_size=1)   # resources included
         click.echo("\n".join(cluster_jobs(parsed)))
         click.echo("each stage job plans for its own gpus x nodes: posttrain plan --world-size N --device cuda")
         return
@@ -159,8 +160,6 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     if executor == "slurm":
         from posttrain.executors import run_on_cluster
 
-        if gpus is not None:
-            raise PosttrainError("--gpus with --executor slurm: a stage's GPUs are its `resources.gpus` in the recipe")
         run_on_cluster(parsed, recipe, target, cache_dir, force, lambda line: click.echo(line, err=quiet))
         return
     if gpus == 1:
@@ -171,7 +170,6 @@ def run(recipe, overrides, out_dir, no_wandb, progress, quiet, as_json, cache_di
     elif gpus is not None:
         from posttrain.ranks import relaunch_on_gpus
 
-        check_static(parsed, Path(recipe).resolve().parent, recipe, gpus)   # the batch divides over N
         again = ["run", recipe, *[arg for o in overrides for arg in ("-o", o)], *(["--out", out_dir] if out_dir else []),
                  *(["--cache", cache_dir] if cache_dir else []), *(["--quiet"] if quiet else []),
                  *(["--json"] if as_json else []), *(["--force"] if force else []),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,11 +112,9 @@ class StageJob:
 
     def __call__(self) -> str:
         from posttrain.artifacts import RunDir
-        from posttrain.pipeline import make_tracker, prepare_run
-        from posttrain.training import train_node
-
+        from posttrain.pipeline import make_tracker, plan_in_scratch
         from posttrain.ranks import this_process
-        from posttrain.tracking import Tracker
+        from posttrain.training import train_node
 
         export_distributed()
         options = self.spec.options(own_device=True)
@@ -125,14 +122,11 @@ class StageJob:
         if not ranks.is_main:
             options.log = lambda line: None
         run = RunDir(options.out_dir)
-        # Planning again (cheap: curated data come from the cache) also copies the eval tasks
-        # into a run directory: into a scratch one, as stage jobs that start together would
-        # replace each other's copies in the shared one (the data job wrote it already).
-        with tempfile.TemporaryDirectory(prefix="posttrain-plan-") as scratch:
-            plan, _setup, _info = ranks.leader_first(
-                lambda: prepare_run(self.spec.recipe, options, RunDir(Path(scratch))))
+        # Planning again is cheap (curated data come from the cache); the data job wrote the
+        # run directory's eval tasks already.
+        plan = plan_in_scratch(self.spec.recipe, options)
         node = node_of(plan, self.job)
-        tracker = make_tracker(plan.recipe, run, options) if ranks.is_main else Tracker(None, run.root, "")
+        tracker = make_tracker(plan.recipe, run, options) if ranks.is_main else None
         with requeue_on_preemption() as preemption:
             try:
                 train_node(plan, node, run, options, tracker)

@@ -120,19 +120,24 @@ def follow_recipe(recipe: Recipe, options: RunOptions) -> None:
 
 
 def follow_plan(recipe: Recipe, options: RunOptions) -> None:
-    from posttrain.tracking import Tracker
+    plan = plan_in_scratch(recipe, options)
+    leader = options.ranks.broadcast(None)
+    if leader != stage_keys(plan):
+        raise PosttrainError(f"planned other stages than rank 0 ({len(stage_keys(plan))} "
+                             f"vs {len(leader)}, first difference "
+                             f"{next((a for a, b in zip(stage_keys(plan), leader) if a != b), '-')[:12]}); "
+                             "every process must see the same recipe, data and cache")
+    # A follower writes nothing into the run directory and reports nothing (no tracker).
+    train_plan(plan, [], RunDir(options.out_dir), options, None)
 
+
+def plan_in_scratch(recipe: Recipe, options: RunOptions) -> Plan:
+    """The plan, made after rank 0 made it (reading the data it cached), by a process that
+    does not write the run directory: the eval tasks planning copies go to a scratch folder,
+    removed at once (processes that start together would replace each other's copies)."""
     with tempfile.TemporaryDirectory(prefix=f"posttrain-rank{options.ranks.rank}-") as scratch:
-        run = RunDir(Path(scratch))
-        plan, _setup, _info = options.ranks.leader_first(lambda: prepare_run(recipe, options, run))
-        leader = options.ranks.broadcast(None)
-        if leader != stage_keys(plan):
-            raise PosttrainError(f"planned other stages than rank 0 ({len(stage_keys(plan))} "
-                                 f"vs {len(leader)}, first difference "
-                                 f"{next((a for a, b in zip(stage_keys(plan), leader) if a != b), '-')[:12]}); "
-                                 "every process must see the same recipe, data and cache")
-        train_plan(plan, [], run, options, Tracker(None, run.root, recipe.name, log=options.log))
-    return None
+        plan, _setup, _info = options.ranks.leader_first(lambda: prepare_run(recipe, options, RunDir(Path(scratch))))
+    return plan
 
 
 def stage_keys(plan: Plan) -> list[str]:

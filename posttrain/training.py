@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -110,6 +110,7 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
         if ranks.is_main:
             publish_stage(plan, node, options.cache, result, start_model)
     ranks.barrier()
+    gc.collect()
     if not ranks.is_main:
         return None
     if stopped_after:
@@ -118,7 +119,6 @@ def train_node(plan: Plan, node: StageNode, run: RunDir, options: RunOptions, tr
                           "run the same command again to continue (finished stages are reused).")
     options.log(f"         done in {result.cost['wall_s']:.0f}s, {result.cost['optimizer_steps']} steps, "
                 + ", ".join(f"{k} {v:.3g}" for k, v in result.metrics.items() if isinstance(v, float)))
-    gc.collect()
     return record_stage(options.cache, node, run, reused=False)
 
 
@@ -164,9 +164,12 @@ def train_started(plan: Plan, node: StageNode, run: RunDir, options: RunOptions,
     cache, recipe = options.cache, plan.recipe
     spec = recipe.stages[node.stage]
     partial = cache.partial_dir(node.key)
-    # One W&B run per trained stage; the trainer's own callback logs its curves into it.
-    with tracker.stage(node.stage, spec.method, node.seed, spec.model_dump(mode="json")) as report_to, \
-            tensorboard_dir(recipe, run, node) as tensorboard:
+    # One W&B run per trained stage; the trainer's own callback logs its curves into it. Only
+    # rank 0 reports (W&B, TensorBoard under the run directory): the others pass no tracker.
+    main = options.ranks.is_main
+    with (tracker.stage(node.stage, spec.method, node.seed, spec.model_dump(mode="json")) if main
+          else nullcontext([])) as report_to, \
+            (tensorboard_dir(recipe, run, node) if main else nullcontext([])) as tensorboard:
         ctx = StageContext(
             name=node.stage, spec=spec, seed=spec.seed if spec.seed is not None else node.seed,
             start=source_after(plan, node.parent, cache), examples=node.data.examples, out_dir=partial,
