@@ -382,8 +382,8 @@ def stage_control(ctx: StageContext):
             due_by_steps = policy.every_steps and state.global_step % policy.every_steps == 0
             due_by_time = policy.every_minutes and time.monotonic() - self.last_save >= 60 * policy.every_minutes
             # Every rank must stop (and save) at the same step, and clocks differ: rank 0 decides.
-            due_by_time = any_rank(args, due_by_time, first_only=True)
-            if any_rank(args, ctx.stop_requested is not None and ctx.stop_requested()):
+            stop, due_by_time = agreed(args, ctx.stop_requested is not None and ctx.stop_requested(), due_by_time)
+            if stop:
                 self.stopped = control.should_training_stop = control.should_save = True
             elif (due_by_steps or due_by_time) and state.global_step < state.max_steps:
                 control.should_save = True
@@ -412,20 +412,20 @@ def stage_control(ctx: StageContext):
     return control
 
 
-def any_rank(args, flag, first_only: bool = False) -> bool:
-    """`flag` agreed by every training process (one process: itself): whether any rank's is
-    set, or with `first_only` rank 0's. One tiny collective per optimizer step."""
+def agreed(args, stop: bool, due_by_time: bool) -> tuple[bool, bool]:
+    """A step's stop request and time-based checkpoint, the same on every training process
+    (one process: its own): stop when any rank was asked to, checkpoint by rank 0's clock.
+    One all-reduce of two numbers per optimizer step."""
     if getattr(args, "world_size", 1) <= 1:
-        return bool(flag)
+        return bool(stop), bool(due_by_time)
     import torch
     import torch.distributed as dist
 
-    value = torch.tensor([1.0 if flag else 0.0], device=args.device)
-    if first_only:
-        dist.broadcast(value, src=0)
-    else:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    flags = torch.tensor([1.0 if stop else 0.0, 1.0 if due_by_time and args.process_index == 0 else 0.0],
+                         device=args.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)   # the others add 0 to rank 0's clock
+    stop_any, due_on_rank0 = flags.tolist()   # one host sync
+    return bool(stop_any), bool(due_on_rank0)
 
 
 def run_training(trainer, ctx: StageContext) -> dict:
