@@ -153,9 +153,27 @@ def read_run(path: Path) -> dict:
     return run
 
 
-def offline_runs(run_dir: Path) -> dict[str, dict]:
-    """{job_type: run} for every offline run under run_dir/wandb (one run per job type here)."""
-    runs = [read_run(p) for p in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))]
+def offline_runs(run_dir: Path, wait_s: float = 30.0) -> dict[str, dict]:
+    """{job_type: run} for every offline run under run_dir/wandb (one run per job type here).
+
+    wandb's service writes an offline run's file asynchronously; on a loaded machine (the
+    suite's two workers, CI) a file was once read before its run record was in it. Each
+    file is read again until it holds its run and exit records, for `wait_s` at most; the
+    assertions on what it holds are unchanged."""
+    import time
+
+    def complete(path: Path) -> bool:
+        try:
+            run = read_run(path)
+        except Exception:   # a record being written: torn
+            return False
+        return "run" in run and run["exit_code"] is not None
+
+    paths = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + wait_s
+    while not all(map(complete, paths)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    runs = [read_run(p) for p in paths]
     by_job = {run["run"].job_type: run for run in runs}
     assert len(by_job) == len(runs), [r["run"].job_type for r in runs]
     return by_job
